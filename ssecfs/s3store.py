@@ -1,0 +1,457 @@
+"""The boto3 implementation of the store: the only module that talks to boto3.
+
+Every data/metadata request carries SSE-C parameters of a ring key. What the service did is
+verified: a write must echo AES256 and our key MD5 (CopyObject and CompleteMultipartUpload
+responses that carry no echo are verified with a HEAD under the destination key). Errors are
+translated to domain errors here; transient ones are retried by botocore ("standard" mode) and
+surface as StoreUnavailable.
+
+Lock order: _hint_lock is a leaf lock (guards _key_hint only).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+from cachetools import LRUCache
+
+from .errors import (EncryptionNotApplied, KeyMismatch, NotFound, NotSupported,
+                     PermissionDenied, Stale, StoreError, StoreUnavailable, UserError)
+from .keys import Key, KeyRing
+from .store import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo, Reader
+
+log = logging.getLogger("ssecfs.store")
+
+MiB = 1024 * 1024
+SINGLE_PUT_MAX = 16 * MiB
+MIN_PART = 8 * MiB
+MAX_PARTS = 10000
+COPY_MAX = 5 * 1024 * MiB
+KEY_FP_META = "ssecfs-key"
+EXIT_STORE = 4
+EXIT_SECURITY = 5
+SSEC_BLOCKED_HINT = ("the bucket blocks SSE-C writes: the bucket owner must allow SSE-C in the "
+                     "bucket's default encryption settings (remove SSE-C from its blocked "
+                     "encryption types)")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint(url: str | None) -> None:
+    """Refuse to send keys over plain HTTP to anything but loopback."""
+    if not url:
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"bad endpoint URL {url!r}: expected http(s)://host[:port]", 2)
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise UserError(
+            f"refusing plain http:// to {parts.hostname}: SSE-C keys would cross the network "
+            "unencrypted; use https://", EXIT_SECURITY)
+
+
+def _echo_fps(value: str | None) -> set[str]:
+    # Some servers send the header twice; botocore joins them with ", ".
+    return {v.strip() for v in value.split(",")} if value else set()
+
+
+def _code(e: botocore.exceptions.ClientError) -> tuple[str, int]:
+    err = e.response.get("Error", {})
+    return str(err.get("Code", "")), int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _mentions_ssec_block(e: botocore.exceptions.ClientError) -> bool:
+    msg = str(e.response.get("Error", {}).get("Message", "")).lower()
+    return "encryption" in msg and ("sse-c" in msg or "customer" in msg or "blocked" in msg)
+
+
+class S3Store:
+    def __init__(self, bucket: str, ring: KeyRing, endpoint_url: str | None = None,
+                 region: str | None = None, profile: str | None = None,
+                 ca_bundle: str | None = None, workers: int = 8,
+                 max_attempts: int = 5, connect_timeout: float = 5, read_timeout: float = 60):
+        check_endpoint(endpoint_url)
+        self.bucket = bucket
+        self.ring = ring
+        self.endpoint_url = endpoint_url
+        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        cfg = Config(
+            region_name=region or session.region_name or "us-east-1",
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            signature_version="s3v4",
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            max_pool_connections=max(16, workers * 2 + 4),
+            connect_timeout=connect_timeout, read_timeout=read_timeout,
+            tcp_keepalive=True,
+        )
+        self.client = session.client("s3", endpoint_url=endpoint_url, config=cfg,
+                                     verify=ca_bundle if ca_bundle else None)
+        self._key_hint: LRUCache = LRUCache(maxsize=100_000)
+        self._hint_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3part")
+        self._upc_unsupported = False
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.bucket!r}, {self.endpoint_url!r})"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- error translation ------------------------------------------------------------------
+    def _translate(self, e: Exception, op: str, key: str) -> Exception:
+        where = f"{op} {key!r}"
+        if isinstance(e, botocore.exceptions.ClientError):
+            code, status = _code(e)
+            if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
+                if code == "NoSuchBucket":
+                    return StoreError(f"{where}: bucket {self.bucket!r} does not exist")
+                return NotFound(where)
+            if status == 412 or code == "PreconditionFailed":
+                return Stale(f"{where}: object changed while reading")
+            if status == 403 and _mentions_ssec_block(e):
+                return PermissionDenied(f"{where}: {SSEC_BLOCKED_HINT}")
+            if status == 403:
+                return PermissionDenied(f"{where}: access denied ({code})")
+            if status == 501 or code == "NotImplemented":
+                return NotSupported(f"{where}: not implemented by the server")
+            if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+                return StoreUnavailable(f"{where}: {code or status}")
+            return StoreError(f"{where}: {code or status}")
+        if isinstance(e, (botocore.exceptions.EndpointConnectionError,
+                          botocore.exceptions.ConnectionError,
+                          botocore.exceptions.ReadTimeoutError,
+                          botocore.exceptions.ConnectTimeoutError,
+                          botocore.exceptions.ResponseStreamingError)):
+            return StoreUnavailable(f"{where}: {type(e).__name__}")
+        if isinstance(e, botocore.exceptions.NoCredentialsError):
+            return StoreError(f"{where}: no AWS credentials found")
+        if isinstance(e, botocore.exceptions.BotoCoreError):
+            return StoreError(f"{where}: {type(e).__name__}")
+        return e
+
+    def _call(self, op: str, key: str, fn, **kw):
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except Exception as e:  # noqa: BLE001 - translated here, at the boundary
+            raise self._translate(e, op, key) from None
+
+    # -- key choice -----------------------------------------------------------------------------
+    def _hint(self, key: str) -> str | None:
+        with self._hint_lock:
+            return self._key_hint.get(key)
+
+    def _remember(self, key: str, fp: str | None) -> None:
+        with self._hint_lock:
+            if fp:
+                self._key_hint[key] = fp
+            else:
+                self._key_hint.pop(key, None)
+
+    def _check_write_echo(self, resp: dict, key: str, op: str, want: Key) -> None:
+        echoed = _echo_fps(resp.get("SSECustomerKeyMD5"))
+        alg = {a.strip() for a in str(resp.get("SSECustomerAlgorithm") or "").split(",") if a.strip()}
+        if echoed != {want.fingerprint} or alg != {"AES256"}:
+            log.error("endpoint %s did not confirm SSE-C with our key on %s of %r; "
+                      "treating the write as failed", self.endpoint_url or "AWS", op, key)
+            raise EncryptionNotApplied(f"{op} {key!r}: server did not apply SSE-C")
+
+    def _verify_by_head(self, key: str, want: Key, op: str) -> ObjectInfo:
+        """For responses that carry no echo (CopyObject, CompleteMultipartUpload on some
+        servers): HEAD with the key; only an echo of our key MD5 proves the encryption."""
+        resp = self._call("HeadObject", key, self.client.head_object, Key=key, **want.sse_params())
+        if _echo_fps(resp.get("SSECustomerKeyMD5")) != {want.fingerprint}:
+            log.error("endpoint %s stored %r without SSE-C after %s", self.endpoint_url or "AWS",
+                      key, op)
+            raise EncryptionNotApplied(f"{op} {key!r}: server did not apply SSE-C")
+        self._remember(key, want.fingerprint)
+        return self._info(key, resp, OPEN, want.fingerprint)
+
+    @staticmethod
+    def _info(key: str, resp: dict, access: str, fp: str | None) -> ObjectInfo:
+        lm = resp.get("LastModified")
+        return ObjectInfo(key=key, size=int(resp.get("ContentLength", 0)),
+                          etag=str(resp.get("ETag", "")).strip('"'),
+                          mtime=lm.timestamp() if lm else 0.0,
+                          metadata=dict(resp.get("Metadata") or {}), access=access, key_fp=fp)
+
+    # -- reads --------------------------------------------------------------------------------
+    def head(self, key: str) -> ObjectInfo:
+        last_denied = None
+        for k in self.ring.candidates(self._hint(key)):
+            try:
+                resp = self.client.head_object(Bucket=self.bucket, Key=key, **k.sse_params())
+            except Exception as e:  # noqa: BLE001
+                err = self._translate(e, "HeadObject", key)
+                if isinstance(err, PermissionDenied):
+                    last_denied = err
+                    continue
+                if isinstance(err, StoreError) and "400" in str(err):
+                    return self._head_plain(key)      # AWS: SSE-C headers on a plaintext object
+                raise err from None
+            if not _echo_fps(resp.get("SSECustomerKeyMD5")):
+                return self._info(key, resp, PLAINTEXT, None)
+            self._remember(key, k.fingerprint)
+            return self._info(key, resp, OPEN, k.fingerprint)
+        # No key opens it: still report it (listing works without a key) so it lists.
+        listed = self._list_one(key)
+        if listed is None:
+            raise last_denied or NotFound(key)
+        self._remember(key, None)
+        return ObjectInfo(key=key, size=listed.size, etag=listed.etag, mtime=listed.mtime,
+                          access=LOCKED)
+
+    def _head_plain(self, key: str) -> ObjectInfo:
+        resp = self._call("HeadObject", key, self.client.head_object, Key=key)
+        return self._info(key, resp, PLAINTEXT, None)
+
+    def _list_one(self, key: str) -> ListedObject | None:
+        for page in self.list_page_iter(key, delimiter=None, max_keys=1):
+            for o in page.objects:
+                if o.key == key:
+                    return o
+            return None
+        return None
+
+    def get_range(self, key: str, start: int, length: int, key_fp: str | None,
+                  etag: str | None = None) -> bytes:
+        if length <= 0:
+            return b""
+        k = self.ring.by_fingerprint(key_fp) or self.ring.current
+        kw = {"Range": f"bytes={start}-{start + length - 1}", **k.sse_params()}
+        if etag:
+            kw["IfMatch"] = f'"{etag}"'
+        resp = self._call("GetObject", key, self.client.get_object, Key=key, **kw)
+        if _echo_fps(resp.get("SSECustomerKeyMD5")) != {k.fingerprint}:
+            resp["Body"].close()
+            log.warning("%r was served without SSE-C (a plaintext object): refused", key)
+            raise KeyMismatch(f"{key!r} is not encrypted with SSE-C: refused")
+        try:
+            return resp["Body"].read()
+        except Exception as e:  # noqa: BLE001
+            raise self._translate(e, "GetObject", key) from None
+
+    # -- writes -------------------------------------------------------------------------------
+    def _meta(self, metadata: dict, k: Key) -> dict:
+        return {**{str(a): str(b) for a, b in metadata.items()}, KEY_FP_META: k.fingerprint}
+
+    def put(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
+        k = self.ring.current
+        resp = self._call("PutObject", key, self.client.put_object, Key=key, Body=data,
+                          Metadata=self._meta(metadata, k), **k.sse_params())
+        if not (key.endswith("/") and not data and not resp.get("SSECustomerKeyMD5")):
+            # A zero-byte directory marker holds no data; SeaweedFS stores it as a filer
+            # directory and does not echo SSE-C for it. Everything else must be confirmed.
+            self._check_write_echo(resp, key, "PutObject", k)
+        self._remember(key, k.fingerprint)
+        return ObjectInfo(key=key, size=len(data), etag=str(resp.get("ETag", "")).strip('"'),
+                          mtime=0.0, metadata=dict(metadata), access=OPEN, key_fp=k.fingerprint)
+
+    @staticmethod
+    def part_size_for(size: int) -> int:
+        ps = MIN_PART
+        while size > ps * MAX_PARTS:
+            ps *= 2
+        return ps
+
+    def upload(self, key: str, size: int, reader: Reader, metadata: dict) -> ObjectInfo:
+        if size <= SINGLE_PUT_MAX:
+            return self.put(key, reader(0, size), metadata)
+        ps = self.part_size_for(size)
+        n = (size + ps - 1) // ps
+
+        def part(i: int, up_id: str, k: Key):
+            off = i * ps
+            body = reader(off, min(ps, size - off))
+            return self._upload_part(key, up_id, i + 1, body, k)
+
+        return self._multipart(key, metadata, n, part)
+
+    def _upload_part(self, key: str, up_id: str, num: int, body: bytes, k: Key) -> dict:
+        resp = self._call("UploadPart", key, self.client.upload_part, Key=key, UploadId=up_id,
+                          PartNumber=num, Body=body, **k.sse_params())
+        self._check_write_echo(resp, key, "UploadPart", k)
+        return {"PartNumber": num, "ETag": resp["ETag"]}
+
+    def _multipart(self, key: str, metadata: dict, nparts: int, part_fn) -> ObjectInfo:
+        k = self.ring.current
+        resp = self._call("CreateMultipartUpload", key, self.client.create_multipart_upload,
+                          Key=key, Metadata=self._meta(metadata, k), **k.sse_params())
+        up_id = resp["UploadId"]
+        try:
+            # Bounded window: at most 2x workers parts in flight (memory stays bounded).
+            parts, futs, window = [], [], 2 * self._pool._max_workers
+            for i in range(nparts):
+                futs.append(self._pool.submit(part_fn, i, up_id, k))
+                if len(futs) >= window:
+                    parts.append(futs.pop(0).result())
+            parts.extend(f.result() for f in futs)
+            resp = self._call("CompleteMultipartUpload", key, self.client.complete_multipart_upload,
+                              Key=key, UploadId=up_id, MultipartUpload={"Parts": parts},
+                              **k.sse_params())
+        except BaseException:
+            for f in futs:
+                f.cancel()
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=up_id)
+            except Exception:  # noqa: BLE001 - best effort; the original error matters
+                log.warning("could not abort multipart upload of %r", key)
+            raise
+        if resp.get("SSECustomerKeyMD5"):
+            self._check_write_echo(resp, key, "CompleteMultipartUpload", k)
+            self._remember(key, k.fingerprint)
+            return self.head(key)
+        return self._verify_by_head(key, k, "CompleteMultipartUpload")
+
+    def copy(self, src: str, dst: str, size: int, metadata: dict,
+             src_key_fp: str | None) -> ObjectInfo:
+        """Server-side copy, decrypting with the source's key and encrypting with the current
+        key (this is where old-key objects are re-encrypted). Objects over 5 GiB use
+        UploadPartCopy, falling back to a streamed re-upload where the server refuses it."""
+        sk = self.ring.by_fingerprint(src_key_fp) or self.ring.current
+        dk = self.ring.current
+        if size > COPY_MAX:
+            return self._copy_multipart(src, dst, size, metadata, sk)
+        resp = self._call("CopyObject", dst, self.client.copy_object, Key=dst,
+                          CopySource={"Bucket": self.bucket, "Key": src},
+                          MetadataDirective="REPLACE", Metadata=self._meta(metadata, dk),
+                          **sk.copy_source_params(), **dk.sse_params())
+        if resp.get("SSECustomerKeyMD5"):
+            self._check_write_echo(resp, dst, "CopyObject", dk)
+            self._remember(dst, dk.fingerprint)
+            etag = str(resp.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
+            return ObjectInfo(key=dst, size=size, etag=etag, mtime=0.0, metadata=dict(metadata),
+                              access=OPEN, key_fp=dk.fingerprint)
+        return self._verify_by_head(dst, dk, "CopyObject")
+
+    def _copy_multipart(self, src: str, dst: str, size: int, metadata: dict, sk: Key) -> ObjectInfo:
+        ps = max(self.part_size_for(size), 512 * MiB)
+        n = (size + ps - 1) // ps
+        if not self._upc_unsupported:
+            def part(i, up_id, k):
+                lo, hi = i * ps, min(size, (i + 1) * ps) - 1
+                resp = self._call("UploadPartCopy", dst, self.client.upload_part_copy, Key=dst,
+                                  UploadId=up_id, PartNumber=i + 1,
+                                  CopySource={"Bucket": self.bucket, "Key": src},
+                                  CopySourceRange=f"bytes={lo}-{hi}",
+                                  **sk.copy_source_params(), **k.sse_params())
+                return {"PartNumber": i + 1, "ETag": resp["CopyPartResult"]["ETag"]}
+            try:
+                return self._multipart(dst, metadata, n, part)
+            except NotSupported:
+                self._upc_unsupported = True
+                log.warning("server refuses UploadPartCopy with SSE-C; copying %r by streaming "
+                            "it through this host (logged once)", src)
+        src_fp = sk.fingerprint
+        return self.upload(dst, size, lambda off, ln: self.get_range(src, off, ln, src_fp), metadata)
+
+    def delete(self, key: str) -> None:
+        self._call("DeleteObject", key, self.client.delete_object, Key=key)
+        self._remember(key, None)
+
+    def delete_many(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = keys[i:i + 1000]
+            resp = self._call("DeleteObjects", batch[0], self.client.delete_objects,
+                              Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            errs = resp.get("Errors") or []
+            if errs:
+                raise StoreError(f"DeleteObjects: {len(errs)} keys not deleted "
+                                 f"(first {errs[0].get('Key')!r}: {errs[0].get('Code')})")
+            for k in batch:
+                self._remember(k, None)
+
+    # -- listing ------------------------------------------------------------------------------
+    def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = 1000):
+        kw = {"Prefix": prefix, "MaxKeys": max_keys}
+        if delimiter:
+            kw["Delimiter"] = delimiter
+        token = None
+        while True:
+            if token:
+                kw["ContinuationToken"] = token
+            resp = self._call("ListObjectsV2", prefix, self.client.list_objects_v2, **kw)
+            objs = [ListedObject(key=o["Key"], size=int(o.get("Size", 0)),
+                                 etag=str(o.get("ETag", "")).strip('"'),
+                                 mtime=o["LastModified"].timestamp() if o.get("LastModified") else 0.0)
+                    for o in resp.get("Contents") or []]
+            prefixes = [p["Prefix"] for p in resp.get("CommonPrefixes") or []]
+            yield ListPage(objs, prefixes)
+            if max_keys < 1000 or not resp.get("IsTruncated"):
+                return
+            token = resp.get("NextContinuationToken")
+            if not token:
+                return
+
+    # -- mount-time checks --------------------------------------------------------------------
+    def check_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as e:
+            code, status = _code(e)
+            if status == 404:
+                raise UserError(f"bucket {self.bucket!r} does not exist at "
+                                f"{self.endpoint_url or 'AWS'}", EXIT_STORE) from None
+            if status == 403:
+                raise UserError(f"credentials refused for bucket {self.bucket!r} ({code or status})",
+                                EXIT_STORE) from None
+            raise UserError(f"bucket {self.bucket!r}: {code or status}", EXIT_STORE) from None
+        except botocore.exceptions.NoCredentialsError:
+            raise UserError("no AWS credentials found (environment, profile or config files)",
+                            EXIT_STORE) from None
+        except (botocore.exceptions.EndpointConnectionError,
+                botocore.exceptions.ConnectTimeoutError) as e:
+            raise UserError(f"endpoint {self.endpoint_url or 'AWS'} unreachable "
+                            f"({type(e).__name__})", EXIT_STORE) from None
+        except botocore.exceptions.SSLError:
+            raise UserError(f"TLS verification failed for {self.endpoint_url or 'AWS'} "
+                            "(use --ca-bundle for a private CA)", EXIT_STORE) from None
+        except botocore.exceptions.BotoCoreError as e:
+            raise UserError(f"endpoint {self.endpoint_url or 'AWS'}: {type(e).__name__}",
+                            EXIT_STORE) from None
+
+    def probe_sse(self, probe_key: str) -> None:
+        """Prove the endpoint enforces SSE-C: write a probe with the key, then a GET without
+        the key must be refused. Removes the probe afterwards."""
+        k = self.ring.current
+        try:
+            self.put(probe_key, b"ssecfs probe\n", {})
+        except EncryptionNotApplied:
+            raise UserError(f"endpoint {self.endpoint_url or 'AWS'} does not apply SSE-C "
+                            "(no key echo on PUT): refusing to mount", EXIT_SECURITY) from None
+        except PermissionDenied as e:
+            raise UserError(str(e), EXIT_STORE) from None
+        except (StoreError, StoreUnavailable) as e:
+            raise UserError(f"cannot write to bucket {self.bucket!r}: {e}", EXIT_STORE) from None
+        try:
+            try:
+                self.client.get_object(Bucket=self.bucket, Key=probe_key)["Body"].read()
+                served = True
+            except botocore.exceptions.ClientError:
+                served = False
+            if served:
+                raise UserError(f"endpoint {self.endpoint_url or 'AWS'} serves SSE-C objects "
+                                "without the key: refusing to mount", EXIT_SECURITY)
+            got = self.get_range(probe_key, 0, 13, k.fingerprint)
+            if got != b"ssecfs probe\n":
+                raise UserError("SSE-C probe read back wrong data: refusing to mount", EXIT_SECURITY)
+        finally:
+            try:
+                self.delete(probe_key)
+            except Exception:  # noqa: BLE001
+                log.warning("could not delete probe object %r", probe_key)

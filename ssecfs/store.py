@@ -1,0 +1,57 @@
+"""The object-store contract the filesystem is written against (implemented by s3store.S3Store
+for real, and by tests/memstore.MemStore for fast unit tests; both enforce SSE-C).
+
+Keys are object keys *relative to the bucket* (the filesystem adds the prefix). Every data
+or metadata call is made with a key of the ring; the store picks which one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+# Access states of an object, as far as our key ring is concerned.
+OPEN = "open"            # a key of the ring opens it; key_fp says which
+LOCKED = "locked"        # no key of the ring opens it (another key)
+PLAINTEXT = "plaintext"  # stored without SSE-C
+
+
+@dataclass
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    mtime: float
+    metadata: dict = field(default_factory=dict)
+    access: str = OPEN
+    key_fp: str | None = None
+
+
+@dataclass
+class ListedObject:
+    key: str
+    size: int
+    etag: str
+    mtime: float
+
+
+@dataclass
+class ListPage:
+    objects: list[ListedObject]
+    prefixes: list[str]
+
+
+Reader = Callable[[int, int], bytes]   # (offset, length) -> bytes of the file being uploaded
+
+
+class Store(Protocol):
+    def head(self, key: str) -> ObjectInfo: ...
+    def get_range(self, key: str, start: int, length: int, key_fp: str | None,
+                  etag: str | None = None) -> bytes: ...
+    def put(self, key: str, data: bytes, metadata: dict) -> ObjectInfo: ...
+    def upload(self, key: str, size: int, reader: Reader, metadata: dict) -> ObjectInfo: ...
+    def copy(self, src: str, dst: str, size: int, metadata: dict,
+             src_key_fp: str | None) -> ObjectInfo: ...
+    def delete(self, key: str) -> None: ...
+    def list_page_iter(self, prefix: str, delimiter: str | None = "/",
+                       max_keys: int = 1000) -> Iterator[ListPage]: ...

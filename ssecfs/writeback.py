@@ -1,0 +1,173 @@
+"""Write-back scheduler: a delay queue of dirty items, a pool of upload workers, retry with
+exponential backoff and jitter, and waiters (fsync, unmount) for durability.
+
+It knows nothing of S3 or of the cache layout: it calls ``upload(item)``, which uploads the
+item's current generation and returns normally once it is durable, raises StoreUnavailable
+(or any other error) to be retried later. Transient errors are retried forever while the
+mount lives; the data stays in the encrypted cache meanwhile.
+
+Lock: _cond guards _due, _heap, _in_flight, _attempts, _last_error, _stopping.
+An item is never uploaded by two workers at once; `quiesce(item)` removes it from the queue
+and waits for an upload in flight to end (callers must not hold a lock `upload` takes).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+import threading
+import time
+from typing import Callable, Hashable
+
+from .errors import StoreUnavailable
+
+log = logging.getLogger("ssecfs.writeback")
+
+
+class WriteBack:
+    def __init__(self, upload: Callable[[Hashable], None], delay: float = 2.0, workers: int = 4,
+                 max_backoff: float = 30.0, max_coalesce: float | None = None):
+        self._upload = upload
+        self.delay = delay
+        self.max_coalesce = max_coalesce if max_coalesce is not None else max(4 * delay, delay)
+        self.max_backoff = max_backoff
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._due: dict[Hashable, float] = {}
+        self._first: dict[Hashable, float] = {}
+        self._in_flight: set[Hashable] = set()
+        self._attempts: dict[Hashable, int] = {}
+        self._seq = itertools.count()
+        self._stopping = False
+        self.last_error: str | None = None
+        self.uploads_done = 0
+        self.upload_errors = 0
+        self._threads = [threading.Thread(target=self._worker, name=f"upload-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    # -- queue --------------------------------------------------------------------------------
+    def schedule(self, item: Hashable, delay: float | None = None) -> None:
+        """(Re)schedule an upload. Repeated calls within the delay coalesce into one upload,
+        but an item is never held back longer than max_coalesce after its first schedule."""
+        now = time.monotonic()
+        with self._cond:
+            first = self._first.setdefault(item, now)
+            d = self.delay if delay is None else delay
+            due = min(now + d, first + self.max_coalesce) if d > 0 else now
+            self._push(item, due)
+
+    def _push(self, item: Hashable, due: float) -> None:
+        self._due[item] = due
+        heapq.heappush(self._heap, (due, next(self._seq), item))
+        self._cond.notify_all()
+
+    def quiesce(self, item: Hashable) -> bool:
+        """Take item out of the queue and wait until no upload of it is in flight.
+        Returns True if it was queued (the caller re-schedules it if still needed)."""
+        with self._cond:
+            was = self._due.pop(item, None) is not None
+            self._first.pop(item, None)
+            while item in self._in_flight:
+                self._cond.wait(timeout=1.0)
+            was = (self._due.pop(item, None) is not None) or was   # a failed attempt re-queues
+            self._attempts.pop(item, None)
+            return was
+
+    def wait(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Block until predicate() holds (checked after every upload attempt)."""
+        deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(timeout=min(left, 1.0))
+                else:
+                    self._cond.wait(timeout=1.0)
+            return True
+
+    def expedite(self, item: Hashable) -> None:
+        """Upload now (fsync, unmount): skip the coalescing delay and any backoff."""
+        with self._cond:
+            self._push(item, time.monotonic())
+
+    def expedite_all(self) -> None:
+        with self._cond:
+            now = time.monotonic()
+            for item in list(self._due):
+                self._push(item, now)
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._due) + len(self._in_flight - set(self._due))
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._in_flight)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    # -- workers ------------------------------------------------------------------------------
+    def _next(self) -> Hashable | None:
+        with self._cond:
+            while not self._stopping:
+                now = time.monotonic()
+                while self._heap:
+                    due, _, item = self._heap[0]
+                    if self._due.get(item) != due:
+                        heapq.heappop(self._heap)      # stale heap record
+                        continue
+                    if item in self._in_flight:
+                        # uploaded again once the running upload ends
+                        heapq.heappop(self._heap)
+                        self._push(item, max(due, now) + 0.05)
+                        break
+                    if due > now:
+                        break
+                    heapq.heappop(self._heap)
+                    del self._due[item]
+                    self._first.pop(item, None)
+                    self._in_flight.add(item)
+                    return item
+                wait = (self._heap[0][0] - now) if self._heap else 1.0
+                self._cond.wait(timeout=max(0.005, min(wait, 1.0)))
+            return None
+
+    def _worker(self) -> None:
+        while True:
+            item = self._next()
+            if item is None:
+                return
+            retry_in = None
+            try:
+                self._upload(item)
+                with self._cond:
+                    self._attempts.pop(item, None)
+                    self.uploads_done += 1
+            except Exception as e:  # noqa: BLE001 - every failure is retried; data stays cached
+                with self._cond:
+                    n = self._attempts.get(item, 0) + 1
+                    self._attempts[item] = n
+                    self.upload_errors += 1
+                    self.last_error = f"{type(e).__name__}: {e}"
+                retry_in = min(self.max_backoff, 0.2 * 2 ** min(n, 10)) * random.uniform(0.5, 1.0)
+                level = logging.WARNING if isinstance(e, StoreUnavailable) else logging.ERROR
+                log.log(level, "upload of %s failed (attempt %d, retry in %.1fs): %s",
+                        item, n, retry_in, self.last_error,
+                        exc_info=not isinstance(e, (StoreUnavailable,)) and log.isEnabledFor(logging.DEBUG))
+            finally:
+                with self._cond:
+                    self._in_flight.discard(item)
+                    if retry_in is not None and item not in self._due:
+                        self._push(item, time.monotonic() + retry_in)
+                    self._cond.notify_all()

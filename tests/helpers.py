@@ -1,0 +1,76 @@
+"""Shared test helpers: waiting with deadlines, SSE-C parameters, the ssecfs CLI."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
+    """Poll predicate() until it returns a truthy value; fail after the deadline."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last failure
+            last_exc = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def sse(raw: bytes) -> dict:
+    return {"SSECustomerAlgorithm": "AES256",
+            "SSECustomerKey": base64.b64encode(raw).decode(),
+            "SSECustomerKeyMD5": base64.b64encode(hashlib.md5(raw).digest()).decode()}
+
+
+def copy_source_sse(raw: bytes) -> dict:
+    return {"CopySource" + k: v for k, v in sse(raw).items()}
+
+
+def ssecfs_cmd() -> list[str]:
+    return [sys.executable, "-m", "ssecfs"]
+
+
+def run_ssecfs(*args, env=None, timeout=120, check=False) -> subprocess.CompletedProcess:
+    return subprocess.run(ssecfs_cmd() + [str(a) for a in args], capture_output=True, text=True,
+                          env=env, timeout=timeout, check=check)
+
+
+def marker_blob(tag: bytes = b"SSECFS-PLAINTEXT-MARKER") -> tuple[bytes, bytes]:
+    """A marker surrounded by random bytes (SeaweedFS gzips compressible data on disk, so a
+    plain-text marker alone would prove nothing), and the data to write."""
+    marker = tag + os.urandom(8).hex().encode()
+    data = os.urandom(4096) + marker + os.urandom(4096)
+    return marker, data
+
+
+def scan_dir_for(root: str, needle: bytes) -> list[str]:
+    hits = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            try:
+                with open(p, "rb") as f:
+                    prev = b""
+                    while True:
+                        block = f.read(1 << 20)
+                        if not block:
+                            break
+                        if needle in prev[-len(needle):] + block:
+                            hits.append(p)
+                            break
+                        prev = block
+            except OSError:
+                continue
+    return hits
