@@ -88,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keygen", help="write a new random 32-byte key file (mode 0600)")
     k.add_argument("path")
+
+    r = sub.add_parser("rekey", help="re-encrypt every object not yet under the ring's first key")
+    r.add_argument("source", metavar="BUCKET[:PREFIX]")
+    add_store_args(r)
+    r.add_argument("--dry-run", action="store_true", help="only count what would be re-encrypted")
+    r.add_argument("--workers", type=int, default=8)
+    r.add_argument("--no-progress", action="store_true")
+
+    c = sub.add_parser("check", help="is this setup safe? (TLS, credentials, SSE-C enforced, keys)")
+    c.add_argument("source", metavar="BUCKET[:PREFIX]")
+    add_store_args(c)
+    c.add_argument("--sample", type=int, default=20, help="objects to test the keys on")
     return p
 
 
@@ -322,7 +334,46 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, "keygen": cmd_keygen}
+def _store_for(args: argparse.Namespace):
+    from .keys import load_keyring
+    from .s3store import S3Store
+    if not args.keyfile:
+        raise UserError("--keyfile is required", 2)
+    bucket, prefix = parse_source(args.source)
+    sc = StoreConfig(bucket=bucket, endpoint_url=args.endpoint_url, region=args.region,
+                     profile=args.profile, ca_bundle=args.ca_bundle)
+    ring = load_keyring(args.keyfile)
+    store = S3Store(sc.bucket, ring, endpoint_url=sc.endpoint_url, region=sc.region,
+                    profile=sc.profile, ca_bundle=sc.ca_bundle,
+                    workers=max(8, getattr(args, "workers", 8)))
+    return store, prefix
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    from .rekey import rekey, summary
+    logging.basicConfig(level=logging.WARNING, format="ssecfs: %(message)s")
+    store, prefix = _store_for(args)
+    store.check_bucket()
+    rep = rekey(store, prefix, workers=args.workers, dry_run=args.dry_run,
+                progress=not args.no_progress and sys.stderr.isatty())
+    for line in summary(rep, args.dry_run):
+        print(line)
+    return 0 if rep.ok else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import FAIL, run_checks
+    store, prefix = _store_for(args)
+    failed = False
+    for status, msg in run_checks(store, prefix, args.sample):
+        print(f"{status:4} {msg}")
+        failed |= status == FAIL
+    print("verdict: " + ("NOT SAFE" if failed else "safe"))
+    return 1 if failed else 0
+
+
+COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, "keygen": cmd_keygen,
+            "rekey": cmd_rekey, "check": cmd_check}
 
 
 def normalize_argv(argv: list[str]) -> list[str]:

@@ -319,7 +319,7 @@ class S3Store:
         return self._verify_by_head(key, k, "CompleteMultipartUpload")
 
     def copy(self, src: str, dst: str, size: int, metadata: dict,
-             src_key_fp: str | None) -> ObjectInfo:
+             src_key_fp: str | None, src_etag: str | None = None) -> ObjectInfo:
         """Server-side copy, decrypting with the source's key and encrypting with the current
         key (this is where old-key objects are re-encrypted). Objects over 5 GiB use
         UploadPartCopy, falling back to a streamed re-upload where the server refuses it."""
@@ -327,10 +327,11 @@ class S3Store:
         dk = self.ring.current
         if size > COPY_MAX:
             return self._copy_multipart(src, dst, size, metadata, sk)
+        cond = {"CopySourceIfMatch": f'"{src_etag}"'} if src_etag else {}
         resp = self._call("CopyObject", dst, self.client.copy_object, Key=dst,
                           CopySource={"Bucket": self.bucket, "Key": src},
                           MetadataDirective="REPLACE", Metadata=self._meta(metadata, dk),
-                          **sk.copy_source_params(), **dk.sse_params())
+                          **cond, **sk.copy_source_params(), **dk.sse_params())
         if resp.get("SSECustomerKeyMD5"):
             self._check_write_echo(resp, dst, "CopyObject", dk)
             self._remember(dst, dk.fingerprint)
@@ -455,3 +456,49 @@ class S3Store:
                 self.delete(probe_key)
             except Exception:  # noqa: BLE001
                 log.warning("could not delete probe object %r", probe_key)
+
+    # -- diagnostics (ssecfs check, rekey) ------------------------------------------------------
+    def head_with(self, key: str, k: Key | None) -> tuple[str, ObjectInfo | None]:
+        """HEAD with one given key (None: no SSE-C headers). Returns (verdict, info):
+        verdict is 'open', 'denied' (403), 'bad-request' (400) or 'plaintext'."""
+        kw = k.sse_params() if k else {}
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=key, **kw)
+        except botocore.exceptions.ClientError as e:
+            code, status = _code(e)
+            if status == 403:
+                return "denied", None
+            if status == 400:
+                return "bad-request", None
+            raise self._translate(e, "HeadObject", key) from None
+        except Exception as e:  # noqa: BLE001
+            raise self._translate(e, "HeadObject", key) from None
+        echo = _echo_fps(resp.get("SSECustomerKeyMD5"))
+        if k and echo == {k.fingerprint}:
+            return "open", self._info(key, resp, OPEN, k.fingerprint)
+        return "plaintext", self._info(key, resp, PLAINTEXT, None)
+
+    def get_status(self, key: str, k: Key | None) -> int:
+        """HTTP status of a GET of `key` with key k (None: without SSE-C headers)."""
+        kw = k.sse_params() if k else {}
+        try:
+            self.client.get_object(Bucket=self.bucket, Key=key, **kw)["Body"].read()
+            return 200
+        except botocore.exceptions.ClientError as e:
+            return _code(e)[1]
+
+    def server_time_skew(self) -> float | None:
+        """Seconds the server's clock is ahead of ours (from the Date header), or None."""
+        import email.utils
+        import time as _time
+        try:
+            t0 = _time.time()
+            resp = self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+            t1 = _time.time()
+        except Exception:  # noqa: BLE001
+            return None
+        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            return None
+        server = email.utils.parsedate_to_datetime(date).timestamp()
+        return server - (t0 + t1) / 2
