@@ -145,12 +145,29 @@ class SeaweedFS:
         self.proc = None
 
 
-if __name__ == "__main__":
-    d = sys.argv[1] if len(sys.argv) > 1 else "/tmp/ssecfs-seaweed"
-    sw = SeaweedFS(d).start()
+def main(argv: list[str]) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("data_dir")
+    p.add_argument("--background", action="store_true",
+                   help="leave it running; write DATA_DIR/endpoint and DATA_DIR/pid, then exit")
+    a = p.parse_args(argv)
+    sw = SeaweedFS(os.path.abspath(a.data_dir)).start()
+    if a.background:
+        with open(os.path.join(sw.data_dir, "endpoint"), "w") as f:
+            f.write(sw.endpoint + "\n")
+        with open(os.path.join(sw.data_dir, "pid"), "w") as f:
+            f.write(f"{sw.proc.pid}\n")
+        print(sw.endpoint)
+        return 0
     print(f"SeaweedFS S3 at {sw.endpoint} (access key {ACCESS_KEY}, secret {SECRET_KEY})",
           flush=True)
     try:
         sw.proc.wait()
     except KeyboardInterrupt:
         sw.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

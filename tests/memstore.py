@@ -1,0 +1,235 @@
+"""An in-memory object store for fast, kernel-free tests of the filesystem layer.
+
+It implements the same contract as ssecfs.s3store.S3Store and, like a real S3 server, it
+ENFORCES SSE-C: every object remembers the fingerprint of the key it was written with, a read
+or copy with another key is refused (PermissionDenied, as S3Store translates a 403), a
+plaintext object is never served as data (KeyMismatch, as S3Store refuses it), and head()
+reports LOCKED / PLAINTEXT like S3Store does. Never use it to prove encryption claims about
+S3Store itself: that is what the SeaweedFS tests are for.
+
+Test hooks
+  * ``calls``: a Counter of calls per operation name ("head", "get_range", "put", ...);
+  * ``fail(op, n, exc)``: the next n calls of op raise exc (default StoreUnavailable);
+  * ``before[op] = fn``: fn(*args) runs before op (e.g. to block an upload on an Event);
+  * ``put_plain`` / ``put_foreign``: objects stored without SSE-C or under another key;
+  * ``data(key)`` / ``key_fp_of(key)`` / ``meta(key)``: what the "server" holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ssecfs.errors import (KeyMismatch, NotFound, PermissionDenied, Stale, StoreError,
+                           StoreUnavailable)
+from ssecfs.keys import Key, KeyRing
+from ssecfs.s3store import KEY_FP_META
+from ssecfs.store import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo
+
+PART = 8 * 1024 * 1024
+
+
+@dataclass
+class _Obj:
+    data: bytes
+    metadata: dict
+    key_fp: str | None            # None: stored without SSE-C (plaintext)
+    etag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    mtime: float = field(default_factory=time.time)
+
+
+class MemStore:
+    def __init__(self, ring: KeyRing):
+        self.ring = ring
+        self._lock = threading.Lock()
+        self._objects: dict[str, _Obj] = {}
+        self.calls: Counter = Counter()
+        self._faults: dict[str, list] = {}
+        self.before: dict[str, object] = {}
+        self.log: list[tuple[str, str]] = []      # (op, key) of every call, in order
+
+    def __repr__(self) -> str:
+        return f"MemStore({len(self._objects)} objects)"
+
+    # -- test hooks ---------------------------------------------------------------------------
+    def fail(self, op: str, n: int = 1, exc: Exception | type | None = None) -> None:
+        """Make the next n calls of `op` raise `exc` (default StoreUnavailable)."""
+        with self._lock:
+            self._faults[op] = [n, exc or StoreUnavailable(f"{op}: injected fault")]
+
+    def _enter(self, op: str, key: str, *args) -> None:
+        with self._lock:
+            self.calls[op] += 1
+            self.log.append((op, key))
+            fault = self._faults.get(op)
+            exc = None
+            if fault and fault[0] > 0:
+                fault[0] -= 1
+                exc = fault[1]
+        hook = self.before.get(op)
+        if hook is not None:
+            hook(key, *args)
+        if exc is not None:
+            raise exc if isinstance(exc, BaseException) else exc(f"{op} {key!r}: injected")
+
+    def put_plain(self, key: str, data: bytes, metadata: dict | None = None) -> None:
+        """An object stored without SSE-C (e.g. uploaded by another tool)."""
+        with self._lock:
+            self._objects[key] = _Obj(bytes(data), {str(a): str(b) for a, b in
+                                                   (metadata or {}).items()}, None)
+
+    def put_foreign(self, key: str, data: bytes, key_obj: Key, metadata: dict | None = None) -> None:
+        """An object stored with SSE-C under `key_obj` (typically a key not in the ring)."""
+        md = {str(a): str(b) for a, b in (metadata or {}).items()}
+        md[KEY_FP_META] = key_obj.fingerprint
+        with self._lock:
+            self._objects[key] = _Obj(bytes(data), md, key_obj.fingerprint)
+
+    def data(self, key: str) -> bytes:
+        with self._lock:
+            return self._objects[key].data
+
+    def meta(self, key: str) -> dict:
+        with self._lock:
+            return dict(self._objects[key].metadata)
+
+    def key_fp_of(self, key: str) -> str | None:
+        with self._lock:
+            return self._objects[key].key_fp
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            return key in self._objects
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._objects)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _get(self, key: str, op: str) -> _Obj:
+        obj = self._objects.get(key)
+        if obj is None:
+            raise NotFound(f"{op} {key!r}")
+        return obj
+
+    def _meta(self, metadata: dict, k: Key) -> dict:
+        return {**{str(a): str(b) for a, b in metadata.items()}, KEY_FP_META: k.fingerprint}
+
+    def _key_for(self, key_fp: str | None) -> Key:
+        return self.ring.by_fingerprint(key_fp) or self.ring.current
+
+    @staticmethod
+    def _info(key: str, obj: _Obj, access: str) -> ObjectInfo:
+        return ObjectInfo(key=key, size=len(obj.data), etag=obj.etag, mtime=obj.mtime,
+                          metadata=dict(obj.metadata) if access != LOCKED else {},
+                          access=access, key_fp=obj.key_fp if access == OPEN else None)
+
+    # -- the store contract -------------------------------------------------------------------
+    def head(self, key: str) -> ObjectInfo:
+        self._enter("head", key)
+        with self._lock:
+            obj = self._get(key, "HeadObject")
+            if obj.key_fp is None:
+                return self._info(key, obj, PLAINTEXT)
+            if self.ring.by_fingerprint(obj.key_fp) is not None:
+                return self._info(key, obj, OPEN)
+            return self._info(key, obj, LOCKED)
+
+    def get_range(self, key: str, start: int, length: int, key_fp: str | None,
+                  etag: str | None = None) -> bytes:
+        self._enter("get_range", key, start, length)
+        if length <= 0:
+            return b""
+        k = self._key_for(key_fp)
+        with self._lock:
+            obj = self._get(key, "GetObject")
+            if etag is not None and etag != obj.etag:
+                raise Stale(f"GetObject {key!r}: object changed while reading")
+            if obj.key_fp is None:
+                raise KeyMismatch(f"{key!r} is not encrypted with SSE-C: refused")
+            if obj.key_fp != k.fingerprint:
+                raise PermissionDenied(f"GetObject {key!r}: access denied (403)")
+            if start >= len(obj.data):
+                raise StoreError(f"GetObject {key!r}: InvalidRange")
+            return obj.data[start:start + length]
+
+    def put(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
+        self._enter("put", key, len(data))
+        return self._store(key, bytes(data), metadata)
+
+    def _store(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
+        k = self.ring.current
+        obj = _Obj(data, self._meta(metadata, k), k.fingerprint)
+        with self._lock:
+            self._objects[key] = obj
+        return ObjectInfo(key=key, size=len(data), etag=obj.etag, mtime=obj.mtime,
+                          metadata=dict(metadata), access=OPEN, key_fp=k.fingerprint)
+
+    def upload(self, key: str, size: int, reader, metadata: dict) -> ObjectInfo:
+        self._enter("upload", key, size)
+        parts = []
+        for off in range(0, size, PART):
+            piece = reader(off, min(PART, size - off))
+            if len(piece) != min(PART, size - off):
+                raise AssertionError(f"reader returned {len(piece)} bytes at {off}, "
+                                     f"expected {min(PART, size - off)}")
+            parts.append(piece)
+        return self._store(key, b"".join(parts), metadata)
+
+    def copy(self, src: str, dst: str, size: int, metadata: dict,
+             src_key_fp: str | None) -> ObjectInfo:
+        self._enter("copy", dst, src)
+        sk = self._key_for(src_key_fp)
+        with self._lock:
+            obj = self._get(src, "CopyObject")
+            if obj.key_fp is None:
+                # AWS answers 400 to copy-source SSE-C headers on a plaintext source.
+                raise StoreError(f"CopyObject {src!r}: 400 (source is not SSE-C)")
+            if obj.key_fp != sk.fingerprint:
+                raise PermissionDenied(f"CopyObject {src!r}: access denied (403)")
+            data = obj.data
+        return self._store(dst, data, metadata)
+
+    def delete(self, key: str) -> None:
+        self._enter("delete", key)
+        with self._lock:
+            self._objects.pop(key, None)      # S3: deleting a missing key succeeds
+
+    def delete_many(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = keys[i:i + 1000]
+            self._enter("delete_many", batch[0] if batch else "", len(batch))
+            with self._lock:
+                for k in batch:
+                    self._objects.pop(k, None)
+
+    def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = 1000):
+        """ListObjectsV2 semantics: keys in order, common prefixes rolled up under the
+        delimiter, max_keys entries (objects + prefixes) per page. Like S3Store, a caller
+        asking for fewer than 1000 keys gets one page only."""
+        self._enter("list", prefix)
+        with self._lock:
+            snapshot = sorted((k, o) for k, o in self._objects.items() if k.startswith(prefix))
+        entries: list[tuple[str, object]] = []
+        seen_prefixes = set()
+        for k, o in snapshot:
+            rest = k[len(prefix):]
+            if delimiter and delimiter in rest:
+                cp = prefix + rest[:rest.index(delimiter) + len(delimiter)]
+                if cp not in seen_prefixes:
+                    seen_prefixes.add(cp)
+                    entries.append((cp, None))
+                continue
+            entries.append((k, ListedObject(key=k, size=len(o.data), etag=o.etag, mtime=o.mtime)))
+        i = 0
+        while True:
+            page = entries[i:i + max_keys]
+            i += max_keys
+            yield ListPage([e for _, e in page if e is not None],
+                           [k for k, e in page if e is None])
+            if max_keys < 1000 or i >= len(entries):
+                return
+            self._enter("list", prefix)
