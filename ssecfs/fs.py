@@ -125,6 +125,9 @@ class Filesystem:
         self._handles: dict[int, FileState] = {}
         self._fh = itertools.count(1)
         self._attr_lock = threading.Lock()
+        # Directory attributes set through this mount. Some servers (SeaweedFS) drop the
+        # metadata of "dir/" marker objects; the attributes then last as long as the mount.
+        self._dir_meta: dict[str, dict] = {}
         self._attrs: TTLCache = TTLCache(maxsize=100_000, ttl=max(config.attr_timeout, 0.001))
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
         self._copy_pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="copy")
@@ -224,6 +227,10 @@ class Filesystem:
                     uid=m["uid"], gid=m["gid"])
 
     def _dir_attr(self, path: str) -> Attr:
+        with self._attr_lock:
+            m = self._dir_meta.get(path)
+        if m is not None and self._dir_exists(path):
+            return Attr(m["mode"], 0, m["mtime"], m["ctime"], m["uid"], m["gid"], 2)
         dkey = self.dir_key(path)
         for page in self.store.list_page_iter(dkey, delimiter="/", max_keys=1):
             if not page.objects and not page.prefixes:
@@ -242,6 +249,21 @@ class Filesystem:
             return Attr(stat.S_IFDIR | 0o755, 0, self.mount_time, self.mount_time,
                         self.uid, self.gid, 2)
         raise NotFound(path)
+
+    def _dir_exists(self, path: str) -> bool:
+        dkey = self.dir_key(path)
+        for page in self.store.list_page_iter(dkey, delimiter="/", max_keys=1):
+            return bool(page.objects or page.prefixes) or self._has_pending_under(path)
+        return False
+
+    def _remember_dir_meta(self, path: str, meta: dict | None) -> None:
+        with self._attr_lock:
+            if meta is None:
+                pfx = path.rstrip("/") + "/"
+                for p in [p for p in self._dir_meta if p == path or p.startswith(pfx)]:
+                    del self._dir_meta[p]
+            else:
+                self._dir_meta[path] = dict(meta)
 
     def _has_pending_under(self, path: str) -> bool:
         pfx = path.rstrip("/") + "/"
@@ -291,6 +313,7 @@ class Filesystem:
             self._check_parent(path)
             meta = self._default_meta(stat.S_IFDIR | (mode & 0o7777))
             self.store.put(self.dir_key(path), b"", self._meta_headers(meta))
+            self._remember_dir_meta(path, meta)
             self._invalidate(path)
 
     def rmdir(self, path: str) -> None:
@@ -309,6 +332,7 @@ class Filesystem:
                 self.store.delete(dkey)
             except NotFound:
                 pass
+            self._remember_dir_meta(path, None)
             self._invalidate(path)
 
     # ===================================================================== open / create
@@ -832,6 +856,12 @@ class Filesystem:
                 self.wb.schedule(st, 0)
         with self._attr_lock:
             self._attrs.clear()
+            moved = {npfx + p[len(opfx):]: m for p, m in self._dir_meta.items() if p.startswith(opfx)}
+            if old in self._dir_meta:
+                moved[new] = self._dir_meta[old]
+        self._remember_dir_meta(old, None)
+        with self._attr_lock:
+            self._dir_meta.update(moved)
 
     @staticmethod
     def _drain(futs: list) -> None:
@@ -867,6 +897,7 @@ class Filesystem:
                 meta = {"mode": attr.mode, "uid": attr.uid, "gid": attr.gid,
                         "mtime": attr.mtime, "ctime": _now(), **changes}
                 self.store.put(self.dir_key(path), b"", self._meta_headers(meta))
+                self._remember_dir_meta(path, meta)
             else:
                 key = self.key_of(path)
                 info = self.store.head(key)

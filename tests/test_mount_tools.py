@@ -8,6 +8,7 @@ returns the exact bytes, and the object carries s3fs-style metadata (mode, uid, 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -82,6 +83,18 @@ def make_tree(root, big: int = 3 * MiB, extra: dict[str, bytes] | None = None) -
             f.write(data)
     os.makedirs(os.path.join(str(root), "emptydir"), exist_ok=True)
     return files
+
+
+def futimens_mtime_only(fd: int, mtime: int) -> None:
+    """futimens(fd, {UTIME_OMIT, mtime}) -- what GNU tar and `touch -m` do."""
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+    utime_omit = (1 << 30) - 2
+    libc = ctypes.CDLL(None, use_errno=True)
+    times = (Timespec * 2)(Timespec(0, utime_omit), Timespec(mtime, 0))
+    if libc.futimens(fd, times) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def get_bytes(s3, bucket, key, raw) -> bytes:
@@ -173,14 +186,12 @@ def test_rsync_round_trip_and_noop_second_run(mnt, s3, tmp_path):
     files = make_tree(src)
     os.symlink("a.txt", src / "link-to-a")
     os.chmod(src / "a.txt", 0o640)
-    os.chmod(src / "sub", 0o750)
     os.utime(src / "sub/b.txt", (1_500_000_000, 1_500_000_000))
     dst = os.path.join(m.path, "r")
 
     run("rsync", "-a", f"{src}/", f"{dst}/")
     assert tree_digest(dst) == tree_digest(src)
     assert stat.S_IMODE(os.stat(os.path.join(dst, "a.txt")).st_mode) == 0o640
-    assert stat.S_IMODE(os.stat(os.path.join(dst, "sub")).st_mode) == 0o750
     assert os.stat(os.path.join(dst, "sub/b.txt")).st_mtime == 1_500_000_000
     assert os.readlink(os.path.join(dst, "link-to-a")) == "a.txt"
 
@@ -225,8 +236,6 @@ def test_tar_into_and_out_of_the_mount(mnt, s3, tmp_path):
     tar_c.stdout.close()
     assert tar_c.wait() == 0 and r.returncode == 0, r.stderr
     assert tree_digest(into) == tree_digest(src)
-    assert os.stat(os.path.join(into, "big.bin")).st_mtime == \
-        int(os.stat(src / "big.bin").st_mtime)    # tar keeps whole-second mtimes
 
     with open(archive, "rb") as f:
         tar_bytes = f.read()
@@ -234,6 +243,29 @@ def test_tar_into_and_out_of_the_mount(mnt, s3, tmp_path):
     wait_all_durable(s3, bucket, raw, "x/", files)
     assert_sse_c_object(s3, bucket, "x/sub/deeper/c.bin", raw, files["sub/deeper/c.bin"],
                         os.path.join(into, "sub/deeper/c.bin"))
+    # tar x restores the archived (whole-second) mtimes; GNU tar sets them with
+    # futimens(fd, {UTIME_OMIT, mtime}).
+    for rel in files:
+        assert os.stat(os.path.join(into, rel)).st_mtime == \
+            int(os.stat(src / rel).st_mtime), rel
+
+
+def test_touch_m_sets_only_mtime(mnt, s3):
+    """`touch -m -d` (utimensat with atime UTIME_OMIT) must set the mtime, on a closed file
+    and through an open descriptor."""
+    m, bucket, raw = mnt
+    path = os.path.join(m.path, "f.txt")
+    with open(path, "wb") as f:
+        f.write(b"data\n")
+    run("touch", "-m", "-d", "@1500000000", path)
+    assert os.stat(path).st_mtime == 1_500_000_000
+    with open(path, "ab") as f:
+        f.write(b"more\n")
+        f.flush()
+        futimens_mtime_only(f.fileno(), 1_400_000_000)
+    assert os.stat(path).st_mtime == 1_400_000_000
+    md = assert_sse_c_object(s3, bucket, "f.txt", raw, b"data\nmore\n", path)
+    assert float(md["mtime"]) == 1_400_000_000
 
 
 # ---------------------------------------------------------------------------- mkdir -p
@@ -251,6 +283,22 @@ def test_mkdir_p(mnt, s3):
     assert [p["Prefix"] for p in resp.get("CommonPrefixes", [])] == ["a/b/"]
     assert_sse_c_object(s3, bucket, "a/b/c/f.txt", raw, b"in c\n",
                         os.path.join(m.path, "a/b/c/f.txt"))
+
+
+def test_directory_mode_and_mtime_are_kept(mnt):
+    """chmod/utime of a directory (rsync -a, tar x, cp -a do it) must stick, or fail loudly."""
+    m, bucket, raw = mnt
+    os.mkdir(os.path.join(m.path, "d"), 0o700)
+    assert stat.S_IMODE(os.stat(os.path.join(m.path, "d")).st_mode) == 0o700
+    with open(os.path.join(m.path, "d/f"), "wb") as f:
+        f.write(b"x")
+    os.chmod(os.path.join(m.path, "d"), 0o750)
+    os.utime(os.path.join(m.path, "d"), (1_400_000_000, 1_400_000_000))
+    m.umount()
+    m.mount()
+    st = os.stat(os.path.join(m.path, "d"))
+    assert stat.S_IMODE(st.st_mode) == 0o750
+    assert st.st_mtime == 1_400_000_000
 
 
 # ---------------------------------------------------------------------------- echo >>
@@ -327,13 +375,17 @@ def test_mv_file_and_directory_tree(mnt, s3, tmp_path):
     # a directory tree, into another directory
     os.mkdir(os.path.join(m.path, "dest"))
     run("mv", os.path.join(m.path, "d1"), os.path.join(m.path, "dest/d2"))
-    assert not os.path.exists(os.path.join(m.path, "d1"))
-    assert sorted(os.listdir(m.path)) == ["dest", "moved.bin"]
     assert tree_digest(os.path.join(m.path, "dest/d2")) == tree_digest(src)
-    assert file_keys(s3, bucket, "d1/") == set()
     assert file_keys(s3, bucket, "dest/d2/") == {"dest/d2/" + rel for rel in files}
     assert_sse_c_object(s3, bucket, "dest/d2/sub/deeper/c.bin", raw, files["sub/deeper/c.bin"],
                         os.path.join(m.path, "dest/d2/sub/deeper/c.bin"))
+    # the old tree is gone: from the mount and from the bucket (no key, no listed prefix)
+    assert file_keys(s3, bucket, "d1/") == set()
+    assert bucket_keys(s3, bucket, "d1/") == set()
+    resp = s3.list_objects_v2(Bucket=bucket, Prefix="d1/", Delimiter="/")
+    assert not resp.get("Contents") and not resp.get("CommonPrefixes"), resp
+    assert sorted(os.listdir(m.path)) == ["dest", "moved.bin"]
+    assert not os.path.exists(os.path.join(m.path, "d1"))
 
 
 def test_mv_of_a_file_not_yet_uploaded(mnt, s3):
@@ -364,6 +416,8 @@ def test_rm_r_tree(mnt, s3, tmp_path):
     assert not os.path.exists(os.path.join(m.path, "gone"))
     assert os.listdir(m.path) == ["keep.txt"]
     assert bucket_keys(s3, bucket, "gone/") == set()
+    resp = s3.list_objects_v2(Bucket=bucket, Prefix="gone/", Delimiter="/")
+    assert not resp.get("Contents") and not resp.get("CommonPrefixes"), resp
     assert_sse_c_object(s3, bucket, "keep.txt", raw, keep, os.path.join(m.path, "keep.txt"))
 
 

@@ -1,0 +1,466 @@
+"""The encrypted on-disk chunk cache (ssecfs.cache): confidentiality, integrity, locking,
+crash recovery, and the eviction bound."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from helpers import marker_blob, scan_dir_for
+from ssecfs.cache import CHUNK, HEADER, SLOT, Cache
+from ssecfs.crypto import OVERHEAD, Sealer
+from ssecfs.errors import IntegrityError, UserError
+from ssecfs.keys import Key
+
+COST = CHUNK + OVERHEAD       # accounted bytes of one full chunk
+
+
+class Keys:
+    def __init__(self, n: int = 2):
+        self.keys = [Key(os.urandom(32)) for _ in range(n)]
+
+    def sealers(self, *idx: int) -> dict:
+        return {self.keys[i].fingerprint: Sealer(self.keys[i].cache_key()) for i in idx}
+
+    def fp(self, i: int) -> str:
+        return self.keys[i].fingerprint
+
+
+@pytest.fixture
+def keys():
+    return Keys(2)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return str(tmp_path / "cache")
+
+
+def make_cache(directory, keys: Keys, ring=(0,), current=0, max_bytes=64 * COST) -> Cache:
+    c = Cache(directory, keys.sealers(*ring), max_bytes, keys.fp(current))
+    c.open()
+    return c
+
+
+@pytest.fixture
+def cache(cache_dir, keys):
+    c = make_cache(cache_dir, keys)
+    yield c
+    c.close()
+
+
+def slot_offset(index: int) -> int:
+    return index * SLOT
+
+
+# ------------------------------------------------------------------------- chunks
+@pytest.mark.parametrize("length", [1, 1000, CHUNK - 1, CHUNK])
+def test_chunk_round_trip(cache, length):
+    e = cache.new_entry()
+    data = os.urandom(length)
+    e.write_chunk(0, data)
+    e.write_chunk(5, data[::-1])
+    assert e.read_chunk(0) == data
+    assert e.read_chunk(5) == data[::-1]
+    assert e.read_chunk(1) is None and e.read_chunk(4) is None
+    assert e.has(0) and e.has(5) and not e.has(2)
+    # overwrite with a shorter chunk
+    e.write_chunk(0, b"short")
+    assert e.read_chunk(0) == b"short"
+
+
+def test_chunk_too_big_or_empty_refused(cache):
+    e = cache.new_entry()
+    with pytest.raises((AssertionError, ValueError)):
+        e.write_chunk(0, b"x" * (CHUNK + 1))
+    with pytest.raises((AssertionError, ValueError)):
+        e.write_chunk(0, b"")
+
+
+def test_no_plaintext_in_cache_dir(cache, cache_dir, keys):
+    marker, data = marker_blob()
+    assert len(data) < CHUNK
+    e = cache.new_entry()
+    e.write_chunk(0, data)
+    e.write_chunk(1, data, dirty=False)
+    big = os.urandom(CHUNK - len(data)) + data        # marker at the end of a full chunk
+    big = big[:CHUNK]
+    e.write_chunk(2, big)
+    name_marker = b"SECRET-NAME-" + os.urandom(6).hex().encode()
+    e.save_state({"dirty": True, "path": "/" + name_marker.decode(),
+                  "key": name_marker.decode(), "note": data.hex()})
+    e.sync()
+    cache.set_dirty(e, True)
+    e.close_fd()
+    for needle in (marker, name_marker, data.hex().encode()[:64]):
+        assert scan_dir_for(cache_dir, needle) == [], needle
+    # no form of the SSE-C key, nor the derived cache key, is stored either
+    for secret in keys.keys[0].secret_forms() + [keys.keys[0].cache_key()]:
+        assert scan_dir_for(cache_dir, secret) == []
+    assert e.read_chunk(2) == big and e.load_state()["path"] == "/" + name_marker.decode()
+
+
+def test_flipped_byte_in_slot_fails(cache):
+    e = cache.new_entry()
+    data = os.urandom(5000)
+    e.write_chunk(3, data)
+    e.sync()
+    with open(e.data_path, "r+b") as f:
+        pos = slot_offset(3) + HEADER.size + 100
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x40]))
+    with pytest.raises(IntegrityError):
+        e.read_chunk(3)
+
+
+def test_tampered_slot_header_fails(cache):
+    e = cache.new_entry()
+    e.write_chunk(0, os.urandom(5000))
+    e.sync()
+    with open(e.data_path, "r+b") as f:
+        f.seek(0)
+        f.write(HEADER.pack(b"SSC1", 4999))          # claims one byte less
+    with pytest.raises(IntegrityError):
+        e.read_chunk(0)
+    with open(e.data_path, "r+b") as f:
+        f.seek(0)
+        f.write(HEADER.pack(b"XXXX", 5000))          # bad magic
+    with pytest.raises(IntegrityError):
+        e.read_chunk(0)
+
+
+def test_slot_moved_to_another_index_or_entry_fails(cache):
+    a, b = cache.new_entry(), cache.new_entry()
+    a.write_chunk(0, b"A" * 100)
+    a.write_chunk(1, b"B" * 100)
+    b.write_chunk(0, b"C" * 100)
+    for e in (a, b):
+        e.sync()
+    with open(a.data_path, "r+b") as f:
+        slot0 = f.read(SLOT)
+        f.seek(slot_offset(1))
+        f.write(slot0)                                # chunk 0's slot at index 1
+    with pytest.raises(IntegrityError):
+        a.read_chunk(1)
+    with open(b.data_path, "r+b") as f:
+        f.write(slot0)                                # a's chunk 0 into b's chunk 0
+    with pytest.raises(IntegrityError):
+        b.read_chunk(0)
+
+
+def test_tampered_journal_record_fails(cache):
+    e = cache.new_entry()
+    e.save_state({"dirty": True, "size": 1})
+    with open(e.meta_path, "r+b") as f:
+        data = bytearray(f.read())
+        data[-5] ^= 1
+        f.seek(0)
+        f.write(data)
+    with pytest.raises(IntegrityError):
+        e.load_state()
+
+
+# ------------------------------------------------------------------------- directory, lock
+def test_cache_dir_created_0700(cache_dir, keys):
+    c = make_cache(cache_dir, keys)
+    try:
+        for d in (cache_dir, os.path.join(cache_dir, "entries")):
+            assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        e = c.new_entry()
+        e.write_chunk(0, b"x" * 10)
+        e.save_state({"dirty": True})
+        for p in (e.data_path, e.meta_path):
+            assert stat.S_IMODE(os.stat(p).st_mode) & 0o077 == 0
+    finally:
+        c.close()
+
+
+def test_existing_permissive_dir_tightened(tmp_path, keys):
+    d = tmp_path / "loose"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    c = make_cache(str(d), keys)
+    try:
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    finally:
+        c.close()
+
+
+def test_second_open_refused_until_closed(cache_dir, keys):
+    first = make_cache(cache_dir, keys)
+    try:
+        with pytest.raises(UserError) as e:
+            make_cache(cache_dir, keys)
+        assert "in use" in str(e.value)
+    finally:
+        first.close()
+    again = make_cache(cache_dir, keys)          # the lock is released by close()
+    again.close()
+
+
+def test_unknown_format_refused(cache_dir, keys):
+    make_cache(cache_dir, keys).close()
+    with open(os.path.join(cache_dir, "VERSION"), "w") as f:
+        f.write("ssecfs-cache 99\n")
+    with pytest.raises(UserError):
+        make_cache(cache_dir, keys)
+
+
+# ------------------------------------------------------------------------- recovery
+def test_recover(cache_dir, keys):
+    c = Cache(cache_dir, keys.sealers(0, 1), 64 * COST, keys.fp(0))
+    c.open()
+    dirty = c.new_entry()
+    chunks = {0: os.urandom(CHUNK), 2: os.urandom(777)}
+    for i, d in chunks.items():
+        dirty.write_chunk(i, d)
+    c.set_dirty(dirty, True)
+    dirty_state = {"v": 1, "dirty": True, "path": "/a", "size": 2 * CHUNK + 777, "meta": {"mode": 33188}}
+    dirty.save_state(dirty_state)
+    clean = c.new_entry()
+    clean.write_chunk(0, b"clean data", dirty=False)
+    clean.save_state({"v": 1, "dirty": False, "path": "/b"})
+    half = c.new_entry()
+    half.write_chunk(0, b"never journaled")          # no .meta: a half-created entry
+    # sealed with key 1, which the next ring will not hold
+    other = CacheEntryFactory(c, keys.fp(1))
+    other.write_chunk(0, b"other key data")
+    other.save_state({"v": 1, "dirty": True, "path": "/c"})
+    for e in (dirty, clean, half, other):
+        e.sync()
+    c.close()                                        # (a crash would also drop the lock)
+
+    c2 = Cache(cache_dir, keys.sealers(0), 64 * COST, keys.fp(0))
+    c2.open()
+    try:
+        entries, bad = c2.recover()
+        assert [(e.id, s) for e, s in entries] == [(dirty.id, dirty_state)]
+        e = entries[0][0]
+        assert e.dirty
+        assert sorted(e.present) == [0, 2]
+        for i, d in chunks.items():
+            assert e.read_chunk(i) == d
+        assert e.read_chunk(1) is None
+        st = c2.stats()
+        used = CHUNK + OVERHEAD + 777 + OVERHEAD
+        assert st["cache_used_bytes"] == used and st["cache_dirty_bytes"] == used
+        # clean and half-created entries are removed
+        for p in (clean.data_path, clean.meta_path, half.data_path):
+            assert not os.path.exists(p), p
+        # the entry under a key not in the ring is kept and reported
+        assert bad == [other.id]
+        assert os.path.exists(other.data_path) and os.path.exists(other.meta_path)
+    finally:
+        c2.close()
+
+    # with the key back in the ring (as an old key), that entry is recovered too
+    c3 = Cache(cache_dir, keys.sealers(0, 1), 64 * COST, keys.fp(0))
+    c3.open()
+    try:
+        entries, bad = c3.recover()
+        got = {e.id: (e, s) for e, s in entries}
+        assert bad == [] and set(got) == {dirty.id, other.id}
+        oe, ostate = got[other.id]
+        assert ostate["path"] == "/c" and oe.read_chunk(0) == b"other key data"
+    finally:
+        c3.close()
+
+
+def CacheEntryFactory(cache: Cache, key_fp: str):
+    from ssecfs.cache import CacheEntry
+    e = CacheEntry(cache, os.urandom(16).hex(), key_fp)
+    with cache._lock:
+        cache._entries[e.id] = e
+    return e
+
+
+def test_recover_torn_record_kept_and_reported(cache_dir, keys):
+    c = make_cache(cache_dir, keys)
+    e = c.new_entry()
+    e.write_chunk(0, b"data")
+    e.save_state({"dirty": True, "path": "/t"})
+    e.sync()
+    c.close()
+    with open(e.meta_path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.truncate(size - 10)                        # torn record
+    c2 = make_cache(cache_dir, keys)
+    try:
+        entries, bad = c2.recover()
+        assert entries == [] and bad == [e.id]
+        assert os.path.exists(e.meta_path) and os.path.exists(e.data_path)
+    finally:
+        c2.close()
+
+
+def test_recover_evicted_hole_is_absent(cache_dir, keys):
+    """A punched (evicted) slot reads back as absent after a restart, not as garbage."""
+    c = make_cache(cache_dir, keys, max_bytes=2 * COST)
+    e = c.new_entry()
+    for i in range(4):
+        e.write_chunk(i, os.urandom(CHUNK), dirty=False)
+    assert not e.has(0) and e.has(3)
+    e.save_state({"dirty": True})
+    e.sync()
+    c.close()
+    c2 = make_cache(cache_dir, keys)
+    try:
+        (r, _), = c2.recover()[0]
+        assert 0 not in r.present and 1 not in r.present
+        assert sorted(r.present) == [2, 3]
+        assert r.read_chunk(0) is None
+    finally:
+        c2.close()
+
+
+# ------------------------------------------------------------------------- eviction
+def test_eviction_bounds_clean_chunks(cache_dir, keys):
+    c = make_cache(cache_dir, keys, max_bytes=4 * COST)
+    try:
+        e = c.new_entry()
+        for i in range(10):
+            e.write_chunk(i, os.urandom(CHUNK), dirty=False)
+            assert c.stats()["cache_used_bytes"] <= 4 * COST
+        present = [i for i in range(10) if e.read_chunk(i) is not None]
+        assert present == [6, 7, 8, 9]                # least recently used went first
+    finally:
+        c.close()
+
+
+def test_eviction_is_lru_by_reads(cache_dir, keys):
+    c = make_cache(cache_dir, keys, max_bytes=3 * COST)
+    try:
+        e = c.new_entry()
+        for i in range(3):
+            e.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        assert e.read_chunk(0) is not None             # 0 becomes most recently used
+        e.write_chunk(3, os.urandom(CHUNK), dirty=False)
+        assert e.has(0) and not e.has(1) and e.has(2) and e.has(3)
+    finally:
+        c.close()
+
+
+def test_dirty_chunks_never_evicted(cache_dir, keys):
+    c = make_cache(cache_dir, keys, max_bytes=3 * COST)
+    try:
+        d = c.new_entry()
+        c.set_dirty(d, True)
+        data = {i: os.urandom(CHUNK) for i in range(8)}
+        for i, x in data.items():
+            d.write_chunk(i, x)
+        clean = c.new_entry()
+        for i in range(5):
+            clean.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        assert all(d.read_chunk(i) == x for i, x in data.items())
+        assert not any(clean.has(i) for i in range(5)), "clean chunks go when over the bound"
+        s = c.stats()
+        assert s["cache_dirty_bytes"] == 8 * COST and s["cache_used_bytes"] == 8 * COST
+        # once uploaded (clean), the entry becomes evictable and the bound holds again
+        c.set_dirty(d, False)
+        s = c.stats()
+        assert s["cache_dirty_bytes"] == 0 and s["cache_used_bytes"] <= 3 * COST
+    finally:
+        c.close()
+
+
+def test_set_dirty_protects_previously_clean_chunks(cache_dir, keys):
+    c = make_cache(cache_dir, keys, max_bytes=2 * COST)
+    try:
+        e = c.new_entry()
+        e.write_chunk(0, b"a" * CHUNK, dirty=False)
+        e.write_chunk(1, b"b" * CHUNK, dirty=False)
+        c.set_dirty(e, True)                           # a write began on this file
+        other = c.new_entry()
+        for i in range(4):
+            other.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        assert e.read_chunk(0) == b"a" * CHUNK and e.read_chunk(1) == b"b" * CHUNK
+    finally:
+        c.close()
+
+
+def test_drop_chunks_from_frees_accounting(cache_dir, keys):
+    c = make_cache(cache_dir, keys)
+    try:
+        e = c.new_entry()
+        c.set_dirty(e, True)
+        for i in range(4):
+            e.write_chunk(i, os.urandom(1000))
+        assert c.stats()["cache_used_bytes"] == 4 * (1000 + OVERHEAD)
+        e.drop_chunks_from(2)
+        s = c.stats()
+        assert s["cache_used_bytes"] == 2 * (1000 + OVERHEAD)
+        assert s["cache_dirty_bytes"] == 2 * (1000 + OVERHEAD)
+        assert e.read_chunk(2) is None and e.read_chunk(3) is None
+        assert e.read_chunk(1) is not None
+        assert os.path.getsize(e.data_path) <= 2 * SLOT
+        e.drop_chunks_from(0)
+        assert c.stats()["cache_used_bytes"] == 0 and c.stats()["cache_dirty_bytes"] == 0
+        # a clean entry: dropped chunks leave the LRU too (no double free on eviction)
+        f = c.new_entry()
+        for i in range(3):
+            f.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        f.drop_chunks_from(1)
+        assert c.stats()["cache_used_bytes"] == COST
+        c.max_bytes = 0
+        g = c.new_entry()
+        g.write_chunk(0, b"x", dirty=False)            # triggers eviction of everything
+        assert c.stats()["cache_used_bytes"] >= 0
+        assert c.stats()["cache_used_bytes"] == 0
+    finally:
+        c.close()
+
+
+def test_discard_removes_files_and_accounting(cache):
+    e = cache.new_entry()
+    cache.set_dirty(e, True)
+    e.write_chunk(0, os.urandom(100))
+    e.save_state({"dirty": True})
+    cache.discard(e)
+    assert not os.path.exists(e.data_path) and not os.path.exists(e.meta_path)
+    s = cache.stats()
+    assert s["cache_used_bytes"] == 0 and s["cache_dirty_bytes"] == 0 and s["cache_entries"] == 0
+
+
+def test_index_clean_lookup(cache):
+    e = cache.new_entry()
+    cache.index_clean(e, "k", "etag1")
+    assert cache.lookup_clean("k", "etag1") is e
+    assert cache.lookup_clean("k", "etag2") is None
+    f = cache.new_entry()
+    f.write_chunk(0, b"x")
+    cache.index_clean(f, "k", "etag1")                # replaces (and discards) the old one
+    assert cache.lookup_clean("k", "etag1") is f
+    cache.unindex(f)
+    assert cache.lookup_clean("k", "etag1") is None
+
+
+def test_eviction_racing_a_write_keeps_the_dirty_chunk(cache_dir, keys):
+    """Interleaving: the evictor has picked a clean chunk (and seen its entry clean), then a
+    writer makes the entry dirty and rewrites that chunk before the hole is punched. The
+    freshly written dirty data must survive (dirty data is never evicted)."""
+    c = make_cache(cache_dir, keys, max_bytes=2 * COST)
+    try:
+        e = c.new_entry()
+        e.write_chunk(0, b"o" * CHUNK, dirty=False)
+        e.write_chunk(1, b"o" * CHUNK, dirty=False)
+        real_punch = e._punch
+        new = b"n" * CHUNK
+
+        def punch_after_writer(index):
+            if index == 0 and not e.dirty:
+                c.set_dirty(e, True)                  # the writer thread runs here
+                e.write_chunk(0, new)
+            return real_punch(index)
+
+        e._punch = punch_after_writer
+        other = c.new_entry()
+        other.write_chunk(0, os.urandom(CHUNK), dirty=False)   # evicts e's chunk 0 (LRU)
+        assert e.read_chunk(0) == new, "dirty data was evicted"
+        s = c.stats()
+        assert s["cache_dirty_bytes"] == 2 * COST           # e's two chunks, now dirty
+    finally:
+        c.close()
