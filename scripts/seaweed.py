@@ -93,7 +93,6 @@ class SeaweedFS:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        import boto3
         from botocore.config import Config
         s3 = self.client(Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5))
         deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from .errors import SsecfsError
-from .store import LOCKED, OPEN, PLAINTEXT
+from .store import LOCKED, PLAINTEXT
 
 log = logging.getLogger("ssecfs.rekey")
 

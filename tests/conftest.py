@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import REPO, run_ssecfs, wait_until  # noqa: E402
+from helpers import run_ssecfs, wait_until  # noqa: E402
 from seaweed import SeaweedFS  # noqa: E402
 
 

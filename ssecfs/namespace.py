@@ -1,0 +1,320 @@
+"""Namespace operations of the filesystem: directories, unlink, rename, metadata changes,
+symlinks. A mixin of fs.Filesystem (same object, same locks: see the lock order in fs.py);
+split out only to keep modules small.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from dataclasses import replace
+
+from .errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
+                     NotFound)
+from .store import OPEN
+
+
+_now = time.time
+
+
+class NamespaceOps:
+    def _dir_exists(self, path: str) -> bool:
+        dkey = self.dir_key(path)
+        for page in self.store.list_page_iter(dkey, delimiter="/", max_keys=1):
+            return bool(page.objects or page.prefixes) or self._has_pending_under(path)
+        return False
+
+    def _remember_dir_meta(self, path: str, meta: dict | None) -> None:
+        with self._attr_lock:
+            if meta is None:
+                pfx = path.rstrip("/") + "/"
+                for p in [p for p in self._dir_meta if p == path or p.startswith(pfx)]:
+                    del self._dir_meta[p]
+            else:
+                self._dir_meta[path] = dict(meta)
+
+    # ===================================================================== directories
+    def readdir(self, path: str):
+        """Yields names; streams the listing page by page (bounded memory)."""
+        if path != "/" and not self.is_dir(path):
+            raise NotADirectory(path)
+        dkey = "" if path == "/" else self.dir_key(path)
+        dkey = self.prefix + dkey if path == "/" else dkey
+        seen_local = set()
+        pfx = "/" if path == "/" else path.rstrip("/") + "/"
+        with self._files_lock:
+            local = {p[len(pfx):] for p in self._files if p.startswith(pfx)
+                     and "/" not in p[len(pfx):]}
+        yield "."
+        yield ".."
+        for page in self.store.list_page_iter(dkey, delimiter="/"):
+            for o in page.objects:
+                name = o.key[len(dkey):]
+                if not name or "/" in name:
+                    continue            # the directory's own marker
+                seen_local.add(name)
+                yield name
+            for p in page.prefixes:
+                name = p[len(dkey):].rstrip("/")
+                if name and "/" not in name and name not in seen_local:
+                    seen_local.add(name)
+                    yield name
+        for name in sorted(local - seen_local):
+            yield name
+
+    def mkdir(self, path: str, mode: int) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            if self._exists(path):
+                raise Exists(path)
+            self._check_parent(path)
+            meta = self._default_meta(stat.S_IFDIR | (mode & 0o7777))
+            self.store.put(self.dir_key(path), b"", self._meta_headers(meta))
+            self._remember_dir_meta(path, meta)
+            self._invalidate(path)
+
+    def rmdir(self, path: str) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            attr = self.getattr(path)
+            if not stat.S_ISDIR(attr.mode):
+                raise NotADirectory(path)
+            dkey = self.dir_key(path)
+            if self._has_pending_under(path):
+                raise NotEmpty(path)
+            for page in self.store.list_page_iter(dkey, delimiter=None, max_keys=2):
+                if any(o.key != dkey for o in page.objects):
+                    raise NotEmpty(path)
+            try:
+                self.store.delete(dkey)
+            except NotFound:
+                pass
+            self._remember_dir_meta(path, None)
+            self._invalidate(path)
+
+    # ===================================================================== unlink / rename
+    def unlink(self, path: str) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            attr = self.getattr(path)
+            if stat.S_ISDIR(attr.mode):
+                raise IsADirectory(path)
+            self._drop_state(path)
+            try:
+                self.store.delete(self.key_of(path))
+            except NotFound:
+                pass
+            self._invalidate(path)
+
+    def _drop_state(self, path: str) -> None:
+        """Caller holds _ns_lock. Forget a file's local state for good (unlinked/replaced)."""
+        st = self._state(path)
+        if st is None:
+            return
+        self.wb.quiesce(st)
+        with st.lock:
+            st.deleted = True
+            st.uploaded_gen = st.generation
+            if st.entry is not None:
+                self.cache.discard(st.entry)
+                st.entry = None
+        with self._files_lock:
+            if self._files.get(path) is st:
+                del self._files[path]
+
+    def rename(self, old: str, new: str) -> None:
+        self._check_writable()
+        if old == new:
+            return
+        with self._ns_lock:
+            a = self.getattr(old)
+            if (new + "/").startswith(old.rstrip("/") + "/") and stat.S_ISDIR(a.mode):
+                raise InvalidName("cannot move a directory into itself")
+            try:
+                b = self.getattr(new)
+            except NotFound:
+                b = None
+                self._check_parent(new)
+            if stat.S_ISDIR(a.mode):
+                if b is not None:
+                    if not stat.S_ISDIR(b.mode):
+                        raise NotADirectory(new)
+                    self.rmdir(new)          # raises NotEmpty unless empty
+                self._rename_dir(old, new)
+            else:
+                if b is not None and stat.S_ISDIR(b.mode):
+                    raise IsADirectory(new)
+                self._rename_file(old, new, replacing=b is not None)
+            self._invalidate(old, new)
+
+    def _rename_file(self, old: str, new: str, replacing: bool) -> None:
+        okey, nkey = self.key_of(old), self.key_of(new)
+        if replacing:
+            self._drop_state(new)
+        st = self._state(old)
+        requeue = self.wb.quiesce(st) if st is not None else False
+        if st is None:
+            info = self.store.head(okey)
+            if info.access != OPEN:
+                raise KeyMismatch(old)
+            self.store.copy(okey, nkey, info.size, info.metadata, info.key_fp)
+            self.store.delete(okey)
+            return
+        with st.lock:
+            st.meta["ctime"] = _now()
+            remote = st.remote
+            if remote is not None and remote.key == okey:
+                meta = self._meta_headers(st.meta)
+                info = self.store.copy(okey, nkey, remote.size, meta, remote.key_fp)
+                st.remote = replace(remote, key=nkey, etag=info.etag, key_fp=info.key_fp)
+                self.store.delete(okey)
+            with self._files_lock:
+                if self._files.get(old) is st:
+                    del self._files[old]
+                self._files[new] = st
+            st.path, st.key = new, nkey
+            if st.entry is not None and not st.dirty and st.remote is not None:
+                self.cache.index_clean(st.entry, nkey, st.remote.etag)
+            dirty = st.dirty
+            if dirty and st.entry is not None:
+                st.entry.save_state(st.journal())
+        if dirty or requeue:
+            self.wb.schedule(st, 0 if requeue else None)
+
+    def _rename_dir(self, old: str, new: str) -> None:
+        okey, nkey = self.dir_key(old), self.dir_key(new)
+        opfx, npfx = old.rstrip("/") + "/", new.rstrip("/") + "/"
+        with self._files_lock:
+            local = [p for p in self._files if p.startswith(opfx)]
+        for p in local:
+            st = self._state(p)
+            if st is not None:
+                self.wb.quiesce(st)
+        # Copy every object under the prefix (in parallel), then delete the old ones.
+        objs = []
+        futs = []
+        for page in self.store.list_page_iter(okey, delimiter=None):
+            for o in page.objects:
+                objs.append(o.key)
+                futs.append(self._copy_pool.submit(self._move_copy, o.key, nkey + o.key[len(okey):]))
+                if len(futs) >= 1000:
+                    self._drain(futs)
+        self._drain(futs)
+        if okey not in objs:
+            # no marker: make one so an empty directory survives the move
+            self.store.put(nkey, b"", self._meta_headers(self._default_meta(stat.S_IFDIR | 0o755)))
+        for i in range(0, len(objs), 1000):
+            self.store.delete_many(objs[i:i + 1000])
+        for p in local:
+            st = self._state(p)
+            if st is None:
+                continue
+            np_ = npfx + p[len(opfx):]
+            with st.lock:
+                with self._files_lock:
+                    del self._files[p]
+                    self._files[np_] = st
+                st.path, st.key = np_, self.key_of(np_)
+                if st.remote is not None and st.remote.key.startswith(okey):
+                    st.remote = replace(st.remote, key=nkey + st.remote.key[len(okey):])
+                    st.readahead.clear()
+                dirty = st.dirty
+                if dirty and st.entry is not None:
+                    st.entry.save_state(st.journal())
+            if dirty:
+                self.wb.schedule(st, 0)
+        with self._attr_lock:
+            self._attrs.clear()
+            moved = {npfx + p[len(opfx):]: m for p, m in self._dir_meta.items() if p.startswith(opfx)}
+            if old in self._dir_meta:
+                moved[new] = self._dir_meta[old]
+        self._remember_dir_meta(old, None)
+        with self._attr_lock:
+            self._dir_meta.update(moved)
+
+    @staticmethod
+    def _drain(futs: list) -> None:
+        try:
+            for f in futs:
+                f.result()
+        finally:
+            futs.clear()
+
+    def _move_copy(self, src: str, dst: str) -> None:
+        if src.endswith("/"):
+            info = self.store.head(src)
+            self.store.put(dst, b"", info.metadata)
+            return
+        info = self.store.head(src)
+        if info.access != OPEN:
+            raise KeyMismatch(src)
+        self.store.copy(src, dst, info.size, info.metadata, info.key_fp)
+
+    # ===================================================================== metadata changes
+    def _change_meta(self, path: str, **changes) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            st = self._state(path)
+            if st is not None:
+                with st.lock:
+                    st.meta.update(changes)
+                    self._begin_change(st, data=False)
+                self._persist_and_schedule(st)
+                return
+            attr = self.getattr(path)
+            if stat.S_ISDIR(attr.mode):
+                meta = {"mode": attr.mode, "uid": attr.uid, "gid": attr.gid,
+                        "mtime": attr.mtime, "ctime": _now(), **changes}
+                self.store.put(self.dir_key(path), b"", self._meta_headers(meta))
+                self._remember_dir_meta(path, meta)
+            else:
+                key = self.key_of(path)
+                info = self.store.head(key)
+                if info.access != OPEN:
+                    raise KeyMismatch(path)
+                meta = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)
+                meta.update(changes)
+                meta.setdefault("ctime", _now())
+                self.store.copy(key, key, info.size, self._meta_headers(meta), info.key_fp)
+            self._invalidate(path)
+
+    def chmod(self, path: str, mode: int) -> None:
+        attr = self.getattr(path)
+        self._change_meta(path, mode=stat.S_IFMT(attr.mode) | (mode & 0o7777), ctime=_now())
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        attr = self.getattr(path)
+        ch = {"ctime": _now()}
+        if uid != -1 and uid != 0xFFFFFFFF:
+            ch["uid"] = uid
+        if gid != -1 and gid != 0xFFFFFFFF:
+            ch["gid"] = gid
+        if len(ch) > 1 and (ch.get("uid", attr.uid), ch.get("gid", attr.gid)) != (attr.uid, attr.gid):
+            self._change_meta(path, **ch)
+
+    def utimens(self, path: str, atime: float, mtime: float) -> None:
+        self._change_meta(path, mtime=mtime, ctime=_now())
+
+    # ===================================================================== symlinks
+    def symlink(self, path: str, target: str, uid: int | None = None, gid: int | None = None) -> None:
+        self._check_writable()
+        with self._ns_lock:
+            if self._exists(path):
+                raise Exists(path)
+            self._check_parent(path)
+            meta = self._default_meta(stat.S_IFLNK | 0o777)
+            if uid is not None:
+                meta["uid"], meta["gid"] = uid, gid
+            self.store.put(self.key_of(path), target.encode("utf-8", "surrogateescape"),
+                           self._meta_headers(meta))
+            self._invalidate(path)
+
+    def readlink(self, path: str) -> str:
+        attr = self.getattr(path)
+        if not stat.S_ISLNK(attr.mode):
+            raise InvalidName(f"{path} is not a symlink")
+        key = self.key_of(path)
+        info = self.store.head(key)
+        if info.access != OPEN:
+            raise KeyMismatch(path)
+        return self.store.get_range(key, 0, info.size, info.key_fp).decode("utf-8", "surrogateescape")
