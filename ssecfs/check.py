@@ -43,7 +43,8 @@ def run_checks(store, prefix: str, sample: int = 20):
         store.put(probe, b"ssecfs check probe\n", {})
     except PermissionDenied as e:
         msg = str(e)
-        yield FAIL, ("SSE-C: " + SSEC_BLOCKED_HINT) if "blocks SSE-C" in msg else f"SSE-C probe write: {msg}"
+        blocked = "blocks SSE-C" in msg or store.ssec_blocked()
+        yield FAIL, ("SSE-C: " + SSEC_BLOCKED_HINT) if blocked else f"SSE-C probe write: {msg}"
         return
     except SsecfsError as e:
         yield FAIL, f"SSE-C probe write: {e}"

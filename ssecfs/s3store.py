@@ -436,7 +436,9 @@ class S3Store:
             raise UserError(f"endpoint {self.endpoint_url or 'AWS'} does not apply SSE-C "
                             "(no key echo on PUT): refusing to mount", EXIT_SECURITY) from None
         except PermissionDenied as e:
-            raise UserError(str(e), EXIT_STORE) from None
+            if self.ssec_blocked():
+                raise UserError(f"bucket {self.bucket!r}: {SSEC_BLOCKED_HINT}", EXIT_STORE) from None
+            raise UserError(f"cannot write to bucket {self.bucket!r}: {e}", EXIT_STORE) from None
         except (StoreError, StoreUnavailable) as e:
             raise UserError(f"cannot write to bucket {self.bucket!r}: {e}", EXIT_STORE) from None
         try:
@@ -458,6 +460,19 @@ class S3Store:
                 log.warning("could not delete probe object %r", probe_key)
 
     # -- diagnostics (ssecfs check, rekey) ------------------------------------------------------
+    def ssec_blocked(self) -> bool:
+        """True if the bucket's default encryption blocks SSE-C writes (AWS, since April 2026
+        the default for new buckets: such writes get 403 AccessDenied)."""
+        try:
+            resp = self.client.get_bucket_encryption(Bucket=self.bucket)
+        except Exception:  # noqa: BLE001 - not allowed to read it, or not supported
+            return False
+        for rule in resp.get("ServerSideEncryptionConfiguration", {}).get("Rules", []):
+            blocked = (rule.get("BlockedEncryptionTypes") or {}).get("EncryptionType") or []
+            if "SSE-C" in blocked:
+                return True
+        return False
+
     def head_with(self, key: str, k: Key | None) -> tuple[str, ObjectInfo | None]:
         """HEAD with one given key (None: no SSE-C headers). Returns (verdict, info):
         verdict is 'open', 'denied' (403), 'bad-request' (400) or 'plaintext'."""
