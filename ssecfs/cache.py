@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 from .crypto import OVERHEAD, Sealer, chunk_aad, record_aad
 from .errors import IntegrityError, NoSpace, UserError
@@ -45,6 +46,8 @@ CHUNK = 128 * 1024
 HEADER = struct.Struct(">4sI")
 MAGIC = b"SSC1"
 SLOT = HEADER.size + CHUNK + OVERHEAD
+SEALER_THREADS = 2
+MAX_PENDING = 256                    # chunks (32 MiB) of plaintext waiting to be sealed
 VERSION_TEXT = "ssecfs-cache 1\n"
 EXIT_CACHE = 6
 
@@ -78,6 +81,11 @@ class CacheEntry:
         self.dirty = False
         self.object_key: tuple | None = None  # (key, etag) while clean and indexed
         self._fd: int | None = None
+        self.pending: dict[int, bytes] = {}   # chunks not yet sealed to disk (plaintext, RAM)
+        self._queued: set[int] = set()        # chunks with a seal job queued
+        self._drained = threading.Condition(self.io_lock)
+        self.error: Exception | None = None   # a failed background write (ENOSPC...)
+        self.discarded = False
 
     def __repr__(self) -> str:
         return f"CacheEntry({self.id[:8]}, {len(self.present)} chunks, dirty={self.dirty})"
@@ -104,9 +112,14 @@ class CacheEntry:
         with self.io_lock:
             if index not in self.present:
                 return None
+            data = self.pending.get(index)
+            if data is not None:
+                return data
             raw = os.pread(self._fdl(), SLOT, index * SLOT)
-        magic, length = HEADER.unpack_from(raw)
+        magic, length = HEADER.unpack_from(raw) if len(raw) >= HEADER.size else (b"", 0)
         if magic != MAGIC or length > CHUNK:
+            log.error("cache entry %s chunk %d: bad slot header (corrupt or torn); not served",
+                      self.id[:8], index)
             raise IntegrityError(f"cache entry {self.id[:8]} chunk {index}: bad slot header")
         blob = raw[HEADER.size:HEADER.size + length + OVERHEAD]
         try:
@@ -119,35 +132,83 @@ class CacheEntry:
         return data
 
     def write_chunk(self, index: int, data: bytes, dirty: bool = True) -> None:
+        """Store a chunk. The plaintext is kept in memory (`pending`) and sealed and written
+        by the cache's sealer threads, so the caller (a FUSE write) does not wait for the
+        cipher or the disk; sync() waits for them. At most MAX_PENDING chunks wait in memory
+        (writers block beyond that)."""
         length = len(data)
         assert 0 < length <= CHUNK
-        blob = self.sealer.seal(data, chunk_aad(self.bid, index, length))
-        slot = HEADER.pack(MAGIC, length) + blob
+        if self.error is not None:
+            raise self.error
         with self.io_lock:
             old = self.present.get(index)
+            self.present[index] = length
+            self.pending[index] = data
+            queue = index not in self._queued
+            if queue:
+                self._queued.add(index)
+        if queue:
+            self.cache._submit_seal(self, index)
+        self.cache._account(self, index, (length + OVERHEAD) - ((old + OVERHEAD) if old else 0),
+                            clean=not dirty and not self.dirty)
+
+    def _seal_one(self, index: int) -> None:
+        """Sealer thread: seal and write the pending plaintext of one chunk. Only the latest
+        data of a chunk is written (identity check under io_lock), so a stale seal never
+        overwrites newer data, and a dropped (truncated/evicted/discarded) chunk is skipped."""
+        with self.io_lock:
+            data = self.pending.get(index)
+            self._queued.discard(index)
+        if data is None:
+            return
+        length = len(data)
+        slot = HEADER.pack(MAGIC, length) + self.sealer.seal(data, chunk_aad(self.bid, index, length))
+        with self.io_lock:
+            if self.pending.get(index) is not data:
+                return
             try:
                 os.pwrite(self._fdl(), slot, index * SLOT)
             except OSError as e:
-                raise _oserror_to_domain(e) from None
-            self.present[index] = length
-        self.cache._account(self, index, (length + OVERHEAD) - ((old + OVERHEAD) if old else 0),
-                            clean=not dirty and not self.dirty)
+                self.error = _oserror_to_domain(e)
+                log.error("cache entry %s: writing chunk %d failed: %s", self.id[:8], index, e)
+                self._drained.notify_all()
+                return
+            del self.pending[index]
+            if not self.pending:
+                self._drained.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every pending chunk is sealed and written; raise a write error."""
+        with self.io_lock:
+            while self.pending and self.error is None:
+                self._drained.wait(timeout=1.0)
+            if self.error is not None:
+                raise self.error
 
     def drop_chunks_from(self, first: int) -> None:
         """Forget chunks >= first (truncate)."""
         with self.io_lock:
             gone = [i for i in self.present if i >= first]
             freed = sum(self.present.pop(i) + OVERHEAD for i in gone)
+            for i in gone:
+                self.pending.pop(i, None)
+            if not self.pending:
+                self._drained.notify_all()
             if self._fd is not None or os.path.exists(self.data_path):
                 os.ftruncate(self._fdl(), first * SLOT)
         self.cache._forget(self, gone, freed)
 
     def sync(self) -> None:
+        self.drain()
         with self.io_lock:
             if self._fd is not None:
                 os.fdatasync(self._fd)
 
     def close_fd(self) -> None:
+        try:
+            self.drain()
+        except Exception:  # noqa: BLE001 - the error was reported to the writer already
+            pass
         with self.io_lock:
             if self._fd is not None:
                 os.close(self._fd)
@@ -156,9 +217,15 @@ class CacheEntry:
     def _punch(self, index: int) -> int:
         """Evict one clean chunk; returns bytes freed (0 if it was not there)."""
         with self.io_lock:
+            if self.dirty:
+                return 0          # became dirty since the evictor picked it: never evict
             length = self.present.pop(index, None)
             if length is None:
                 return 0
+            if self.pending.pop(index, None) is not None:
+                if not self.pending:
+                    self._drained.notify_all()
+                return length + OVERHEAD
             fd = self._fdl()
             if not _punch_hole(fd, index * SLOT, SLOT):
                 os.pwrite(fd, b"\0" * HEADER.size, index * SLOT)
@@ -223,6 +290,8 @@ class Cache:
         self._entries: dict[str, CacheEntry] = {}
         self._by_object: dict[tuple, CacheEntry] = {}
         self._lock_fd: int | None = None
+        self._sealers = ThreadPoolExecutor(max_workers=SEALER_THREADS, thread_name_prefix="seal")
+        self._pending_slots = threading.BoundedSemaphore(MAX_PENDING)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def open(self) -> None:
@@ -250,7 +319,18 @@ class Cache:
             raise UserError(f"cache dir {self.dir} is in use by another ssecfs daemon",
                             EXIT_CACHE) from None
 
+    def _submit_seal(self, e: CacheEntry, index: int) -> None:
+        self._pending_slots.acquire()           # backpressure: bounded plaintext in memory
+
+        def job():
+            try:
+                e._seal_one(index)
+            finally:
+                self._pending_slots.release()
+        self._sealers.submit(job)
+
     def close(self) -> None:
+        self._sealers.shutdown(wait=True)
         for e in list(self._entries.values()):
             e.close_fd()
         if self._lock_fd is not None:
@@ -361,9 +441,12 @@ class Cache:
             for i in e.present:
                 self._lru.pop((e.id, i), None)
             self._lock.notify_all()
-        e.close_fd()
         with e.io_lock:
+            e.pending.clear()
             e.present.clear()
+            e.discarded = True
+            e._drained.notify_all()
+        e.close_fd()
         self._remove_files(e)
 
     # -- accounting and eviction --------------------------------------------------------------
