@@ -488,18 +488,19 @@ class Cache:
             with self._lock:
                 self._used -= freed
 
-    def wait_for_room(self, nbytes: int, owner: CacheEntry, deadline: float | None = None) -> None:
-        """Backpressure: block a writer while dirty data exceeds the bound and other entries'
-        uploads can free room. A single file larger than the cache is let through (it cannot
-        be uploaded before it is closed), so the bound may be exceeded by one open file."""
+    def wait_for_room(self, nbytes: int, owner: CacheEntry, progress=lambda: True,
+                      deadline: float | None = None) -> None:
+        """Backpressure: block a writer while dirty data exceeds the bound and uploads in
+        progress (`progress()` true: files queued or uploading) can free room. Dirty data that
+        cannot be uploaded yet (files still open, never closed) does not block anyone, so the
+        bound may be exceeded by open files being written."""
         with self._lock:
             while self._dirty_bytes + nbytes > self.max_bytes:
-                own = sum(ln + OVERHEAD for ln in owner.present.values()) if owner.dirty else 0
-                if self._dirty_bytes - own <= 0:
+                if not progress():
                     return
                 if deadline is not None and time.monotonic() > deadline:
                     return
-                self._lock.wait(timeout=1.0)
+                self._lock.wait(timeout=0.5)
 
     def stats(self) -> dict:
         with self._lock:

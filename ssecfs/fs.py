@@ -389,11 +389,21 @@ class Filesystem(NamespaceOps):
                     return data
                 if st.remote is None or i * CHUNK >= st.remote_valid:
                     return b""
+                remote = st.remote
                 if sequential:
                     fut = self._fetch_async(st, i * CHUNK // READ_UNIT * READ_UNIT, READ_UNIT)
                 else:
                     fut = self._fetch_async(st, i * CHUNK, CHUNK)
-            fut.result()
+            fetched = fut.result()
+            with st.lock:
+                data = st.entry.read_chunk(i) if st.entry is not None else None
+                if data is not None:
+                    return data
+                # The cache may have evicted it already (a cache smaller than the read-ahead):
+                # the fetched bytes are still good while the file's remote is unchanged.
+                if fetched and i in fetched and st.remote is remote:
+                    limit = min(st.remote_valid, st.size) - i * CHUNK
+                    return fetched[i][:max(0, limit)]
         raise Stale(f"{st.path}: chunk {i} could not be loaded")
 
     def _fetch_async(self, st: FileState, start: int, length: int) -> Future:
@@ -404,27 +414,32 @@ class Filesystem(NamespaceOps):
             st.readahead[start] = fut
         return fut
 
-    def _fetch(self, st: FileState, start: int, length: int, remote: Remote) -> None:
+    def _fetch(self, st: FileState, start: int, length: int, remote: Remote) -> dict:
+        """Range GET; stores the chunks in the cache and returns {chunk index: bytes}."""
         try:
             with st.lock:
                 valid = st.remote_valid if st.remote is remote else 0
             length = min(length, valid - start)
             if length <= 0:
-                return
+                return {}
             data = self.store.get_range(remote.key, start, length, remote.key_fp, remote.etag)
             if len(data) != length:
                 raise Stale(f"{st.path}: short read from the store")
+            got = {}
             with st.lock:
                 if st.remote is not remote or st.deleted:
-                    return
+                    return {}
                 entry = self._ensure_entry(st)
                 limit = min(st.remote_valid, st.size)
                 for off in range(0, len(data), CHUNK):
                     i = (start + off) // CHUNK
-                    if entry.has(i) or start + off >= limit:
-                        continue
+                    if start + off >= limit:
+                        break
                     piece = data[off:off + min(CHUNK, limit - start - off)]
-                    entry.write_chunk(i, piece, dirty=False)
+                    got[i] = piece
+                    if not entry.has(i):
+                        entry.write_chunk(i, piece, dirty=False)
+            return got
         finally:
             with st.lock:
                 f = st.readahead.get(start)
@@ -436,7 +451,9 @@ class Filesystem(NamespaceOps):
             if st.remote is None or st.entry is None:
                 return
             u0 = pos // READ_UNIT
-            for u in range(u0, u0 + READAHEAD_UNITS + 1):
+            # never read further ahead than a quarter of the cache can hold
+            units = max(0, min(READAHEAD_UNITS, self.cache.max_bytes // 4 // READ_UNIT))
+            for u in range(u0, u0 + units + 1):
                 start = u * READ_UNIT
                 if start >= st.remote_valid:
                     break
@@ -451,7 +468,7 @@ class Filesystem(NamespaceOps):
         if st.deleted:
             return len(data)
         entry = self._ensure_entry(st)
-        self.cache.wait_for_room(len(data), entry)
+        self.cache.wait_for_room(len(data), entry, progress=lambda: self.wb.pending() > 0)
         end = offset + len(data)
         with st.lock:
             self._begin_change(st, data=True)

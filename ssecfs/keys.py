@@ -156,17 +156,17 @@ def parse_keyfile_bytes(data: bytes, source: str) -> KeyRing:
         raise UserError(f"{source}: key file is empty", EXIT_KEYFILE)
     if len(data) == KEY_LEN and not _looks_like_text_keys(data):
         return KeyRing([Key(bytes(data))], source)
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise UserError(
-            f"{source}: neither a raw 32-byte key ({len(data)} bytes) nor base64 text keys",
-            EXIT_KEYFILE)
     keys = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+    for lineno, bline in enumerate(data.splitlines(), 1):
+        bline = bline.strip()
+        if not bline or bline.startswith(b"#"):
             continue
+        try:
+            line = bline.decode("ascii")
+        except UnicodeDecodeError:
+            raise UserError(
+                f"{source}: line {lineno}: neither base64 text nor a raw 32-byte key file "
+                f"({len(data)} bytes)", EXIT_KEYFILE) from None
         try:
             raw = base64.b64decode(line, validate=True)
         except (binascii.Error, ValueError):
@@ -182,11 +182,7 @@ def parse_keyfile_bytes(data: bytes, source: str) -> KeyRing:
 def _looks_like_text_keys(data: bytes) -> bool:
     # A 32-byte file could in theory be text; 44-char base64 keys are longer, so a 32-byte
     # file is text only if it is a comment/blank-only file.
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        return False
-    return all(not ln.strip() or ln.strip().startswith("#") for ln in text.splitlines())
+    return all(not ln.strip() or ln.strip().startswith(b"#") for ln in data.splitlines())
 
 
 def load_keyring(path: str, check_permissions: bool = True) -> KeyRing:

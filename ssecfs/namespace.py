@@ -152,7 +152,6 @@ class NamespaceOps:
         if replacing:
             self._drop_state(new)
         st = self._state(old)
-        requeue = self.wb.quiesce(st) if st is not None else False
         if st is None:
             info = self.store.head(okey)
             if info.access != OPEN:
@@ -160,69 +159,46 @@ class NamespaceOps:
             self.store.copy(okey, nkey, info.size, info.metadata, info.key_fp)
             self.store.delete(okey)
             return
-        with st.lock:
-            st.meta["ctime"] = _now()
-            remote = st.remote
-            if remote is not None and remote.key == okey:
-                meta = self._meta_headers(st.meta)
-                info = self.store.copy(okey, nkey, remote.size, meta, remote.key_fp)
-                st.remote = replace(remote, key=nkey, etag=info.etag, key_fp=info.key_fp)
-                self.store.delete(okey)
-            with self._files_lock:
-                if self._files.get(old) is st:
-                    del self._files[old]
-                self._files[new] = st
-            st.path, st.key = new, nkey
-            if st.entry is not None and not st.dirty and st.remote is not None:
-                self.cache.index_clean(st.entry, nkey, st.remote.etag)
-            dirty = st.dirty
-            if dirty and st.entry is not None:
-                st.entry.save_state(st.journal())
-        if dirty or requeue:
-            self.wb.schedule(st, 0 if requeue else None)
+        requeue = self.wb.quiesce(st)
+        try:
+            with st.lock:
+                st.meta["ctime"] = _now()
+                remote = st.remote
+                if remote is not None and remote.key == okey:
+                    meta = self._meta_headers(st.meta)
+                    info = self.store.copy(okey, nkey, remote.size, meta, remote.key_fp)
+                    st.remote = replace(remote, key=nkey, etag=info.etag, key_fp=info.key_fp)
+                    st.readahead.clear()
+                    self.store.delete(okey)
+                with self._files_lock:
+                    if self._files.get(old) is st:
+                        del self._files[old]
+                    self._files[new] = st
+                st.path, st.key = new, nkey
+                if st.entry is not None and not st.dirty and st.remote is not None:
+                    self.cache.index_clean(st.entry, nkey, st.remote.etag)
+                if st.dirty and st.entry is not None:
+                    st.entry.save_state(st.journal())
+        finally:
+            # whatever happened, a dirty file goes back in the upload queue
+            if st.dirty or requeue:
+                self.wb.schedule(st, 0 if requeue else None)
 
     def _rename_dir(self, old: str, new: str) -> None:
         okey, nkey = self.dir_key(old), self.dir_key(new)
         opfx, npfx = old.rstrip("/") + "/", new.rstrip("/") + "/"
         with self._files_lock:
-            local = [p for p in self._files if p.startswith(opfx)]
-        for p in local:
-            st = self._state(p)
-            if st is not None:
-                self.wb.quiesce(st)
-        # Copy every object under the prefix (in parallel), then delete the old ones.
-        objs = []
-        futs = []
-        for page in self.store.list_page_iter(okey, delimiter=None):
-            for o in page.objects:
-                objs.append(o.key)
-                futs.append(self._copy_pool.submit(self._move_copy, o.key, nkey + o.key[len(okey):]))
-                if len(futs) >= 1000:
-                    self._drain(futs)
-        self._drain(futs)
-        if okey not in objs:
-            # no marker: make one so an empty directory survives the move
-            self.store.put(nkey, b"", self._meta_headers(self._default_meta(stat.S_IFDIR | 0o755)))
-        for i in range(0, len(objs), 1000):
-            self.store.delete_many(objs[i:i + 1000])
-        for p in local:
-            st = self._state(p)
-            if st is None:
-                continue
-            np_ = npfx + p[len(opfx):]
-            with st.lock:
-                with self._files_lock:
-                    del self._files[p]
-                    self._files[np_] = st
-                st.path, st.key = np_, self.key_of(np_)
-                if st.remote is not None and st.remote.key.startswith(okey):
-                    st.remote = replace(st.remote, key=nkey + st.remote.key[len(okey):])
-                    st.readahead.clear()
-                dirty = st.dirty
-                if dirty and st.entry is not None:
-                    st.entry.save_state(st.journal())
-            if dirty:
-                self.wb.schedule(st, 0)
+            local = [st for p, st in self._files.items() if p.startswith(opfx)]
+        for st in local:
+            self.wb.quiesce(st)
+        try:
+            copied = self._copy_tree(okey, nkey)
+            for st in local:
+                self._move_state(st, opfx, npfx, okey, nkey, copied)
+        finally:
+            for st in local:
+                if st.dirty and not st.deleted:
+                    self.wb.schedule(st, 0)
         with self._attr_lock:
             self._attrs.clear()
             moved = {npfx + p[len(opfx):]: m for p, m in self._dir_meta.items() if p.startswith(opfx)}
@@ -232,23 +208,62 @@ class NamespaceOps:
         with self._attr_lock:
             self._dir_meta.update(moved)
 
+    def _copy_tree(self, okey: str, nkey: str) -> dict:
+        """Copy every object under okey to nkey (in parallel), then delete the old ones.
+        Returns {old key: ObjectInfo of the copy}."""
+        objs: list[str] = []
+        futs: dict = {}
+        copied: dict = {}
+        for page in self.store.list_page_iter(okey, delimiter=None):
+            for o in page.objects:
+                objs.append(o.key)
+                futs[o.key] = self._copy_pool.submit(self._move_copy, o.key,
+                                                     nkey + o.key[len(okey):])
+                if len(futs) >= 1000:
+                    self._drain(futs, copied)
+        self._drain(futs, copied)
+        if okey not in copied:
+            # no marker: make one so an empty directory survives the move
+            self.store.put(nkey, b"", self._meta_headers(self._default_meta(stat.S_IFDIR | 0o755)))
+        for i in range(0, len(objs), 1000):
+            self.store.delete_many(objs[i:i + 1000])
+        return copied
+
+    def _move_state(self, st, opfx: str, npfx: str, okey: str, nkey: str, copied: dict) -> None:
+        with st.lock:
+            p = st.path
+            np_ = npfx + p[len(opfx):]
+            with self._files_lock:
+                if self._files.get(p) is st:
+                    del self._files[p]
+                self._files[np_] = st
+            st.path, st.key = np_, self.key_of(np_)
+            r = st.remote
+            if r is not None and r.key.startswith(okey):
+                info = copied.get(r.key)
+                if info is not None:
+                    st.remote = replace(r, key=info.key, etag=info.etag, key_fp=info.key_fp)
+                else:          # its object was not there any more: nothing to fetch from
+                    st.remote, st.remote_valid = None, 0
+                st.readahead.clear()
+            if st.dirty and st.entry is not None:
+                st.entry.save_state(st.journal())
+
     @staticmethod
-    def _drain(futs: list) -> None:
+    def _drain(futs: dict, results: dict) -> None:
         try:
-            for f in futs:
-                f.result()
+            for k, f in futs.items():
+                results[k] = f.result()
         finally:
             futs.clear()
 
-    def _move_copy(self, src: str, dst: str) -> None:
-        if src.endswith("/"):
-            info = self.store.head(src)
-            self.store.put(dst, b"", info.metadata)
-            return
+    def _move_copy(self, src: str, dst: str):
         info = self.store.head(src)
+        if src.endswith("/") and info.size == 0:
+            return self.store.put(dst, b"", info.metadata)
         if info.access != OPEN:
             raise KeyMismatch(src)
-        self.store.copy(src, dst, info.size, info.metadata, info.key_fp)
+        return self.store.copy(src, dst, info.size, info.metadata, info.key_fp)
 
     # ===================================================================== metadata changes
     def _change_meta(self, path: str, **changes) -> None:

@@ -197,12 +197,12 @@ class S3Store:
             try:
                 resp = self.client.head_object(Bucket=self.bucket, Key=key, **k.sse_params())
             except Exception as e:  # noqa: BLE001
+                if isinstance(e, botocore.exceptions.ClientError) and _code(e)[1] == 400:
+                    return self._head_plain(key)      # AWS: SSE-C headers on a plaintext object
                 err = self._translate(e, "HeadObject", key)
                 if isinstance(err, PermissionDenied):
                     last_denied = err
                     continue
-                if isinstance(err, StoreError) and "400" in str(err):
-                    return self._head_plain(key)      # AWS: SSE-C headers on a plaintext object
                 raise err from None
             if not _echo_fps(resp.get("SSECustomerKeyMD5")):
                 return self._info(key, resp, PLAINTEXT, None)

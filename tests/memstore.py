@@ -180,11 +180,13 @@ class MemStore:
         return self._store(key, b"".join(parts), metadata)
 
     def copy(self, src: str, dst: str, size: int, metadata: dict,
-             src_key_fp: str | None) -> ObjectInfo:
+             src_key_fp: str | None, src_etag: str | None = None) -> ObjectInfo:
         self._enter("copy", dst, src)
         sk = self._key_for(src_key_fp)
         with self._lock:
             obj = self._get(src, "CopyObject")
+            if src_etag is not None and src_etag != obj.etag:
+                raise Stale(f"CopyObject {src!r}: source changed (CopySourceIfMatch)")
             if obj.key_fp is None:
                 # AWS answers 400 to copy-source SSE-C headers on a plaintext source.
                 raise StoreError(f"CopyObject {src!r}: 400 (source is not SSE-C)")

@@ -1,0 +1,902 @@
+"""Filesystem semantics (ssecfs.fs.Filesystem) without a kernel: over the SSE-C-enforcing
+in-memory store (tests/memstore.py) and a real encrypted cache in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from helpers import REPO
+from memstore import MemStore
+from ssecfs.cache import CHUNK, Cache
+from ssecfs.config import FsConfig
+from ssecfs.crypto import Sealer
+from ssecfs.errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory,
+                           NotEmpty, NotFound, NotSupported, ReadOnly, StoreUnavailable,
+                           TimedOut)
+from ssecfs.fs import Filesystem
+from ssecfs.keys import Key, KeyRing
+
+REG = stat.S_IFREG
+DIR = stat.S_IFDIR
+WRITE_OPS = ("put", "upload", "copy")
+
+
+# ------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def ring():
+    return KeyRing([Key(os.urandom(32))])
+
+
+@pytest.fixture
+def store(ring):
+    return MemStore(ring)
+
+
+def open_cache(directory, ring, max_bytes=1 << 30) -> Cache:
+    c = Cache(str(directory), {k.fingerprint: Sealer(k.cache_key()) for k in ring.keys},
+              max_bytes, ring.current.fingerprint)
+    c.open()
+    return c
+
+
+@pytest.fixture
+def make_fs(tmp_path, ring, store):
+    made = []
+
+    def make(cache_dir=None, st=None, max_bytes=1 << 30, **cfg) -> Filesystem:
+        cfg.setdefault("writeback_delay", 0)
+        st = st or store
+        cache = open_cache(cache_dir or tmp_path / f"cache{len(made)}", st.ring, max_bytes)
+        fs = Filesystem(st, cache, FsConfig(**cfg))
+        made.append(fs)
+        return fs
+
+    yield make
+    for fs in made:
+        fs.shutdown()
+        fs.cache.close()
+
+
+@pytest.fixture
+def fs(make_fs):
+    return make_fs()
+
+
+def settle(fs: Filesystem, timeout: float = 10) -> None:
+    """Wait until every dirty file is durable and no upload runs."""
+    ok = fs.wb.wait(lambda: not fs.dirty_files() and fs.wb.in_flight() == 0, timeout=timeout)
+    assert ok, f"uploads not done: {fs.status()}"
+
+
+def write_file(fs: Filesystem, path: str, data: bytes, mode: int = 0o644) -> None:
+    fh = fs.create(path, mode)
+    for off in range(0, len(data), 128 * 1024):          # the pieces FUSE hands us
+        assert fs.write(fh, data[off:off + 128 * 1024], off) == len(data[off:off + 128 * 1024])
+    fs.flush(fh)
+    fs.release(fh)
+
+
+def read_all(fs: Filesystem, path: str, piece: int = 128 * 1024) -> bytes:
+    fh = fs.open(path, os.O_RDONLY)
+    try:
+        size = fs.getattr(path).size
+        out = bytearray()
+        while len(out) < size:
+            got = fs.read(fh, piece, len(out))
+            assert got, "short read"
+            out += got
+        assert fs.read(fh, piece, len(out)) == b""
+        return bytes(out)
+    finally:
+        fs.release(fh)
+
+
+def remote_file(store: MemStore, key: str, data: bytes, mode: int = REG | 0o644) -> None:
+    """An object written by another client with the ring's current key."""
+    store.put(key, data, {"mode": str(mode), "uid": "0", "gid": "0",
+                          "mtime": "1700000000", "ctime": "1700000000"})
+
+
+def written_keys(store: MemStore) -> set[str]:
+    return {k for op, k in store.log if op in WRITE_OPS}
+
+
+class Gate:
+    """Blocks a store operation until released; tells when it started."""
+
+    def __init__(self, store: MemStore, op: str, key: str):
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.key = key
+        prev = store.before.get(op)
+
+        def hook(k, *args):
+            if prev:
+                prev(k, *args)
+            if k == self.key:
+                self.started.set()
+                assert self.release.wait(20), "gate never released"
+        store.before[op] = hook
+
+
+def in_thread(fn, *args):
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001
+            result["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
+
+
+# ------------------------------------------------------------------------- write / read
+def test_create_write_read_upload(fs, store, ring):
+    data = os.urandom(3 * CHUNK + 12345)
+    fh = fs.create("/f.bin", 0o640)
+    for off in range(0, len(data), 100_000):             # pieces not aligned to chunks
+        fs.write(fh, data[off:off + 100_000], off)
+    assert fs.getattr("/f.bin").size == len(data)
+    assert fs.read(fh, len(data) + 10, 0) == data
+    assert fs.read(fh, 50, CHUNK - 25) == data[CHUNK - 25:CHUNK + 25]
+    fs.flush(fh)
+    fs.release(fh)
+    settle(fs)
+    assert store.data("f.bin") == data
+    assert store.key_fp_of("f.bin") == ring.current.fingerprint
+    md = store.meta("f.bin")
+    assert int(md["mode"]) == REG | 0o640
+    assert int(md["uid"]) == os.getuid() and int(md["gid"]) == os.getgid()
+    assert abs(float(md["mtime"]) - time.time()) < 60 and "ctime" in md
+    assert read_all(fs, "/f.bin") == data
+    a = fs.getattr("/f.bin")
+    assert stat.S_ISREG(a.mode) and stat.S_IMODE(a.mode) == 0o640 and a.size == len(data)
+
+
+def test_empty_file(fs, store):
+    fh = fs.create("/empty", 0o644)
+    fs.release(fh)
+    settle(fs)
+    assert store.data("empty") == b""
+    assert fs.getattr("/empty").size == 0
+    assert read_all(fs, "/empty") == b""
+
+
+def test_close_returns_before_upload_and_reads_see_local_data(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    write_file(fs, "/later", b"pending data")
+    assert not store.exists("later")
+    assert fs.getattr("/later").size == 12
+    assert read_all(fs, "/later") == b"pending data"
+    assert fs.flush_all(timeout=10)
+    assert store.data("later") == b"pending data"
+
+
+def test_write_past_eof_leaves_zeros(fs, store):
+    fh = fs.create("/sparse", 0o644)
+    fs.write(fh, b"abc", 0)
+    fs.write(fh, b"xyz", 2 * CHUNK + 100)
+    fs.write(fh, b"mid", 10)                             # past EOF of chunk 0's data
+    expected = bytearray(2 * CHUNK + 103)
+    expected[0:3] = b"abc"
+    expected[10:13] = b"mid"
+    expected[-3:] = b"xyz"
+    assert fs.getattr("/sparse").size == len(expected)
+    assert fs.read(fh, len(expected), 0) == bytes(expected)
+    fs.release(fh)
+    settle(fs)
+    assert store.data("sparse") == bytes(expected)
+
+
+def test_truncate_down_then_up_reads_zeros(fs, store):
+    data = os.urandom(3 * CHUNK)
+    fh = fs.create("/t", 0o644)
+    fs.write(fh, data, 0)
+    fs.truncate("/t", 1000, fh)
+    assert fs.getattr("/t").size == 1000
+    fs.truncate("/t", 2 * CHUNK + 5, fh)
+    expected = data[:1000] + bytes(2 * CHUNK + 5 - 1000)
+    assert fs.read(fh, 3 * CHUNK, 0) == expected
+    fs.release(fh)
+    settle(fs)
+    assert store.data("t") == expected
+
+
+def test_truncate_remote_file_without_handle(fs, store):
+    data = os.urandom(2 * CHUNK + 5000)
+    remote_file(store, "r", data)
+    fs.truncate("/r", CHUNK + 10)                         # inside chunk 1, nothing cached
+    fs.truncate("/r", 3 * CHUNK)                          # and back up: a hole of zeros
+    settle(fs)
+    expected = data[:CHUNK + 10] + bytes(3 * CHUNK - CHUNK - 10)
+    assert store.data("r") == expected
+    assert read_all(fs, "/r") == expected
+
+
+def test_truncate_to_chunk_boundary_and_zero(fs, store):
+    data = os.urandom(2 * CHUNK + 7)
+    remote_file(store, "b", data)
+    fs.truncate("/b", CHUNK)
+    settle(fs)
+    assert store.data("b") == data[:CHUNK]
+    fh = fs.open("/b", os.O_WRONLY | os.O_TRUNC)
+    fs.write(fh, b"new", 0)
+    fs.release(fh)
+    settle(fs)
+    assert store.data("b") == b"new"
+
+
+def test_partial_overwrite_of_remote_file(fs, store):
+    data = os.urandom(3 * CHUNK + 999)
+    remote_file(store, "p", data)
+    fh = fs.open("/p", os.O_RDWR)
+    before = store.calls["get_range"]
+    fs.write(fh, b"PATCH", CHUNK + 10)                   # middle of chunk 1
+    fs.write(fh, b"ACROSS", 2 * CHUNK - 3)               # across chunks 1 and 2
+    assert store.calls["get_range"] > before, "the missing chunk was fetched"
+    expected = bytearray(data)
+    expected[CHUNK + 10:CHUNK + 15] = b"PATCH"
+    expected[2 * CHUNK - 3:2 * CHUNK + 3] = b"ACROSS"
+    assert fs.read(fh, len(data), 0) == bytes(expected)
+    fs.release(fh)
+    settle(fs)
+    assert store.data("p") == bytes(expected)
+    assert int(store.meta("p")["mode"]) == REG | 0o644   # metadata kept
+
+
+def test_sequential_read_of_large_remote_file(fs, store):
+    data = os.urandom(9 * 1024 * 1024 + 123)             # several read units (readahead)
+    remote_file(store, "big", data)
+    assert read_all(fs, "/big") == data
+    # a second, random-access read is served from the cache
+    before = store.calls["get_range"]
+    fh = fs.open("/big", os.O_RDONLY)
+    assert fs.read(fh, 1000, 5 * 1024 * 1024 + 17) == data[5 * 1024 * 1024 + 17:][:1000]
+    fs.release(fh)
+    assert store.calls["get_range"] == before
+
+
+def test_open_trunc_of_remote_file(fs, store):
+    remote_file(store, "o", os.urandom(3 * CHUNK))
+    fh = fs.open("/o", os.O_WRONLY | os.O_TRUNC)
+    assert fs.getattr("/o").size == 0
+    fs.write(fh, b"short", 0)
+    fs.release(fh)
+    settle(fs)
+    assert store.data("o") == b"short"
+
+
+# ------------------------------------------------------------------------- rename
+def test_rename_file(fs, store, ring):
+    data = os.urandom(2 * CHUNK + 3)
+    remote_file(store, "old", data)
+    fs.rename("/old", "/new")
+    assert not store.exists("old")
+    assert store.data("new") == data
+    assert store.key_fp_of("new") == ring.current.fingerprint
+    with pytest.raises(NotFound):
+        fs.getattr("/old")
+    assert fs.getattr("/new").size == len(data)
+    assert read_all(fs, "/new") == data
+
+
+def test_rename_open_dirty_file_uploads_under_new_name_only(fs, store):
+    fh = fs.create("/n", 0o644)
+    fs.write(fh, b"written before the rename", 0)
+    fs.rename("/n", "/m")
+    fs.write(fh, b"WRITTEN", 0)                          # the handle follows the file
+    fs.release(fh)
+    settle(fs)
+    assert store.data("m") == b"WRITTEN before the rename"
+    assert not store.exists("n")
+    assert "n" not in written_keys(store), "the old name was uploaded"
+    with pytest.raises(NotFound):
+        fs.getattr("/n")
+
+
+def test_rename_closed_dirty_file_not_yet_uploaded(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    write_file(fs, "/n", b"pending")
+    fs.rename("/n", "/m")
+    assert fs.flush_all(timeout=10)
+    assert store.data("m") == b"pending"
+    assert not store.exists("n") and "n" not in written_keys(store)
+
+
+def test_rename_during_upload_does_not_resurrect_old_name(make_fs, store):
+    fs = make_fs(writeback_delay=0)
+    gate = Gate(store, "upload", "n")
+    write_file(fs, "/n", b"racing")
+    assert gate.started.wait(10)
+    t, res = in_thread(fs.rename, "/n", "/m")
+    t.join(0.2)
+    gate.release.set()
+    t.join(10)
+    assert not t.is_alive() and "error" not in res, res
+    settle(fs)
+    assert store.data("m") == b"racing"
+    assert not store.exists("n")
+
+
+def test_rename_over_existing_file(fs, store):
+    remote_file(store, "x", b"X data")
+    remote_file(store, "y", b"Y data")
+    fs.rename("/x", "/y")
+    assert store.data("y") == b"X data" and not store.exists("x")
+    assert read_all(fs, "/y") == b"X data"
+
+
+def test_rename_over_dirty_target_cancels_its_upload(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    remote_file(store, "x", b"X data")
+    write_file(fs, "/y", b"pending Y")                   # dirty, not uploaded
+    fs.rename("/x", "/y")
+    assert fs.flush_all(timeout=10)
+    assert store.data("y") == b"X data"
+    assert "y" not in {k for op, k in store.log if op in ("put", "upload")}
+    assert read_all(fs, "/y") == b"X data"
+
+
+def test_rename_file_onto_directory_refused(fs, store):
+    remote_file(store, "f", b"f")
+    fs.mkdir("/d", 0o755)
+    with pytest.raises(IsADirectory):
+        fs.rename("/f", "/d")
+    assert store.data("f") == b"f"
+
+
+def test_rename_directory_moves_all_objects(fs, store, ring):
+    fs.mkdir("/d", 0o750)
+    write_file(fs, "/d/x", b"x data")
+    fs.mkdir("/d/sub", 0o755)
+    write_file(fs, "/d/sub/y", b"y data")
+    settle(fs)
+    fs.rename("/d", "/e")
+    assert set(store.keys()) == {"e/", "e/x", "e/sub/", "e/sub/y"}
+    assert store.data("e/x") == b"x data" and store.data("e/sub/y") == b"y data"
+    assert all(store.key_fp_of(k) == ring.current.fingerprint for k in store.keys())
+    assert stat.S_IMODE(fs.getattr("/e").mode) == 0o750
+    with pytest.raises(NotFound):
+        fs.getattr("/d")
+    assert set(fs.readdir("/e")) == {".", "..", "x", "sub"}
+    assert read_all(fs, "/e/sub/y") == b"y data"
+
+
+def test_rename_directory_with_pending_local_file(fs, store):
+    fs.mkdir("/d", 0o755)
+    fh = fs.create("/d/p", 0o644)
+    fs.write(fh, b"local only", 0)
+    fs.rename("/d", "/e")
+    fs.release(fh)
+    settle(fs)
+    assert store.data("e/p") == b"local only"
+    assert not any(k.startswith("d/") for k in store.keys())
+    assert "d/p" not in written_keys(store)
+
+
+def test_rename_directory_with_open_partially_cached_file(fs, store):
+    """A file open under a renamed directory, only partly in the cache: its remaining chunks
+    come from the moved object (whose ETag and key may differ from the original's)."""
+    data = os.urandom(3 * CHUNK)
+    fs.mkdir("/d", 0o755)
+    remote_file(store, "d/big", data)
+    fh = fs.open("/d/big", os.O_RDWR)
+    fs.write(fh, b"PATCH", 5)                             # only chunk 0 is cached
+    fs.rename("/d", "/e")
+    assert fs.read(fh, 100, 2 * CHUNK + 7) == data[2 * CHUNK + 7:2 * CHUNK + 107]
+    fs.release(fh)
+    settle(fs)
+    assert store.data("e/big") == data[:5] + b"PATCH" + data[10:]
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_failed_rename_keeps_the_pending_upload(make_fs, store, what):
+    """A rename that fails at the store (after retries) must not drop the queued upload of
+    the dirty file it was about to move: the written data must still reach the store."""
+    fs = make_fs(writeback_delay=30)
+    fs.mkdir("/d", 0o755)
+    remote_file(store, "d/n", b"old content")
+    fh = fs.open("/d/n", os.O_RDWR)
+    fs.write(fh, b"NEW", 0)
+    fs.release(fh)                                       # closed, dirty, queued
+    assert fs.wb.pending() == 1
+    store.fail("copy", 1)
+    with pytest.raises(StoreUnavailable):
+        if what == "file":
+            fs.rename("/d/n", "/d/m")
+        else:
+            fs.rename("/d", "/e")
+    assert fs.dirty_files(), "the write is not durable yet"
+    assert fs.wb.wait(lambda: fs.wb.pending() > 0 or not fs.dirty_files(), timeout=2), \
+        "the dirty file was taken out of the upload queue and never put back"
+
+
+def test_rename_directory_into_itself_refused(fs):
+    fs.mkdir("/d", 0o755)
+    fs.mkdir("/d/s", 0o755)
+    with pytest.raises((InvalidName, NotSupported)):       # EINVAL (rename(2))
+        fs.rename("/d", "/d/s/x")
+    assert fs.is_dir("/d/s")
+
+
+# ------------------------------------------------------------------------- unlink
+def test_unlink_dirty_file_cancels_upload(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    write_file(fs, "/u", b"never uploaded")
+    fs.unlink("/u")
+    assert fs.flush_all(timeout=10)
+    assert not store.exists("u") and "u" not in written_keys(store)
+    with pytest.raises(NotFound):
+        fs.getattr("/u")
+    assert fs.cache.stats()["cache_entries"] == 0
+    assert os.listdir(fs.cache.entries_dir) == []
+
+
+def test_unlink_open_file_before_close(fs, store):
+    fh = fs.create("/u", 0o644)
+    fs.write(fh, b"data", 0)
+    fs.unlink("/u")
+    fs.write(fh, b"more", 4)
+    fs.flush(fh)
+    fs.release(fh)
+    settle(fs)
+    assert not store.exists("u") and "u" not in written_keys(store)
+
+
+def test_unlink_during_upload_leaves_nothing(make_fs, store):
+    fs = make_fs(writeback_delay=0)
+    gate = Gate(store, "upload", "u")
+    write_file(fs, "/u", b"racing")
+    assert gate.started.wait(10)
+    t, res = in_thread(fs.unlink, "/u")
+    t.join(0.2)
+    gate.release.set()
+    t.join(10)
+    assert not t.is_alive() and "error" not in res, res
+    settle(fs)
+    assert not store.exists("u")
+
+
+def test_unlink_remote_file_and_directory_refused(fs, store):
+    remote_file(store, "r", b"r")
+    fs.unlink("/r")
+    assert not store.exists("r")
+    fs.mkdir("/d", 0o755)
+    with pytest.raises(IsADirectory):
+        fs.unlink("/d")
+    with pytest.raises(NotFound):
+        fs.unlink("/missing")
+
+
+# ------------------------------------------------------------------------- directories
+def test_mkdir_rmdir(fs, store):
+    fs.mkdir("/d", 0o750)
+    assert store.exists("d/") and store.data("d/") == b""
+    assert int(store.meta("d/")["mode"]) == DIR | 0o750
+    a = fs.getattr("/d")
+    assert stat.S_ISDIR(a.mode) and stat.S_IMODE(a.mode) == 0o750
+    with pytest.raises(Exists):
+        fs.mkdir("/d", 0o755)
+    with pytest.raises(NotFound):
+        fs.mkdir("/nope/sub", 0o755)
+    write_file(fs, "/d/f", b"f")
+    settle(fs)
+    with pytest.raises(NotEmpty):
+        fs.rmdir("/d")
+    assert store.exists("d/")
+    fs.unlink("/d/f")
+    fs.rmdir("/d")
+    assert not store.exists("d/")
+    with pytest.raises(NotFound):
+        fs.getattr("/d")
+    with pytest.raises(NotFound):
+        fs.rmdir("/d")
+
+
+def test_rmdir_with_pending_local_file_is_not_empty(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    fs.mkdir("/d", 0o755)
+    write_file(fs, "/d/pending", b"p")
+    with pytest.raises(NotEmpty):
+        fs.rmdir("/d")
+    assert store.exists("d/")
+
+
+def test_rmdir_on_file_and_nested_dirs(fs, store):
+    remote_file(store, "f", b"f")
+    with pytest.raises(NotADirectory):
+        fs.rmdir("/f")
+    fs.mkdir("/a", 0o755)
+    fs.mkdir("/a/b", 0o755)
+    with pytest.raises(NotEmpty):
+        fs.rmdir("/a")
+    fs.rmdir("/a/b")
+    fs.rmdir("/a")
+    assert not store.exists("a/") and not store.exists("a/b/")
+
+
+def test_implicit_directory(fs, store):
+    """A prefix without a marker (objects written by other tools) is a directory."""
+    remote_file(store, "imp/sub/file", b"deep")
+    assert stat.S_ISDIR(fs.getattr("/imp").mode)
+    assert stat.S_ISDIR(fs.getattr("/imp/sub").mode)
+    assert set(fs.readdir("/imp")) == {".", "..", "sub"}
+    assert read_all(fs, "/imp/sub/file") == b"deep"
+
+
+def test_readdir_merges_pending_local_files(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    remote_file(store, "a", b"a")
+    remote_file(store, "d/inner", b"i")
+    store.put("e/", b"", {"mode": str(DIR | 0o755)})
+    write_file(fs, "/b", b"pending")                     # dirty, not uploaded
+    fh = fs.open("/a", os.O_RDWR)                        # exists remotely and locally
+    fs.write(fh, b"A", 0)
+    fh2 = fs.create("/d/new", 0o644)
+    names = list(fs.readdir("/"))
+    assert sorted(names) == [".", "..", "a", "b", "d", "e"]
+    assert len(names) == len(set(names)), "no duplicates"
+    assert sorted(fs.readdir("/d")) == [".", "..", "inner", "new"]
+    assert sorted(fs.readdir("/e")) == [".", ".."]
+    with pytest.raises(NotADirectory):
+        list(fs.readdir("/a"))
+    fs.release(fh)
+    fs.release(fh2)
+
+
+def test_readdir_many_entries(fs, store):
+    for i in range(1203):
+        store.put(f"many/f{i:05d}", b"", {})
+    names = [n for n in fs.readdir("/many") if n not in (".", "..")]
+    assert names == [f"f{i:05d}" for i in range(1203)]
+
+
+# ------------------------------------------------------------------------- metadata
+def test_chmod_and_utimens_update_metadata(fs, store, ring):
+    data = os.urandom(CHUNK + 1)
+    remote_file(store, "m", data)
+    fs.chmod("/m", 0o600)
+    md = store.meta("m")
+    assert int(md["mode"]) == REG | 0o600
+    assert set(md) >= {"mode", "uid", "gid", "mtime", "ctime"}
+    assert stat.S_IMODE(fs.getattr("/m").mode) == 0o600
+    fs.utimens("/m", 1_600_000_000, 1_234_567_890.25)
+    md = store.meta("m")
+    assert float(md["mtime"]) == 1_234_567_890.25 and md["mtime"] == "1234567890.25"
+    assert int(md["mode"]) == REG | 0o600, "utimens keeps the mode"
+    assert abs(float(md["ctime"]) - time.time()) < 60
+    assert fs.getattr("/m").mtime == 1_234_567_890.25
+    assert store.data("m") == data
+    assert store.key_fp_of("m") == ring.current.fingerprint
+
+
+def test_chmod_of_open_dirty_file(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    fh = fs.create("/c", 0o644)
+    fs.write(fh, b"content", 0)
+    fs.chmod("/c", 0o755)
+    assert stat.S_IMODE(fs.getattr("/c").mode) == 0o755
+    fs.release(fh)
+    assert fs.flush_all(timeout=10)
+    assert int(store.meta("c")["mode"]) == REG | 0o755
+    assert store.data("c") == b"content"
+
+
+def test_chmod_of_open_clean_file_is_metadata_only(fs, store):
+    data = os.urandom(2 * CHUNK)
+    remote_file(store, "oc", data)
+    fh = fs.open("/oc", os.O_RDONLY)
+    fs.chmod("/oc", 0o600)
+    fs.release(fh)
+    settle(fs)
+    assert int(store.meta("oc")["mode"]) == REG | 0o600
+    assert store.data("oc") == data
+    assert store.calls["upload"] == 0, "a metadata change must not re-upload the data"
+
+
+def test_chmod_directory(fs, store):
+    fs.mkdir("/dd", 0o755)
+    fs.chmod("/dd", 0o700)
+    assert int(store.meta("dd/")["mode"]) == DIR | 0o700
+    assert stat.S_IMODE(fs.getattr("/dd").mode) == 0o700
+    fs.utimens("/dd", 0, 1_500_000_000)
+    assert float(store.meta("dd/")["mtime"]) == 1_500_000_000
+    assert int(store.meta("dd/")["mode"]) == DIR | 0o700
+
+
+# ------------------------------------------------------------------------- read-only
+def test_read_only(make_fs, store):
+    remote_file(store, "f", b"readable")
+    fs = make_fs(read_only=True)
+    assert read_all(fs, "/f") == b"readable"
+    before = {op: store.calls[op] for op in ("put", "upload", "copy", "delete")}
+    attempts = [
+        lambda: fs.create("/new", 0o644),
+        lambda: fs.open("/f", os.O_WRONLY),
+        lambda: fs.open("/f", os.O_RDWR),
+        lambda: fs.mkdir("/d", 0o755),
+        lambda: fs.unlink("/f"),
+        lambda: fs.rename("/f", "/g"),
+        lambda: fs.chmod("/f", 0o600),
+        lambda: fs.utimens("/f", 0, 0),
+        lambda: fs.truncate("/f", 0),
+        lambda: fs.symlink("/l", "f"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ReadOnly):
+            attempt()
+    assert {op: store.calls[op] for op in before} == before
+    assert store.data("f") == b"readable"
+
+
+# ------------------------------------------------------------------------- foreign objects
+def test_object_under_another_key(fs, store):
+    other = Key(os.urandom(32))
+    store.put_foreign("locked.bin", b"secret of someone else", other,
+                      {"mode": str(REG | 0o644)})
+    a = fs.getattr("/locked.bin")
+    assert stat.S_ISREG(a.mode) and a.size == 22
+    assert "locked.bin" in list(fs.readdir("/"))
+    for flags in (os.O_RDONLY, os.O_RDWR):
+        with pytest.raises(KeyMismatch):
+            fs.open("/locked.bin", flags)
+    with pytest.raises(KeyMismatch):
+        fs.rename("/locked.bin", "/elsewhere")
+    with pytest.raises(KeyMismatch):
+        fs.chmod("/locked.bin", 0o600)
+    assert store.key_fp_of("locked.bin") == other.fingerprint
+    assert store.data("locked.bin") == b"secret of someone else"
+    assert not store.exists("elsewhere")
+
+
+def test_plaintext_object_refused(fs, store):
+    store.put_plain("plain.txt", b"not encrypted", {"mode": str(REG | 0o644)})
+    a = fs.getattr("/plain.txt")
+    assert stat.S_ISREG(a.mode) and a.size == 13
+    with pytest.raises(KeyMismatch):
+        fs.open("/plain.txt", os.O_RDONLY)
+    with pytest.raises(KeyMismatch):
+        fs.rename("/plain.txt", "/p2")
+    assert store.key_fp_of("plain.txt") is None and not store.exists("p2")
+
+
+def test_old_key_object_readable_and_reencrypted_on_rename(tmp_path, make_fs):
+    old, new = Key(os.urandom(32)), Key(os.urandom(32))
+    ring2 = KeyRing([new, old])
+    st2 = MemStore(ring2)
+    st2.put_foreign("o", b"old-key data", old, {"mode": str(REG | 0o644)})
+    fs = make_fs(st=st2, cache_dir=tmp_path / "c2")
+    assert read_all(fs, "/o") == b"old-key data"
+    fs.rename("/o", "/p")
+    assert st2.key_fp_of("p") == new.fingerprint and st2.data("p") == b"old-key data"
+
+
+# ------------------------------------------------------------------------- fsync
+def test_fsync_waits_until_durable(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    gate = Gate(store, "upload", "s")
+    fh = fs.create("/s", 0o644)
+    fs.write(fh, b"must be durable", 0)
+    t, res = in_thread(fs.fsync, fh)
+    assert gate.started.wait(10), "fsync did not start the upload at once"
+    t.join(0.3)
+    assert t.is_alive(), "fsync returned before the upload finished"
+    gate.release.set()
+    t.join(10)
+    assert not t.is_alive() and "error" not in res, res
+    assert store.data("s") == b"must be durable"
+    fs.release(fh)
+
+
+def test_fsync_retries_through_transient_errors(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    fh = fs.create("/s", 0o644)
+    fs.write(fh, b"retry me", 0)
+    store.fail("upload", 2)
+    fs.fsync(fh)
+    assert store.data("s") == b"retry me"
+    assert store.calls["upload"] == 3
+    fs.release(fh)
+
+
+def test_fsync_timeout(make_fs, store):
+    fs = make_fs(writeback_delay=30, fsync_timeout=0.5)
+    fh = fs.create("/s", 0o644)
+    fs.write(fh, b"x", 0)
+    store.fail("upload", 10_000)
+    t0 = time.monotonic()
+    with pytest.raises(TimedOut):
+        fs.fsync(fh)
+    assert time.monotonic() - t0 < 5
+    assert not store.exists("s")
+    store.fail("upload", 0)
+    fs.release(fh)
+    assert fs.flush_all(timeout=20)                      # retried until it succeeds
+    assert store.data("s") == b"x"
+
+
+# ------------------------------------------------------------------------- crash recovery
+CHILD = r"""
+import os, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from memstore import MemStore
+from ssecfs.cache import Cache
+from ssecfs.config import FsConfig
+from ssecfs.crypto import Sealer
+from ssecfs.fs import Filesystem
+from ssecfs.keys import load_keyring
+ring = load_keyring(sys.argv[3])
+cache = Cache(sys.argv[4], {k.fingerprint: Sealer(k.cache_key()) for k in ring.keys},
+              1 << 30, ring.current.fingerprint)
+cache.open()
+fs = Filesystem(MemStore(ring), cache, FsConfig(writeback_delay=3600))
+data = open(sys.argv[5], "rb").read()
+fh = fs.create("/crash.bin", 0o640)
+fs.write(fh, data, 0)
+fs.flush(fh)
+fs.release(fh)
+fh = fs.create("/open-only.bin", 0o644)   # written, never flushed: not promised durable
+fs.write(fh, b"x" * 10, 0)
+print("written", flush=True)
+os._exit(0)                                # crash: nothing closed, nothing uploaded
+"""
+
+
+def test_recover_after_crash_uploads_dirty_file(tmp_path, make_fs, store):
+    raw = os.urandom(32)
+    keyfile = tmp_path / "k"
+    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, raw)
+    os.close(fd)
+    data = os.urandom(2 * CHUNK + 777)
+    (tmp_path / "data").write_bytes(data)
+    cache_dir = tmp_path / "crash-cache"
+    r = subprocess.run([sys.executable, "-c", CHILD, os.path.join(REPO, "tests"), REPO,
+                        str(keyfile), str(cache_dir), str(tmp_path / "data")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "written" in r.stdout, r.stderr
+
+    ring = KeyRing([Key(raw)])
+    st2 = MemStore(ring)
+    fs = make_fs(cache_dir=cache_dir, st=st2)            # Cache.open succeeds: lock died
+    assert fs.recover() == 1
+    assert fs.bad_entries == []
+    settle(fs)
+    assert st2.data("crash.bin") == data
+    assert int(st2.meta("crash.bin")["mode"]) == REG | 0o640
+    assert st2.key_fp_of("crash.bin") == ring.current.fingerprint
+    assert fs.cache.stats()["cache_dirty_bytes"] == 0
+    assert read_all(fs, "/crash.bin") == data
+
+
+def test_recover_with_other_key_reports_entry(tmp_path, make_fs, ring):
+    """A journal sealed under a key that is no longer in the ring is kept and reported."""
+    cache_dir = tmp_path / "rc"
+    other_ring = KeyRing([Key(os.urandom(32))])
+    c = open_cache(cache_dir, other_ring)
+    fs1 = Filesystem(MemStore(other_ring), c, FsConfig(writeback_delay=3600))
+    write_file(fs1, "/lost", b"sealed with another key")
+    fs1.shutdown()
+    c.close()
+    fs = make_fs(cache_dir=cache_dir)
+    assert fs.recover() == 0
+    assert len(fs.bad_entries) == 1
+    assert any(n.startswith(fs.bad_entries[0]) for n in os.listdir(fs.cache.entries_dir))
+
+
+# ------------------------------------------------------------------------- misc
+def test_symlink(fs, store):
+    fs.symlink("/link", "target/file")
+    assert stat.S_ISLNK(fs.getattr("/link").mode)
+    assert fs.readlink("/link") == "target/file"
+    assert store.data("link") == b"target/file"
+    with pytest.raises(Exists):
+        fs.symlink("/link", "x")
+
+
+def test_upload_failure_keeps_data_and_retries(fs, store):
+    store.fail("upload", 2)
+    write_file(fs, "/r", b"eventually")
+    settle(fs)
+    assert store.data("r") == b"eventually"
+    assert fs.status()["upload_errors"] == 2
+
+
+def test_status_counts_pending(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    write_file(fs, "/a", b"12345")
+    s = fs.status()
+    assert s["dirty_files"] == 1 and s["bytes_pending"] == 5
+    assert fs.flush_all(timeout=10)
+    assert fs.status()["dirty_files"] == 0
+
+
+def test_prefix(make_fs, store):
+    fs = make_fs(prefix="base/")
+    write_file(fs, "/f", b"under prefix")
+    fs.mkdir("/d", 0o755)
+    settle(fs)
+    assert store.data("base/f") == b"under prefix" and store.exists("base/d/")
+    assert sorted(fs.readdir("/")) == [".", "..", "d", "f"]
+
+
+def test_getattr_missing_then_created(fs, store):
+    with pytest.raises(NotFound):
+        fs.getattr("/nothing")
+    write_file(fs, "/nothing", b"now it exists")         # the negative entry is dropped
+    assert fs.getattr("/nothing").size == 13
+    settle(fs)
+    assert fs.getattr("/nothing").size == 13
+
+
+# ------------------------------------------------------------------------- a small cache
+SLOT_COST = CHUNK + 28
+
+
+def test_read_through_cache_smaller_than_a_read_unit(make_fs, store):
+    """Clean chunks may be evicted at any time; a read must still return the data."""
+    fs = make_fs(max_bytes=8 * SLOT_COST)
+    data = os.urandom(48 * CHUNK + 5)
+    remote_file(store, "big", data)
+    assert read_all(fs, "/big") == data
+    assert fs.cache.stats()["cache_used_bytes"] <= 8 * SLOT_COST
+
+
+def test_write_larger_than_cache_then_read_back(make_fs, store):
+    fs = make_fs(max_bytes=4 * SLOT_COST)
+    data = os.urandom(10 * CHUNK + 1)
+    write_file(fs, "/a", data)                           # one file may exceed the bound
+    settle(fs)
+    assert store.data("a") == data
+    assert fs.cache.stats()["cache_used_bytes"] <= 4 * SLOT_COST    # clean now: evictable
+    fh = fs.open("/a", os.O_RDONLY)
+    assert fs.read(fh, 100, 7 * CHUNK + 3) == data[7 * CHUNK + 3:7 * CHUNK + 103]
+    fs.release(fh)
+
+
+def test_writer_not_blocked_forever_by_another_open_dirty_file(make_fs, store):
+    """File A is open with more dirty data than the cache bound (it cannot be uploaded
+    before it is closed); a write to file B must not hang forever waiting for room."""
+    fs = make_fs(max_bytes=4 * SLOT_COST)
+    fa = fs.create("/a", 0o644)
+    fs.write(fa, os.urandom(6 * CHUNK), 0)
+    fb = fs.create("/b", 0o644)
+    t = threading.Thread(target=fs.write, args=(fb, b"x" * 100, 0), daemon=True)
+    t.start()
+    t.join(5)
+    blocked = t.is_alive()
+    fs.release(fa)                                       # lets a blocked writer go on
+    t.join(20)
+    fs.release(fb)
+    assert not blocked, "write to /b blocked while /a (open, unuploadable) held the cache"
+    settle(fs)
+    assert store.data("b") == b"x" * 100
+
+
+# ------------------------------------------------------------------------- the fake itself
+def test_memstore_fault_hook_and_counters(ring):
+    st = MemStore(ring)
+    st.fail("put", 2)
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable):
+            st.put("k", b"v", {})
+    assert not st.exists("k")
+    st.put("k", b"v", {})
+    assert st.calls["put"] == 3 and st.data("k") == b"v"
+    st.fail("head", 1, NotFound)
+    with pytest.raises(NotFound):
+        st.head("k")
+    assert st.head("k").size == 1
+    seen = []
+    st.before["get_range"] = lambda key, *a: seen.append((key, a))
+    assert st.get_range("k", 0, 1, ring.current.fingerprint) == b"v"
+    assert seen == [("k", (0, 1))]

@@ -1,0 +1,528 @@
+"""The boto3 store (ssecfs.s3store.S3Store) against a real SeaweedFS: SSE-C headers on the
+wire for every data/metadata request, verification of what the server did, re-encryption on
+copy, the UploadPartCopy fallback, LOCKED/PLAINTEXT detection. Plus one moto test for API
+shape only (moto ignores SSE-C: never use it for encryption claims)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+
+import pytest
+from botocore.exceptions import ClientError
+
+from helpers import sse
+from ssecfs import s3store
+from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
+                           Stale, StoreUnavailable, UserError)
+from ssecfs.keys import Key, KeyRing
+from ssecfs.s3store import KEY_FP_META, S3Store, check_endpoint
+from ssecfs.store import LOCKED, OPEN, PLAINTEXT
+
+pytestmark = pytest.mark.seaweed
+
+MiB = 1024 * 1024
+SSE_HDR = "x-amz-server-side-encryption-customer-"
+COPY_HDR = "x-amz-copy-source-server-side-encryption-customer-"
+NEEDS_SSE = {"PutObject", "GetObject", "HeadObject", "CopyObject", "CreateMultipartUpload",
+             "UploadPart", "CompleteMultipartUpload", "UploadPartCopy"}
+NEEDS_COPY_SSE = {"CopyObject", "UploadPartCopy"}
+NO_SSE = {"ListObjectsV2", "DeleteObject", "DeleteObjects", "AbortMultipartUpload"}
+
+
+def _str(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Wire:
+    """Records every request a client sends: (operation, lower-cased headers)."""
+
+    def __init__(self, client):
+        self.lock = threading.Lock()
+        self.reqs: list[tuple[str, dict]] = []
+        client.meta.events.register("before-send.s3.*", self._on_send)
+
+    def _on_send(self, request, event_name=None, **kw):
+        op = event_name.rsplit(".", 1)[-1]
+        hdrs = {k.lower(): _str(v) for k, v in request.headers.items()}
+        with self.lock:
+            self.reqs.append((op, hdrs))
+
+    def ops(self) -> list[str]:
+        with self.lock:
+            return [op for op, _ in self.reqs]
+
+    def of(self, op: str) -> list[dict]:
+        with self.lock:
+            return [h for o, h in self.reqs if o == op]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.reqs.clear()
+
+
+def key_in(hdrs: dict, prefix: str) -> Key | None:
+    """The SSE-C key a request carries under `prefix` (checked for consistency), or None."""
+    names = [prefix + s for s in ("algorithm", "key", "key-md5")]
+    present = [n in hdrs for n in names]
+    if not any(present):
+        return None
+    assert all(present), f"incomplete SSE-C headers: {sorted(h for h in hdrs if 'customer' in h)}"
+    assert hdrs[names[0]] == "AES256"
+    raw = base64.b64decode(hdrs[names[1]])
+    assert len(raw) == 32
+    assert hdrs[names[2]] == base64.b64encode(hashlib.md5(raw).digest()).decode()
+    return Key(raw)
+
+
+def check_wire(wire: Wire, ring_keys: list[Key]) -> None:
+    """Every data/metadata request carries complete, consistent SSE-C headers of a ring key;
+    copies carry the source's too; listing and deleting carry no key at all."""
+    fps = {k.fingerprint for k in ring_keys}
+    assert wire.reqs, "nothing recorded"
+    for op, hdrs in wire.reqs:
+        k = key_in(hdrs, SSE_HDR)
+        if op in NEEDS_SSE:
+            assert k is not None, f"{op} sent without SSE-C headers"
+            assert k.fingerprint in fps, f"{op} sent a key not in the ring"
+        if op in NEEDS_COPY_SSE:
+            ck = key_in(hdrs, COPY_HDR)
+            assert ck is not None, f"{op} sent without copy-source SSE-C headers"
+            assert ck.fingerprint in fps
+        if op in NO_SSE:
+            assert k is None and key_in(hdrs, COPY_HDR) is None, f"{op} needlessly sent the key"
+
+
+@pytest.fixture
+def make_store(seaweed, bucket):
+    made = []
+
+    def make(*keys: Key, **kw) -> tuple[S3Store, Wire]:
+        st = S3Store(kw.pop("bucket", bucket), KeyRing(list(keys)), endpoint_url=seaweed.endpoint,
+                     **kw)
+        made.append(st)
+        return st, Wire(st.client)
+
+    yield make
+    for st in made:
+        st.close()
+
+
+@pytest.fixture
+def k1():
+    return Key(os.urandom(32))
+
+
+def raw_of(k: Key) -> bytes:
+    return base64.b64decode(k.sse_params()["SSECustomerKey"])
+
+
+# ------------------------------------------------------------------------- reads and writes
+def test_put_get_range_head(make_store, k1, s3, bucket):
+    store, wire = make_store(k1)
+    data = os.urandom(100_000)
+    info = store.put("dir/obj", data, {"mode": "33188", "mtime": "1700000000.5"})
+    assert info.access == OPEN and info.key_fp == k1.fingerprint and info.size == len(data)
+    assert store.get_range("dir/obj", 10, 1000, k1.fingerprint) == data[10:1010]
+    assert store.get_range("dir/obj", 99_000, 5000, k1.fingerprint) == data[99_000:]
+    h = store.head("dir/obj")
+    assert h.access == OPEN and h.key_fp == k1.fingerprint and h.size == len(data)
+    assert h.metadata["mode"] == "33188" and h.metadata["mtime"] == "1700000000.5"
+    assert h.metadata[KEY_FP_META] == k1.fingerprint
+    assert store.get_range("dir/obj", 0, 10, k1.fingerprint, etag=h.etag) == data[:10]
+    with pytest.raises(Stale):
+        store.get_range("dir/obj", 0, 10, k1.fingerprint, etag="0" * 32)
+    # what the server holds: an SSE-C object (refused without the key, 403 with another)
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket=bucket, Key="dir/obj")
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket=bucket, Key="dir/obj", **sse(os.urandom(32)))
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert s3.get_object(Bucket=bucket, Key="dir/obj", **sse(raw_of(k1)))["Body"].read() == data
+
+    ops = wire.ops()
+    assert {"PutObject", "GetObject", "HeadObject"} <= set(ops)
+    assert all("range" in h for h in wire.of("GetObject"))
+    check_wire(wire, [k1])
+
+
+def test_get_range_with_wrong_key_denied(make_store, k1):
+    store, _ = make_store(k1)
+    store.put("o", b"data" * 100, {})
+    other, _ = make_store(Key(os.urandom(32)))
+    with pytest.raises(PermissionDenied):
+        other.get_range("o", 0, 10, k1.fingerprint)      # not in that ring: current key used
+    with pytest.raises(NotFound):
+        store.get_range("missing", 0, 10, k1.fingerprint)
+
+
+def test_upload_over_16_mib_is_multipart(make_store, k1, s3, bucket):
+    store, wire = make_store(k1)
+    size = s3store.SINGLE_PUT_MAX + MiB + 12345
+    data = os.urandom(size)
+    reads = []
+
+    def reader(off, ln):
+        reads.append((off, ln))
+        return data[off:off + ln]
+
+    info = store.upload("big", size, reader, {"mode": "33188"})
+    assert info.access == OPEN and info.key_fp == k1.fingerprint and info.size == size
+    ops = wire.ops()
+    assert "PutObject" not in ops
+    assert ops.count("CreateMultipartUpload") == 1 and ops.count("CompleteMultipartUpload") == 1
+    parts = -(-size // s3store.MIN_PART)
+    assert ops.count("UploadPart") == parts == len(reads)
+    assert sorted(reads) == [(i * s3store.MIN_PART, min(s3store.MIN_PART, size - i * s3store.MIN_PART))
+                             for i in range(parts)]
+    got = s3.get_object(Bucket=bucket, Key="big", **sse(raw_of(k1)))["Body"].read()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    with pytest.raises(ClientError):
+        s3.get_object(Bucket=bucket, Key="big")
+    check_wire(wire, [k1])
+
+
+def test_small_upload_is_single_put(make_store, k1):
+    store, wire = make_store(k1)
+    store.upload("small", 10, lambda off, ln: b"0123456789"[off:off + ln], {})
+    assert wire.ops().count("PutObject") == 1 and "CreateMultipartUpload" not in wire.ops()
+    assert store.get_range("small", 0, 10, k1.fingerprint) == b"0123456789"
+
+
+# ------------------------------------------------------------------------- copy
+def test_copy_reencrypts_to_current_key(make_store, s3, bucket):
+    old, new = Key(os.urandom(32)), Key(os.urandom(32))
+    writer, _ = make_store(old)
+    data = os.urandom(300_000)
+    writer.put("src", data, {"mode": "33188"})
+    store, wire = make_store(new, old)
+    h = store.head("src")                                 # found with the second ring key
+    assert h.access == OPEN and h.key_fp == old.fingerprint
+    assert store.get_range("src", 0, 100, h.key_fp) == data[:100]
+    info = store.copy("src", "dst", len(data), {"mode": "33261"}, old.fingerprint)
+    assert info.access == OPEN and info.key_fp == new.fingerprint
+    assert s3.get_object(Bucket=bucket, Key="dst", **sse(raw_of(new)))["Body"].read() == data
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket=bucket, Key="dst", **sse(raw_of(old)))
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    h = store.head("dst")
+    assert h.key_fp == new.fingerprint and h.metadata["mode"] == "33261"
+    cp = wire.of("CopyObject")
+    assert cp, "CopyObject was used"
+    assert key_in(cp[0], SSE_HDR).fingerprint == new.fingerprint
+    assert key_in(cp[0], COPY_HDR).fingerprint == old.fingerprint
+    check_wire(wire, [new, old])
+
+    # in place (what chmod/utimens do): re-encrypted, metadata replaced, data kept
+    wire.clear()
+    info = store.copy("src", "src", len(data), {"mode": "33152"}, old.fingerprint)
+    assert info.key_fp == new.fingerprint
+    assert s3.get_object(Bucket=bucket, Key="src", **sse(raw_of(new)))["Body"].read() == data
+    with pytest.raises(ClientError):
+        s3.get_object(Bucket=bucket, Key="src", **sse(raw_of(old)))
+    assert store.head("src").metadata["mode"] == "33152"
+    check_wire(wire, [new, old])
+
+
+def test_copy_over_copy_max_falls_back_to_streaming(make_store, monkeypatch, s3, bucket):
+    old, new = Key(os.urandom(32)), Key(os.urandom(32))
+    writer, _ = make_store(old)
+    size = 20 * MiB + 4321
+    data = os.urandom(size)
+    writer.upload("large", size, lambda off, ln: data[off:off + ln], {"mode": "33188"})
+    monkeypatch.setattr(s3store, "COPY_MAX", 1 * MiB)
+    store, wire = make_store(new, old)
+    info = store.copy("large", "large-copy", size, {"mode": "33188"}, old.fingerprint)
+    assert info.key_fp == new.fingerprint and info.size == size
+    ops = wire.ops()
+    assert "UploadPartCopy" in ops, "UploadPartCopy is tried first"
+    upc = wire.of("UploadPartCopy")[0]
+    assert key_in(upc, SSE_HDR).fingerprint == new.fingerprint
+    assert key_in(upc, COPY_HDR).fingerprint == old.fingerprint
+    assert "AbortMultipartUpload" in ops, "the refused multipart upload is aborted"
+    after = ops[ops.index("AbortMultipartUpload"):]
+    assert "GetObject" in after and "UploadPart" in after, "then the data is streamed"
+    got = s3.get_object(Bucket=bucket, Key="large-copy", **sse(raw_of(new)))["Body"].read()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    with pytest.raises(ClientError):
+        s3.get_object(Bucket=bucket, Key="large-copy", **sse(raw_of(old)))
+    for h in wire.of("GetObject"):
+        assert key_in(h, SSE_HDR).fingerprint == old.fingerprint
+    check_wire(wire, [new, old])
+    # the refusal is remembered: the next large copy streams at once
+    wire.clear()
+    store.copy("large", "large-copy2", size, {}, old.fingerprint)
+    assert "UploadPartCopy" not in wire.ops()
+    assert store.head("large-copy2").size == size
+
+
+# ------------------------------------------------------------------------- access states
+def test_head_of_object_under_another_key_is_locked(make_store, k1):
+    other, _ = make_store(Key(os.urandom(32)))
+    other.put("theirs", b"x" * 12345, {"mode": "33188"})
+    store, wire = make_store(k1)
+    info = store.head("theirs")
+    assert info.access == LOCKED and info.size == 12345 and info.key_fp is None
+    assert info.metadata.get(KEY_FP_META) is None
+    assert "ListObjectsV2" in wire.ops()
+    with pytest.raises(PermissionDenied):
+        store.get_range("theirs", 0, 10, None)
+    with pytest.raises(NotFound):
+        store.head("no-such-object")
+    check_wire(wire, [k1])
+
+
+def test_plaintext_object(make_store, k1, s3, bucket):
+    s3.put_object(Bucket=bucket, Key="plain", Body=b"not encrypted at all",
+                  Metadata={"mode": "33188"})
+    store, wire = make_store(k1)
+    info = store.head("plain")
+    assert info.access == PLAINTEXT and info.size == 20 and info.key_fp is None
+    with pytest.raises(KeyMismatch):
+        store.get_range("plain", 0, 20, None)
+    with pytest.raises(KeyMismatch):
+        store.get_range("plain", 0, 20, k1.fingerprint)
+    check_wire(wire, [k1])
+
+
+def test_list_and_delete_send_no_key(make_store, k1):
+    store, wire = make_store(k1)
+    for name in ("l/a", "l/b", "l/sub/c"):
+        store.put(name, b"1", {})
+    wire.clear()
+    pages = list(store.list_page_iter("l/", delimiter="/"))
+    assert [o.key for p in pages for o in p.objects] == ["l/a", "l/b"]
+    assert [x for p in pages for x in p.prefixes] == ["l/sub/"]
+    store.delete("l/a")
+    store.delete_many(["l/b", "l/sub/c"])
+    assert [o.key for p in store.list_page_iter("l/", delimiter=None) for o in p.objects] == []
+    assert set(wire.ops()) <= NO_SSE and "DeleteObject" in wire.ops()
+    check_wire(wire, [k1])
+
+
+# ------------------------------------------------------------------------- verification
+def _tamper(client, op: str, fn):
+    def handler(parsed, **kw):
+        fn(parsed)
+    client.meta.events.register(f"after-call.s3.{op}", handler)
+
+
+def test_put_without_echo_is_refused(make_store, k1):
+    store, _ = make_store(k1)
+    _tamper(store.client, "PutObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    with pytest.raises(EncryptionNotApplied):
+        store.put("noecho", b"data", {})
+
+
+def test_put_with_other_key_echo_is_refused(make_store, k1):
+    store, _ = make_store(k1)
+    bogus = Key(os.urandom(32)).fingerprint
+    _tamper(store.client, "PutObject", lambda p: p.__setitem__("SSECustomerKeyMD5", bogus))
+    with pytest.raises(EncryptionNotApplied):
+        store.put("wrongecho", b"data", {})
+
+
+def test_put_without_algorithm_echo_is_refused(make_store, k1):
+    store, _ = make_store(k1)
+    _tamper(store.client, "PutObject", lambda p: p.pop("SSECustomerAlgorithm", None))
+    with pytest.raises(EncryptionNotApplied):
+        store.put("noalg", b"data", {})
+
+
+def test_directory_marker_without_echo_is_accepted(make_store, k1):
+    store, _ = make_store(k1)
+    _tamper(store.client, "PutObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    store.put("somedir/", b"", {"mode": "16877"})          # zero bytes: nothing to encrypt
+    with pytest.raises(EncryptionNotApplied):
+        store.put("somedir/data", b"x", {})
+
+
+def test_multipart_part_without_echo_is_refused_and_aborted(make_store, k1):
+    store, wire = make_store(k1)
+    _tamper(store.client, "UploadPart", lambda p: p.pop("SSECustomerKeyMD5", None))
+    size = s3store.SINGLE_PUT_MAX + 1
+    with pytest.raises(EncryptionNotApplied):
+        store.upload("mp", size, lambda off, ln: bytes(ln), {})
+    assert "AbortMultipartUpload" in wire.ops()
+    assert "CompleteMultipartUpload" not in wire.ops()
+    with pytest.raises(NotFound):
+        store.head("mp")
+
+
+def test_copy_without_any_echo_is_refused(make_store, k1):
+    store, _ = make_store(k1)
+    store.put("c-src", b"copy me", {})
+    _tamper(store.client, "CopyObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(store.client, "HeadObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    with pytest.raises(EncryptionNotApplied):
+        store.copy("c-src", "c-dst", 7, {}, k1.fingerprint)
+
+
+def test_copy_without_echo_is_verified_by_head(make_store, k1):
+    store, wire = make_store(k1)
+    store.put("v-src", b"copy me", {})
+    _tamper(store.client, "CopyObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    wire.clear()
+    info = store.copy("v-src", "v-dst", 7, {}, k1.fingerprint)
+    assert info.key_fp == k1.fingerprint
+    assert wire.ops()[-1] == "HeadObject"
+    check_wire(wire, [k1])
+
+
+# ------------------------------------------------------------------------- endpoints
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8333", "http://localhost:9000",
+                                 "http://[::1]:9000", "http://127.0.0.2", "https://s3.example.com",
+                                 "https://10.0.0.5:9000", None, ""])
+def test_check_endpoint_accepts(url):
+    check_endpoint(url)
+
+
+@pytest.mark.parametrize("url", ["http://s3.example.com", "http://10.0.0.5:9000",
+                                 "http://192.168.1.10", "http://[2001:db8::1]:9000",
+                                 "http://localhost.evil.com"])
+def test_check_endpoint_refuses_plain_http(url):
+    with pytest.raises(UserError) as e:
+        check_endpoint(url)
+    assert e.value.exit_code == s3store.EXIT_SECURITY and "https" in str(e.value)
+    with pytest.raises(UserError):
+        S3Store("bucket", KeyRing([Key(os.urandom(32))]), endpoint_url=url)
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1", "127.0.0.1:9000", "https://"])
+def test_check_endpoint_refuses_malformed(url):
+    with pytest.raises(UserError):
+        check_endpoint(url)
+
+
+# ------------------------------------------------------------------------- the fake vs the real
+@pytest.fixture(params=["memstore", "s3store"])
+def contract(request, k1):
+    """(store, put_foreign(key, data), put_plain(key, data)) for the fake and the real store:
+    the same contract test runs on both, so the fake used by the fs tests stays faithful."""
+    other = Key(os.urandom(32))
+    if request.param == "memstore":
+        from memstore import MemStore
+        st = MemStore(KeyRing([k1]))
+        return (st, lambda key, data: st.put_foreign(key, data, other),
+                lambda key, data: st.put_plain(key, data))
+    make_store = request.getfixturevalue("make_store")
+    s3, bucket = request.getfixturevalue("s3"), request.getfixturevalue("bucket")
+    st, _ = make_store(k1)
+    foreign, _ = make_store(other)
+    return (st, lambda key, data: foreign.put(key, data, {}),
+            lambda key, data: s3.put_object(Bucket=bucket, Key=key, Body=data))
+
+
+def test_store_contract(contract, k1):
+    st, put_foreign, put_plain = contract
+    data = os.urandom(5000)
+    info = st.put("c/a", data, {"mode": "33188"})
+    assert (info.access, info.key_fp, info.size) == (OPEN, k1.fingerprint, 5000)
+    h = st.head("c/a")
+    assert (h.access, h.key_fp, h.size) == (OPEN, k1.fingerprint, 5000)
+    assert h.metadata["mode"] == "33188" and h.metadata[KEY_FP_META] == k1.fingerprint
+    assert st.get_range("c/a", 100, 50, h.key_fp, etag=h.etag) == data[100:150]
+    assert st.get_range("c/a", 4990, 100, h.key_fp) == data[4990:]
+    assert st.get_range("c/a", 0, 0, h.key_fp) == b""
+    with pytest.raises(Stale):
+        st.get_range("c/a", 0, 10, h.key_fp, etag="0" * 32)
+    with pytest.raises(NotFound):
+        st.head("c/missing")
+    with pytest.raises(NotFound):
+        st.get_range("c/missing", 0, 1, None)
+
+    put_foreign("c/foreign", b"f" * 777)
+    h = st.head("c/foreign")
+    assert (h.access, h.size, h.key_fp) == (LOCKED, 777, None)
+    with pytest.raises(PermissionDenied):
+        st.get_range("c/foreign", 0, 10, None)
+    # SeaweedFS answers a copy whose source key is wrong with 500 InternalError (AWS: 403),
+    # which surfaces as StoreUnavailable; either way nothing is copied.
+    with pytest.raises((PermissionDenied, StoreUnavailable)):
+        st.copy("c/foreign", "c/stolen", 777, {}, None)
+    with pytest.raises(NotFound):
+        st.head("c/stolen")
+
+    put_plain("c/plain", b"p" * 33)
+    h = st.head("c/plain")
+    assert (h.access, h.size, h.key_fp) == (PLAINTEXT, 33, None)
+    with pytest.raises(KeyMismatch):
+        st.get_range("c/plain", 0, 10, None)
+
+    with pytest.raises(Stale):
+        st.copy("c/a", "c/stale", 5000, {}, k1.fingerprint, src_etag="0" * 32)
+    with pytest.raises(NotFound):
+        st.head("c/stale")
+    etag = st.head("c/a").etag
+    info = st.copy("c/a", "c/sub/b", 5000, {"mode": "33261"}, k1.fingerprint, src_etag=etag)
+    assert info.key_fp == k1.fingerprint
+    h = st.head("c/sub/b")
+    assert h.access == OPEN and h.metadata["mode"] == "33261"
+    assert st.get_range("c/sub/b", 0, 5000, h.key_fp) == data
+
+    pages = list(st.list_page_iter("c/", delimiter="/"))
+    assert sorted(o.key for p in pages for o in p.objects) == ["c/a", "c/foreign", "c/plain"]
+    assert [x for p in pages for x in p.prefixes] == ["c/sub/"]
+    assert [o.size for p in st.list_page_iter("c/a", delimiter=None) for o in p.objects] == [5000]
+
+    st.delete("c/a")
+    st.delete("c/a")                                      # deleting a missing key is no error
+    with pytest.raises(NotFound):
+        st.head("c/a")
+    st.delete_many(["c/foreign", "c/plain", "c/sub/b"])
+    assert [o for p in st.list_page_iter("c/", delimiter=None) for o in p.objects] == []
+
+
+# ------------------------------------------------------------------------- moto: shape only
+def test_moto_list_pagination_and_delete_batches(monkeypatch):
+    """moto ignores SSE-C: this checks request shapes only (pagination, batching)."""
+    moto = pytest.importorskip("moto")
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with moto.mock_aws():
+        store = S3Store("shape-bucket", KeyRing([Key(os.urandom(32))]), region="us-east-1")
+        try:
+            client = store.client
+            client.create_bucket(Bucket="shape-bucket")
+            keys = [f"p/{i:05d}" for i in range(1003)] + ["p/sub/x", "q/other"]
+            _moto_fill(client, "shape-bucket", keys)
+            wire = Wire(client)
+            pages = list(store.list_page_iter("p/", delimiter=None))
+            listed = [o.key for p in pages for o in p.objects]
+            assert listed == sorted(k for k in keys if k.startswith("p/"))
+            assert [len(p.objects) for p in pages] == [1000, 4]
+            assert wire.ops() == ["ListObjectsV2"] * 2
+            # max_keys < 1000 means "one page" (existence probes)
+            assert len(list(store.list_page_iter("p/", delimiter=None, max_keys=2))) == 1
+            wire.clear()
+            batches = []
+            client.meta.events.register(
+                "provide-client-params.s3.DeleteObjects",
+                lambda params, **kw: batches.append(params["Delete"]["Objects"]))
+            doomed = [k for k in keys if k.startswith("p/")]
+            store.delete_many(doomed)
+            assert wire.ops() == ["DeleteObjects"] * 2
+            assert sorted(len(b) for b in batches) == [4, 1000]
+            left = [o.key for p in store.list_page_iter("", delimiter=None) for o in p.objects]
+            assert left == ["q/other"]
+        finally:
+            store.close()
+
+
+def _moto_fill(client, bucket: str, keys: list[str]) -> None:
+    """Create many empty objects: through moto's backend when it has the (internal) call,
+    which is ~50x faster than one PutObject request each."""
+    try:
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.models import s3_backends
+        backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+        for k in keys:
+            backend.put_object(bucket, k, b"")
+    except (ImportError, KeyError, AttributeError, TypeError):
+        for k in keys:
+            client.put_object(Bucket=bucket, Key=k, Body=b"")
