@@ -54,8 +54,15 @@ def errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
 class FuseAdapter(Operations):
     use_ns = True
+    # Let libfuse pass UTIME_OMIT/UTIME_NOW through (else `touch -m` and tar's
+    # futimens(fd, {UTIME_OMIT, mtime}) are answered "success" without reaching us).
+    flag_utime_omit_ok = 1
 
     def __init__(self, fs: Filesystem, on_init=None, on_destroy=None):
         self.fs = fs
@@ -117,11 +124,19 @@ class FuseAdapter(Operations):
         return 0
 
     def utimens(self, path, times=None):
+        now = time.time()
         if times is None:
-            atime = mtime = time.time()
-        else:
-            atime, mtime = times[0] / 1e9, times[1] / 1e9
-        self.fs.utimens(path, atime, mtime)
+            times = (UTIME_NOW, UTIME_NOW)
+
+        def conv(ns):      # with use_ns, fusepy gives tv_sec * 1e9 + tv_nsec
+            if ns == UTIME_OMIT:
+                return None
+            if ns == UTIME_NOW:
+                return now
+            return ns / 1e9
+        atime, mtime = conv(times[0]), conv(times[1])
+        if mtime is not None:       # atime is not stored (SEMANTICS.md)
+            self.fs.utimens(path, atime, mtime)
         return 0
 
     def statfs(self, path):

@@ -225,9 +225,23 @@ class NamespaceOps:
         if okey not in copied:
             # no marker: make one so an empty directory survives the move
             self.store.put(nkey, b"", self._meta_headers(self._default_meta(stat.S_IFDIR | 0o755)))
-        for i in range(0, len(objs), 1000):
-            self.store.delete_many(objs[i:i + 1000])
+        self._delete_tree(objs, okey)
         return copied
+
+    def _delete_tree(self, keys: list[str], root: str) -> None:
+        """Delete a set of keys deepest first, then the directory keys they imply. SeaweedFS
+        keeps a "dir/" key that still has children (and an emptied implicit directory) listed;
+        deleting children before parents, then each implied "dir/", leaves nothing behind.
+        On AWS deleting a key that does not exist is harmless."""
+        implied = set()
+        for k in keys:
+            parts = k.rstrip("/").split("/")[:-1]
+            for n in range(1, len(parts) + 1):
+                implied.add("/".join(parts[:n]) + "/")
+        implied = {d for d in implied if d.startswith(root)}     # never above the moved tree
+        todo = sorted(set(keys) | implied, key=lambda k: (-k.rstrip("/").count("/"), k))
+        for i in range(0, len(todo), 1000):
+            self.store.delete_many(todo[i:i + 1000])
 
     def _move_state(self, st, opfx: str, npfx: str, okey: str, nkey: str, copied: dict) -> None:
         with st.lock:
