@@ -33,7 +33,8 @@ O_FLAG = {"ro": "read_only", "read_only": "read_only", "allow_other": "allow_oth
 # Options mount(8)/mount.fuse add or that only matter to mount(8): accepted and ignored.
 O_IGNORED = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
              "_netdev", "nofail", "user", "nouser", "users", "defaults", "atime", "noatime",
-             "relatime", "strictatime", "nodiratime", "diratime", "async", "sync"}
+             "relatime", "strictatime", "nodiratime", "diratime", "async", "sync",
+             "default_permissions"}   # always on
 # FUSE options passed through to libfuse.
 O_FUSE = {"nonempty", "allow_root", "auto_unmount", "kernel_cache", "direct_io", "max_read",
           "fsname", "subtype", "umask", "debug"}
@@ -123,7 +124,7 @@ def apply_o_options(args: argparse.Namespace) -> None:
                     setattr(args, key, val)
             elif key in O_FLAG and not eq:
                 setattr(args, O_FLAG[key], True)
-            elif key in O_IGNORED or key.startswith("x-") or key.startswith("comment="):
+            elif key in O_IGNORED or name.startswith("x-") or name == "comment":
                 continue
             elif key in O_FUSE:
                 fuse_opts.append(opt)

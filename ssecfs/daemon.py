@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
@@ -110,6 +111,11 @@ def runtime_dir() -> str:
 def registry_path(mountpoint: str) -> str:
     h = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
     return os.path.join(runtime_dir(), f"mount-{h}.json")
+
+
+def control_path(mountpoint: str) -> str:
+    h = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(runtime_dir(), f"control-{h}.sock")
 
 
 def read_registry(mountpoint: str) -> dict | None:
@@ -265,10 +271,10 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     if fs.bad_entries:
         log.error("%d cache entries could not be opened with this key ring; they are kept in %s",
                   len(fs.bad_entries), cfg.cache_dir)
-    control = ControlServer(os.path.join(cfg.cache_dir, "control.sock"),
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    control = ControlServer(control_path(cfg.mountpoint),
                             lambda: {"mountpoint": cfg.mountpoint, "source": cfg.source,
                                      "pid": os.getpid(), **fs.status()})
-    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
     reg = registry_path(cfg.mountpoint)
     with open(reg, "w") as f:
         json.dump({"pid": os.getpid(), "mountpoint": os.path.realpath(cfg.mountpoint),
@@ -292,9 +298,29 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
                           f"{s['uploads_in_flight']} in flight")
         threading.Thread(target=announce, name="ready", daemon=True).start()
 
+    class StopFlushing(Exception):
+        pass
+
     def on_destroy():
         stop_status.set()
         sd_notify("STOPPING=1")
+        # libfuse has restored the default SIGTERM/SIGINT by now: a second signal (systemd's
+        # stop timeout, a .mount unit stopping) would kill us mid-upload without a word.
+        def hurry(signum, _frame):
+            raise StopFlushing(signal.Signals(signum).name)
+        in_main = threading.current_thread() is threading.main_thread()
+        old = {s: signal.signal(s, hurry) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+        try:
+            _flush_before_exit()
+        except StopFlushing as e:
+            log.warning("unmount: %s during the final upload: stopping now; %d file(s) stay in "
+                        "the cache (%s) and upload at the next mount", e, len(fs.dirty_files()),
+                        cfg.cache_dir)
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+    def _flush_before_exit():
         n = len(fs.dirty_files())
         if n:
             log.info("unmounting: uploading %d pending file(s) before exit", n)

@@ -180,9 +180,16 @@ def parse_keyfile_bytes(data: bytes, source: str) -> KeyRing:
 
 
 def _looks_like_text_keys(data: bytes) -> bool:
-    # A 32-byte file could in theory be text; 44-char base64 keys are longer, so a 32-byte
-    # file is text only if it is a comment/blank-only file.
-    return all(not ln.strip() or ln.strip().startswith(b"#") for ln in data.splitlines())
+    """A 32-byte file is a raw key unless it is clearly text (a comment/blank-only file):
+    valid UTF-8, no control characters but tab/CR/LF, and only blank or '#' lines. A random
+    key passes that test with negligible probability."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    if any(ord(c) < 32 and c not in "\t\r\n" or ord(c) == 127 for c in text):
+        return False
+    return all(not ln.strip() or ln.strip().startswith("#") for ln in text.splitlines())
 
 
 def load_keyring(path: str, check_permissions: bool = True) -> KeyRing:
