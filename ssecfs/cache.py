@@ -45,7 +45,13 @@ log = logging.getLogger("ssecfs.cache")
 CHUNK = 128 * 1024
 HEADER = struct.Struct(">4sI")
 MAGIC = b"SSC1"
-SLOT = HEADER.size + CHUNK + OVERHEAD
+SLOT_PAYLOAD = HEADER.size + CHUNK + OVERHEAD
+SLOT = (SLOT_PAYLOAD + 4095) // 4096 * 4096   # block aligned, so an evicted slot frees its blocks
+
+
+def _cost(length: int) -> int:
+    """Disk blocks a slot holding `length` plaintext bytes occupies (what the bound counts)."""
+    return (HEADER.size + length + OVERHEAD + 4095) // 4096 * 4096
 SEALER_THREADS = 2
 MAX_PENDING = 256                    # chunks (32 MiB) of plaintext waiting to be sealed
 VERSION_TEXT = "ssecfs-cache 1\n"
@@ -149,7 +155,7 @@ class CacheEntry:
                 self._queued.add(index)
         if queue:
             self.cache._submit_seal(self, index)
-        self.cache._account(self, index, (length + OVERHEAD) - ((old + OVERHEAD) if old else 0),
+        self.cache._account(self, index, _cost(length) - (_cost(old) if old else 0),
                             clean=not dirty and not self.dirty)
 
     def _seal_one(self, index: int) -> None:
@@ -189,7 +195,7 @@ class CacheEntry:
         """Forget chunks >= first (truncate)."""
         with self.io_lock:
             gone = [i for i in self.present if i >= first]
-            freed = sum(self.present.pop(i) + OVERHEAD for i in gone)
+            freed = sum(_cost(self.present.pop(i)) for i in gone)
             for i in gone:
                 self.pending.pop(i, None)
             if not self.pending:
@@ -225,11 +231,20 @@ class CacheEntry:
             if self.pending.pop(index, None) is not None:
                 if not self.pending:
                     self._drained.notify_all()
-                return length + OVERHEAD
+                return _cost(length)
             fd = self._fdl()
             if not _punch_hole(fd, index * SLOT, SLOT):
                 os.pwrite(fd, b"\0" * HEADER.size, index * SLOT)
-            return length + OVERHEAD
+            if not self.present and not self.dirty:
+                # fully evicted: nothing of it needs to stay on disk
+                os.close(fd)
+                self._fd = None
+                for p in (self.data_path, self.meta_path):
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        pass
+            return _cost(length)
 
     # -- journal record -----------------------------------------------------------------------
     def save_state(self, state: dict, sync: bool = True) -> None:
@@ -370,7 +385,7 @@ class Cache:
             e.dirty = True
             with self._lock:
                 self._entries[eid] = e
-                n = sum(ln + OVERHEAD for ln in e.present.values())
+                n = sum(_cost(ln) for ln in e.present.values())
                 self._used += n
                 self._dirty_bytes += n
             dirty.append((e, state))
@@ -415,7 +430,7 @@ class Cache:
             if e.dirty == dirty:
                 return
             e.dirty = dirty
-            n = sum(ln + OVERHEAD for ln in e.present.values())
+            n = sum(_cost(ln) for ln in e.present.values())
             if dirty:
                 self._dirty_bytes += n
                 for i in e.present:
@@ -434,7 +449,7 @@ class Cache:
             self._entries.pop(e.id, None)
             if e.object_key and self._by_object.get(e.object_key) is e:
                 del self._by_object[e.object_key]
-            n = sum(ln + OVERHEAD for ln in e.present.values())
+            n = sum(_cost(ln) for ln in e.present.values())
             self._used -= n
             if e.dirty:
                 self._dirty_bytes -= n

@@ -27,13 +27,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from .cache import CHUNK, Cache, CacheEntry
 from .config import FsConfig
 from .errors import (IsADirectory, KeyMismatch, NameTooLong, NotFound, PermissionDenied,
                      ReadOnly, Stale, TimedOut)
-from .namespace import NamespaceOps
+from .namespace import LISTING_CACHE_MAX, NamespaceOps
 from .store import LOCKED, PLAINTEXT, ObjectInfo, Store
 from .writeback import WriteBack
 
@@ -130,6 +130,12 @@ class Filesystem(NamespaceOps):
         # metadata of "dir/" marker objects; the attributes then last as long as the mount.
         self._dir_meta: dict[str, dict] = {}
         self._attrs: TTLCache = TTLCache(maxsize=100_000, ttl=max(config.attr_timeout, 0.001))
+        # Names in small directories (<= LISTING_CACHE_MAX entries), to answer lookups of
+        # names that do not exist (create, editors' temp files) without two requests each.
+        self._listings: TTLCache = TTLCache(maxsize=2_000, ttl=max(config.attr_timeout, 0.001))
+        self._small_dirs: LRUCache = LRUCache(maxsize=10_000)
+        self._heads: dict[str, Future] = {}          # HEADs in flight (readdir prefetch)
+        self._head_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="head")
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
         self._copy_pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="copy")
         self.wb = WriteBack(self._upload, delay=config.writeback_delay,
@@ -203,6 +209,23 @@ class Filesystem(NamespaceOps):
             raise NotFound(path)
         if hit:
             return hit
+        with self._attr_lock:
+            pending = self._heads.get(path)
+        if pending is not None:          # a readdir prefetch is fetching it right now
+            try:
+                pending.result()
+            except Exception:  # noqa: BLE001 - fall back to our own lookup
+                pass
+            with self._attr_lock:
+                hit = self._attrs.get(path, False)
+            if hit:
+                return hit
+        parent, name = posixpath.split(path)
+        names = self._children(parent or "/")
+        if names is not None and name not in names:
+            with self._attr_lock:
+                self._attrs[path] = None
+            raise NotFound(path)
         try:
             attr = self._lookup(path)
         except NotFound:
@@ -212,6 +235,68 @@ class Filesystem(NamespaceOps):
         with self._attr_lock:
             self._attrs[path] = attr
         return attr
+
+    # -- listing cache --------------------------------------------------------------------------
+    def _children(self, d: str) -> set | None:
+        """Names in directory d if it is small enough to cache (listed again when the cached
+        copy is older than the attribute timeout), else None."""
+        with self._attr_lock:
+            names = self._listings.get(d)
+            small = d in self._small_dirs
+        if names is not None or not small:
+            return names
+        names = set()
+        dkey = self.prefix if d == "/" else self.dir_key(d)
+        for page in self.store.list_page_iter(dkey, delimiter="/"):
+            names.update(o.key[len(dkey):] for o in page.objects)
+            names.update(p[len(dkey):].rstrip("/") for p in page.prefixes)
+            if len(names) > LISTING_CACHE_MAX:
+                with self._attr_lock:
+                    self._small_dirs.pop(d, None)
+                return None
+        names.discard("")
+        self._set_children(d, names)
+        return names
+
+    def _set_children(self, d: str, names: set | None) -> None:
+        with self._attr_lock:
+            if names is None or len(names) > LISTING_CACHE_MAX:
+                self._listings.pop(d, None)
+                self._small_dirs.pop(d, None)
+            else:
+                self._listings[d] = names
+                self._small_dirs[d] = True
+
+    def _note_child(self, path: str, present: bool) -> None:
+        """Keep cached listings true to our own creates and deletes."""
+        parent, name = posixpath.split(path)
+        with self._attr_lock:
+            names = self._listings.get(parent or "/")
+            if names is not None:
+                (names.add if present else names.discard)(name)
+            if present:
+                self._attrs.pop(path, None)
+
+    def _prefetch_attrs(self, paths_keys: list) -> None:
+        """Parallel HEADs for a page of a listing, so that `ls -l` is not one round trip
+        per file; getattr of a name being fetched waits for it instead of asking again."""
+        for path, key, listed in paths_keys:
+            with self._attr_lock:
+                if path in self._heads or self._attrs.get(path, False):
+                    continue
+                self._heads[path] = self._head_pool.submit(self._prefetch_one, path, key, listed)
+
+    def _prefetch_one(self, path: str, key: str, listed) -> None:
+        try:
+            info = self.store.head(key)
+            attr = self._attr_of_info(info)
+            with self._attr_lock:
+                self._attrs[path] = attr
+        except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
+            pass
+        finally:
+            with self._attr_lock:
+                self._heads.pop(path, None)
 
     def _lookup(self, path: str) -> Attr:
         key = self.key_of(path)
@@ -310,6 +395,7 @@ class Filesystem(NamespaceOps):
             with self._files_lock:
                 self._files[path] = st
             self._invalidate(path)
+            self._note_child(path, True)
             return self._register(st)
 
     def open(self, path: str, flags: int) -> int:
@@ -724,6 +810,7 @@ class Filesystem(NamespaceOps):
     def shutdown(self) -> None:
         self.wb.stop()
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._head_pool.shutdown(wait=False, cancel_futures=True)
         self._copy_pool.shutdown(wait=False, cancel_futures=True)
 
 

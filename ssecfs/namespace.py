@@ -15,6 +15,7 @@ from .store import OPEN
 
 
 _now = time.time
+LISTING_CACHE_MAX = 5000   # directories up to this size have their names cached
 
 
 class NamespaceOps:
@@ -47,18 +48,30 @@ class NamespaceOps:
                      and "/" not in p[len(pfx):]}
         yield "."
         yield ".."
+        complete = False
         for page in self.store.list_page_iter(dkey, delimiter="/"):
+            batch = []
             for o in page.objects:
                 name = o.key[len(dkey):]
                 if not name or "/" in name:
                     continue            # the directory's own marker
                 seen_local.add(name)
-                yield name
+                if len(seen_local) <= LISTING_CACHE_MAX:
+                    batch.append((pfx + name, o.key, o))
+            self._prefetch_attrs(batch)
+            for o in page.objects:
+                name = o.key[len(dkey):]
+                if name and "/" not in name:
+                    yield name
             for p in page.prefixes:
                 name = p[len(dkey):].rstrip("/")
                 if name and "/" not in name and name not in seen_local:
                     seen_local.add(name)
                     yield name
+        else:
+            complete = True
+        if complete:
+            self._set_children(path, seen_local if len(seen_local) <= LISTING_CACHE_MAX else None)
         for name in sorted(local - seen_local):
             yield name
 
@@ -72,6 +85,8 @@ class NamespaceOps:
             self.store.put(self.dir_key(path), b"", self._meta_headers(meta))
             self._remember_dir_meta(path, meta)
             self._invalidate(path)
+            self._note_child(path, True)
+            self._set_children(path, set())
 
     def rmdir(self, path: str) -> None:
         self._check_writable()
@@ -91,10 +106,37 @@ class NamespaceOps:
                 pass
             self._remember_dir_meta(path, None)
             self._invalidate(path)
+            self._note_child(path, False)
+            self._set_children(path, None)
 
     # ===================================================================== unlink / rename
+    def _idle_uploads(self, *paths: str):
+        """Hold the uploads of the files at paths (and under them, for directories) and wait,
+        WITHOUT the namespace lock, for those in flight to end: a stuck upload then delays
+        only the operation on its own file, not every namespace operation of the mount.
+        Returns the held states (release with _release_uploads)."""
+        with self._files_lock:
+            held = [st for p, st in self._files.items()
+                    if any(p == q or p.startswith(q.rstrip("/") + "/") for q in paths)]
+        for st in held:
+            self.wb.hold(st)
+        for st in held:
+            self.wb.wait_idle(st)
+        return held
+
+    def _release_uploads(self, held) -> None:
+        for st in held:
+            self.wb.unhold(st)
+
     def unlink(self, path: str) -> None:
         self._check_writable()
+        held = self._idle_uploads(path)
+        try:
+            self._unlink(path)
+        finally:
+            self._release_uploads(held)
+
+    def _unlink(self, path: str) -> None:
         with self._ns_lock:
             attr = self.getattr(path)
             if stat.S_ISDIR(attr.mode):
@@ -105,6 +147,7 @@ class NamespaceOps:
             except NotFound:
                 pass
             self._invalidate(path)
+            self._note_child(path, False)
 
     def _drop_state(self, path: str) -> None:
         """Caller holds _ns_lock. Forget a file's local state for good (unlinked/replaced)."""
@@ -126,6 +169,13 @@ class NamespaceOps:
         self._check_writable()
         if old == new:
             return
+        held = self._idle_uploads(old, new)
+        try:
+            self._rename(old, new)
+        finally:
+            self._release_uploads(held)
+
+    def _rename(self, old: str, new: str) -> None:
         with self._ns_lock:
             a = self.getattr(old)
             if (new + "/").startswith(old.rstrip("/") + "/") and stat.S_ISDIR(a.mode):
@@ -146,6 +196,12 @@ class NamespaceOps:
                     raise IsADirectory(new)
                 self._rename_file(old, new, replacing=b is not None)
             self._invalidate(old, new)
+            if stat.S_ISDIR(a.mode):
+                with self._attr_lock:
+                    self._listings.clear()
+            else:
+                self._note_child(old, False)
+                self._note_child(new, True)
 
     def _rename_file(self, old: str, new: str, replacing: bool) -> None:
         okey, nkey = self.key_of(old), self.key_of(new)
@@ -337,6 +393,7 @@ class NamespaceOps:
             self.store.put(self.key_of(path), target.encode("utf-8", "surrogateescape"),
                            self._meta_headers(meta))
             self._invalidate(path)
+            self._note_child(path, True)
 
     def readlink(self, path: str) -> str:
         attr = self.getattr(path)

@@ -39,6 +39,7 @@ class WriteBack:
         self._first: dict[Hashable, float] = {}
         self._in_flight: set[Hashable] = set()
         self._attempts: dict[Hashable, int] = {}
+        self._held: dict[Hashable, int] = {}      # items no worker may start (namespace ops)
         self._seq = itertools.count()
         self._stopping = False
         self.last_error: str | None = None
@@ -76,6 +77,26 @@ class WriteBack:
             was = (self._due.pop(item, None) is not None) or was   # a failed attempt re-queues
             self._attempts.pop(item, None)
             return was
+
+    def hold(self, item: Hashable) -> None:
+        """No upload of item starts until unhold(); one in flight goes on (see wait_idle)."""
+        with self._cond:
+            self._held[item] = self._held.get(item, 0) + 1
+
+    def wait_idle(self, item: Hashable) -> None:
+        with self._cond:
+            while item in self._in_flight:
+                self._cond.wait(timeout=1.0)
+
+    def unhold(self, item: Hashable) -> None:
+        with self._cond:
+            n = self._held.get(item, 0) - 1
+            if n > 0:
+                self._held[item] = n
+                return
+            self._held.pop(item, None)
+            if item in self._due:
+                self._push(item, self._due[item])
 
     def wait(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         """Block until predicate() holds (checked after every upload attempt)."""
@@ -127,11 +148,10 @@ class WriteBack:
                     if self._due.get(item) != due:
                         heapq.heappop(self._heap)      # stale heap record
                         continue
-                    if item in self._in_flight:
-                        # uploaded again once the running upload ends
+                    if item in self._in_flight or item in self._held:
+                        # stays in _due; re-queued when the upload ends / the hold is released
                         heapq.heappop(self._heap)
-                        self._push(item, max(due, now) + 0.05)
-                        break
+                        continue
                     if due > now:
                         break
                     heapq.heappop(self._heap)
@@ -168,6 +188,11 @@ class WriteBack:
             finally:
                 with self._cond:
                     self._in_flight.discard(item)
-                    if retry_in is not None and item not in self._due:
+                    if item in self._due:           # changed again while uploading
+                        due = self._due[item]
+                        if retry_in is not None:
+                            due = max(due, time.monotonic() + retry_in)
+                        self._push(item, due)
+                    elif retry_in is not None:
                         self._push(item, time.monotonic() + retry_in)
                     self._cond.notify_all()

@@ -10,11 +10,12 @@ import pytest
 
 from helpers import marker_blob, scan_dir_for
 from ssecfs.cache import CHUNK, HEADER, SLOT, Cache
-from ssecfs.crypto import OVERHEAD, Sealer
+from ssecfs.cache import _cost
+from ssecfs.crypto import Sealer
 from ssecfs.errors import IntegrityError, UserError
 from ssecfs.keys import Key
 
-COST = CHUNK + OVERHEAD       # accounted bytes of one full chunk
+COST = _cost(CHUNK)           # accounted bytes of one full chunk (whole 4 KiB blocks)
 
 
 class Keys:
@@ -250,7 +251,7 @@ def test_recover(cache_dir, keys):
             assert e.read_chunk(i) == d
         assert e.read_chunk(1) is None
         st = c2.stats()
-        used = CHUNK + OVERHEAD + 777 + OVERHEAD
+        used = _cost(CHUNK) + _cost(777)
         assert st["cache_used_bytes"] == used and st["cache_dirty_bytes"] == used
         # clean and half-created entries are removed
         for p in (clean.data_path, clean.meta_path, half.data_path):
@@ -385,11 +386,11 @@ def test_drop_chunks_from_frees_accounting(cache_dir, keys):
         c.set_dirty(e, True)
         for i in range(4):
             e.write_chunk(i, os.urandom(1000))
-        assert c.stats()["cache_used_bytes"] == 4 * (1000 + OVERHEAD)
+        assert c.stats()["cache_used_bytes"] == 4 * _cost(1000)
         e.drop_chunks_from(2)
         s = c.stats()
-        assert s["cache_used_bytes"] == 2 * (1000 + OVERHEAD)
-        assert s["cache_dirty_bytes"] == 2 * (1000 + OVERHEAD)
+        assert s["cache_used_bytes"] == 2 * _cost(1000)
+        assert s["cache_dirty_bytes"] == 2 * _cost(1000)
         assert e.read_chunk(2) is None and e.read_chunk(3) is None
         assert e.read_chunk(1) is not None
         assert os.path.getsize(e.data_path) <= 2 * SLOT
