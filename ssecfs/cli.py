@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                    "CACHE_DIR/ssecfs.log)")
     m.add_argument("--writeback-delay", type=float, default=None,
                    help="seconds to wait after close before uploading (default 2)")
-    m.add_argument("--upload-workers", type=int, default=None, help="parallel uploads (default 4)")
+    m.add_argument("--upload-workers", type=int, default=None, help="parallel uploads (default 8)")
     m.add_argument("--attr-timeout", type=float, default=None,
                    help="seconds attributes are cached (default 1)")
     m.add_argument("--fsync-timeout", type=float, default=None,
@@ -167,7 +167,7 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
     fs = FsConfig(prefix=prefix, read_only=bool(args.read_only),
                   attr_timeout=num(args.attr_timeout, 1.0),
                   writeback_delay=num(args.writeback_delay, 2.0),
-                  upload_workers=num(args.upload_workers, 4, int),
+                  upload_workers=num(args.upload_workers, 8, int),
                   fsync_timeout=num(args.fsync_timeout, 0.0),
                   uid=num(getattr(args, "uid", None), None, int),
                   gid=num(getattr(args, "gid", None), None, int))

@@ -29,7 +29,7 @@ class FsConfig:
     read_only: bool = False
     attr_timeout: float = 1.0
     writeback_delay: float = 2.0
-    upload_workers: int = 4
+    upload_workers: int = 8
     fsync_timeout: float = 0.0       # 0: wait until durable, however long
     uid: int | None = None
     gid: int | None = None

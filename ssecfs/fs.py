@@ -135,6 +135,9 @@ class Filesystem(NamespaceOps):
         self._listings: TTLCache = TTLCache(maxsize=2_000, ttl=max(config.attr_timeout, 0.001))
         self._small_dirs: LRUCache = LRUCache(maxsize=10_000)
         self._heads: dict[str, Future] = {}          # HEADs in flight (readdir prefetch)
+        # The last HEAD answer per path (ETag, key, metadata): an open within the attribute
+        # timeout of a lookup uses it instead of asking again.
+        self._infos: TTLCache = TTLCache(maxsize=20_000, ttl=max(config.attr_timeout, 0.001))
         self._head_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="head")
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
         self._copy_pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="copy")
@@ -189,6 +192,7 @@ class Filesystem(NamespaceOps):
         with self._attr_lock:
             for p in paths:
                 self._attrs.pop(p, None)
+                self._infos.pop(p, None)
                 self._attrs.pop(posixpath.dirname(p) or "/", None)
 
     def _state(self, path: str) -> FileState | None:
@@ -245,7 +249,10 @@ class Filesystem(NamespaceOps):
             small = d in self._small_dirs
         if names is not None or not small:
             return names
-        names = set()
+        pfx = d.rstrip("/") + "/"
+        with self._files_lock:        # before listing: a file uploaded after this is listed
+            names = {p[len(pfx):] for p in self._files
+                     if p.startswith(pfx) and "/" not in p[len(pfx):]}
         dkey = self.prefix if d == "/" else self.dir_key(d)
         for page in self.store.list_page_iter(dkey, delimiter="/"):
             names.update(o.key[len(dkey):] for o in page.objects)
@@ -292,6 +299,7 @@ class Filesystem(NamespaceOps):
             attr = self._attr_of_info(info)
             with self._attr_lock:
                 self._attrs[path] = attr
+                self._infos[path] = info
         except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
             pass
         finally:
@@ -302,6 +310,8 @@ class Filesystem(NamespaceOps):
         key = self.key_of(path)
         try:
             info = self.store.head(key)
+            with self._attr_lock:
+                self._infos[path] = info
             return self._attr_of_info(info)
         except NotFound:
             pass
@@ -415,7 +425,10 @@ class Filesystem(NamespaceOps):
 
     def _load_state(self, path: str) -> FileState:
         key = self.key_of(path)
-        info = self.store.head(key)      # fresh HEAD: close-to-open consistency
+        with self._attr_lock:
+            info = self._infos.pop(path, None)   # looked up within the attribute timeout
+        if info is None:
+            info = self.store.head(key)          # close-to-open: a fresh HEAD
         if info.access == LOCKED:
             log.warning("%s: no key of the ring opens this object (another key?)", path)
             raise KeyMismatch(path)
@@ -698,8 +711,9 @@ class Filesystem(NamespaceOps):
                 del self._files[st.path]
         if st.entry is not None:
             st.entry.close_fd()
-        with self._attr_lock:
-            if not st.deleted:
+        if not st.deleted:
+            self._note_child(st.path, True)
+            with self._attr_lock:
                 self._attrs[st.path] = self._attr_of_state(st)
 
     # ===================================================================== upload (write-back)

@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 
 from .errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
-                     NotFound)
+                     NotFound, NotSupported, PermissionDenied)
 from .store import OPEN
 
 
@@ -71,7 +71,8 @@ class NamespaceOps:
         else:
             complete = True
         if complete:
-            self._set_children(path, seen_local if len(seen_local) <= LISTING_CACHE_MAX else None)
+            self._set_children(path, (seen_local | local)
+                               if len(seen_local) <= LISTING_CACHE_MAX else None)
         for name in sorted(local - seen_local):
             yield name
 
@@ -274,7 +275,7 @@ class NamespaceOps:
             for o in page.objects:
                 objs.append(o.key)
                 futs[o.key] = self._copy_pool.submit(self._move_copy, o.key,
-                                                     nkey + o.key[len(okey):])
+                                                     nkey + o.key[len(okey):], o.size)
                 if len(futs) >= 1000:
                     self._drain(futs, copied)
         self._drain(futs, copied)
@@ -327,7 +328,12 @@ class NamespaceOps:
         finally:
             futs.clear()
 
-    def _move_copy(self, src: str, dst: str):
+    def _move_copy(self, src: str, dst: str, size: int):
+        if not src.endswith("/"):
+            try:        # one request: most objects are under the current key
+                return self.store.copy_as_is(src, dst, size)
+            except (KeyMismatch, PermissionDenied, NotSupported):
+                pass    # under an older key (or big): HEAD to learn which, then copy
         info = self.store.head(src)
         if src.endswith("/") and info.size == 0:
             return self.store.put(dst, b"", info.metadata)

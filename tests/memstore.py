@@ -195,6 +195,19 @@ class MemStore:
             data = obj.data
         return self._store(dst, data, metadata)
 
+    def copy_as_is(self, src: str, dst: str, size: int) -> ObjectInfo:
+        """Like S3Store.copy_as_is: one copy keeping the metadata, only for objects under the
+        ring's current key (PermissionDenied otherwise; NotSupported never: no size limit)."""
+        self._enter("copy_as_is", dst, src)
+        cur = self.ring.current.fingerprint
+        with self._lock:
+            obj = self._get(src, "CopyObject")
+            if obj.key_fp != cur:
+                raise PermissionDenied(f"CopyObject {src!r}: not under the current key")
+            data, meta = obj.data, dict(obj.metadata)
+        meta.pop(KEY_FP_META, None)
+        return self._store(dst, data, meta)
+
     def delete(self, key: str) -> None:
         self._enter("delete", key)
         with self._lock:

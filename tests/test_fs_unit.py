@@ -410,6 +410,7 @@ def test_failed_rename_keeps_the_pending_upload(make_fs, store, what):
     fs.release(fh)                                       # closed, dirty, queued
     assert fs.wb.pending() == 1
     store.fail("copy", 1)
+    store.fail("copy_as_is", 1)                          # the one-request copy of dir moves
     with pytest.raises(StoreUnavailable):
         if what == "file":
             fs.rename("/d/n", "/d/m")
