@@ -81,7 +81,9 @@ class SeaweedFS:
                "-ip.bind=127.0.0.1",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
                "-s3", f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=256"]
+               "-master.telemetry=false",
+               # every bucket is a collection that grows 7 volumes: allow many small ones
+               "-volume.max=3000", "-master.volumeSizeLimitMB=64"]
         if self.https:
             cmd += [f"-s3.port.https={self.https_port}", f"-s3.cert.file={self.https[0]}",
                     f"-s3.key.file={self.https[1]}"]
@@ -126,6 +128,18 @@ class SeaweedFS:
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
+
+    def delete_bucket(self, name: str) -> None:
+        """Best effort: empty and delete a bucket (frees its collection's volumes)."""
+        s3 = self.client()
+        try:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents") or []]
+                if keys:
+                    s3.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+            s3.delete_bucket(Bucket=name)
+        except Exception:  # noqa: BLE001 - cleanup only
+            pass
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

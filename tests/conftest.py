@@ -44,7 +44,8 @@ def s3(seaweed):
 def bucket(seaweed):
     name = "t-" + uuid.uuid4().hex[:12]
     seaweed.create_bucket(name)
-    return name
+    yield name
+    seaweed.delete_bucket(name)
 
 
 def make_keyfile(path, raw: bytes | None = None) -> bytes:
@@ -134,7 +135,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def mounter(seaweed, tmp_path):
+def mounter(seaweed, tmp_path, bucket):
+    # (depends on `bucket` so that the bucket is deleted only after every mount is gone)
     """Factory: mounter(bucket, keyfile, *args, name="mnt") -> mounted Mount."""
     if not fuse_available():
         pytest.skip("FUSE needs /dev/fuse, fusermount and root")
