@@ -183,6 +183,11 @@ class Filesystem(NamespaceOps):
                 "gid": str(int(meta["gid"])), "mtime": _fmt_time(meta["mtime"]),
                 "ctime": _fmt_time(meta["ctime"])}
 
+    @staticmethod
+    def _attr_from_meta(m: dict, size: int = 0, nlink: int = 1) -> Attr:
+        return Attr(mode=m["mode"], size=size, mtime=m["mtime"], ctime=m["ctime"],
+                    uid=m["uid"], gid=m["gid"], nlink=nlink)
+
     def _attr_of_state(self, st: FileState) -> Attr:
         m = st.meta
         return Attr(mode=m["mode"], size=st.size, mtime=m["mtime"], ctime=m["ctime"],
@@ -193,7 +198,6 @@ class Filesystem(NamespaceOps):
             for p in paths:
                 self._attrs.pop(p, None)
                 self._infos.pop(p, None)
-                self._attrs.pop(posixpath.dirname(p) or "/", None)
 
     def _state(self, path: str) -> FileState | None:
         with self._files_lock:

@@ -88,6 +88,8 @@ class NamespaceOps:
             self._invalidate(path)
             self._note_child(path, True)
             self._set_children(path, set())
+            with self._attr_lock:
+                self._attrs[path] = self._attr_from_meta(meta, nlink=2)
 
     def rmdir(self, path: str) -> None:
         self._check_writable()
