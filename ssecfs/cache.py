@@ -137,7 +137,8 @@ class CacheEntry:
         self.cache._touch(self, index)
         return data
 
-    def write_chunk(self, index: int, data: bytes, dirty: bool = True) -> None:
+    def write_chunk(self, index: int, data: bytes, dirty: bool = True,
+                    only_if=None) -> bool:
         """Store a chunk. The plaintext is kept in memory (`pending`) and sealed and written
         by the cache's sealer threads, so the caller (a FUSE write) does not wait for the
         cipher or the disk; sync() waits for them. At most MAX_PENDING chunks wait in memory
@@ -147,6 +148,8 @@ class CacheEntry:
         if self.error is not None:
             raise self.error
         with self.io_lock:
+            if only_if is not None and (index in self.present or not only_if()):
+                return False      # a fetched chunk that lost a race with a write/truncate
             old = self.present.get(index)
             self.present[index] = length
             self.pending[index] = data
@@ -157,6 +160,7 @@ class CacheEntry:
             self.cache._submit_seal(self, index)
         self.cache._account(self, index, _cost(length) - (_cost(old) if old else 0),
                             clean=not dirty and not self.dirty)
+        return True
 
     def _seal_one(self, index: int) -> None:
         """Sealer thread: seal and write the pending plaintext of one chunk. Only the latest

@@ -89,6 +89,7 @@ class FileState:
         self.deleted = False
         self.last_read_end = -1
         self.journaled_gen = 0
+        self.trunc_epoch = 0              # bumped by every truncate (fetches check it)
         self.readahead: dict[int, Future] = {}
         self.error: str | None = None
 
@@ -534,14 +535,17 @@ class Filesystem(NamespaceOps):
                     return {}
                 entry = self._ensure_entry(st)
                 limit = min(st.remote_valid, st.size)
-                for off in range(0, len(data), CHUNK):
-                    i = (start + off) // CHUNK
-                    if start + off >= limit:
-                        break
-                    piece = data[off:off + min(CHUNK, limit - start - off)]
-                    got[i] = piece
-                    if not entry.has(i):
-                        entry.write_chunk(i, piece, dirty=False)
+                epoch = st.trunc_epoch
+            for off in range(0, len(data), CHUNK):
+                i = (start + off) // CHUNK
+                if start + off >= limit:
+                    break
+                got[i] = data[off:off + min(CHUNK, limit - start - off)]
+            # Stored without holding st.lock (readers go on meanwhile); a chunk written or a
+            # file truncated since the GET was sent wins over the fetched bytes.
+            still = lambda: st.remote is remote and st.trunc_epoch == epoch and not st.deleted  # noqa: E731
+            for i, piece in got.items():
+                entry.write_chunk(i, piece, dirty=False, only_if=still)
             return got
         finally:
             with st.lock:
@@ -648,6 +652,7 @@ class Filesystem(NamespaceOps):
                 self._begin_change(st, data=False)
                 return
             self._begin_change(st, data=True)
+            st.trunc_epoch += 1
             entry = self._ensure_entry(st)
             if length < st.size:
                 k, rem = divmod(length, CHUNK)
