@@ -136,6 +136,7 @@ class Filesystem(NamespaceOps):
         self._listings: TTLCache = TTLCache(maxsize=2_000, ttl=max(config.attr_timeout, 0.001))
         self._small_dirs: LRUCache = LRUCache(maxsize=10_000)
         self._heads: dict[str, Future] = {}          # HEADs in flight (readdir prefetch)
+        self._seq = 0          # bumped by every change of ours (guards lookups in flight)
         # The last HEAD answer per path (ETag, key, metadata): an open within the attribute
         # timeout of a lookup uses it instead of asking again.
         self._infos: TTLCache = TTLCache(maxsize=20_000, ttl=max(config.attr_timeout, 0.001))
@@ -159,7 +160,10 @@ class Filesystem(NamespaceOps):
 
     def dir_key(self, path: str) -> str:
         k = self.key_of(path)
-        return k + "/" if k and not k.endswith("/") else k
+        k = k + "/" if k and not k.endswith("/") else k
+        if len(k.encode("utf-8", "surrogateescape")) > KEY_MAX:
+            raise NameTooLong(path)          # the marker "dir/" is one byte longer
+        return k
 
     def _default_meta(self, mode: int) -> dict:
         t = _now()
@@ -196,6 +200,7 @@ class Filesystem(NamespaceOps):
 
     def _invalidate(self, *paths: str) -> None:
         with self._attr_lock:
+            self._seq += 1
             for p in paths:
                 self._attrs.pop(p, None)
                 self._infos.pop(p, None)
@@ -229,21 +234,29 @@ class Filesystem(NamespaceOps):
                 hit = self._attrs.get(path, False)
             if hit:
                 return hit
+        with self._attr_lock:
+            seq0 = self._seq
         parent, name = posixpath.split(path)
         names = self._children(parent or "/")
         if names is not None and name not in names:
-            with self._attr_lock:
-                self._attrs[path] = None
+            self._cache_attr(path, None, seq0)
             raise NotFound(path)
         try:
-            attr = self._lookup(path)
+            attr = self._lookup(path, seq0)
         except NotFound:
-            with self._attr_lock:
-                self._attrs[path] = None
+            self._cache_attr(path, None, seq0)
             raise
-        with self._attr_lock:
-            self._attrs[path] = attr
+        self._cache_attr(path, attr, seq0)
         return attr
+
+    def _cache_attr(self, path: str, attr: Attr | None, seq0: int, info=None) -> None:
+        """Cache a lookup's answer, unless a change of ours happened while it was on its way
+        (it could describe the object as it was before our own write/rename/unlink)."""
+        with self._attr_lock:
+            if self._seq == seq0:
+                self._attrs[path] = attr
+                if info is not None:
+                    self._infos[path] = info
 
     # -- listing cache --------------------------------------------------------------------------
     def _children(self, d: str) -> set | None:
@@ -252,6 +265,7 @@ class Filesystem(NamespaceOps):
         with self._attr_lock:
             names = self._listings.get(d)
             small = d in self._small_dirs
+            seq0 = self._seq
         if names is not None or not small:
             return names
         pfx = d.rstrip("/") + "/"
@@ -267,6 +281,9 @@ class Filesystem(NamespaceOps):
                     self._small_dirs.pop(d, None)
                 return None
         names.discard("")
+        with self._attr_lock:
+            if self._seq != seq0:
+                return None       # changed under us: do not answer "absent" from this listing
         self._set_children(d, names)
         return names
 
@@ -283,6 +300,7 @@ class Filesystem(NamespaceOps):
         """Keep cached listings true to our own creates and deletes."""
         parent, name = posixpath.split(path)
         with self._attr_lock:
+            self._seq += 1
             names = self._listings.get(parent or "/")
             if names is not None:
                 (names.add if present else names.discard)(name)
@@ -296,27 +314,26 @@ class Filesystem(NamespaceOps):
             with self._attr_lock:
                 if path in self._heads or self._attrs.get(path, False):
                     continue
-                self._heads[path] = self._head_pool.submit(self._prefetch_one, path, key, listed)
+                self._heads[path] = self._head_pool.submit(self._prefetch_one, path, key,
+                                                           self._seq)
 
-    def _prefetch_one(self, path: str, key: str, listed) -> None:
+    def _prefetch_one(self, path: str, key: str, seq0: int) -> None:
         try:
             info = self.store.head(key)
-            attr = self._attr_of_info(info)
-            with self._attr_lock:
-                self._attrs[path] = attr
-                self._infos[path] = info
+            self._cache_attr(path, self._attr_of_info(info), seq0, info)
         except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
             pass
         finally:
             with self._attr_lock:
                 self._heads.pop(path, None)
 
-    def _lookup(self, path: str) -> Attr:
+    def _lookup(self, path: str, seq0: int = -1) -> Attr:
         key = self.key_of(path)
         try:
             info = self.store.head(key)
             with self._attr_lock:
-                self._infos[path] = info
+                if self._seq == seq0:
+                    self._infos[path] = info
             return self._attr_of_info(info)
         except NotFound:
             pass
@@ -418,15 +435,25 @@ class Filesystem(NamespaceOps):
         if writing:
             self._check_writable()
         with self._ns_lock:
-            st = self._state(path)
-            if st is None:
-                st = self._load_state(path)
-            with st.lock:
-                st.opens += 1
+            st = self._hold_state(path)
             fh = self._register(st)
         if flags & os.O_TRUNC:
             self.truncate(path, 0, fh)
         return fh
+
+    def _hold_state(self, path: str) -> FileState:
+        """Caller holds _ns_lock. The file's state, with one more open counted. A state that
+        an upload just forgot (closed and clean) is never revived: it is loaded anew."""
+        while True:
+            st = self._state(path)
+            if st is None:
+                st = self._load_state(path)
+            with st.lock:
+                with self._files_lock:
+                    registered = self._files.get(path) is st
+                if registered:
+                    st.opens += 1
+                    return st
 
     def _load_state(self, path: str) -> FileState:
         key = self.key_of(path)
@@ -633,11 +660,7 @@ class Filesystem(NamespaceOps):
             st = self.handle(fh)
         else:
             with self._ns_lock:
-                st = self._state(path)
-                if st is None:
-                    st = self._load_state(path)
-                with st.lock:
-                    st.opens += 1
+                st = self._hold_state(path)
             try:
                 self._truncate(st, length)
             finally:

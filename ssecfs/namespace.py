@@ -46,6 +46,8 @@ class NamespaceOps:
         with self._files_lock:
             local = {p[len(pfx):] for p in self._files if p.startswith(pfx)
                      and "/" not in p[len(pfx):]}
+        with self._attr_lock:
+            seq0 = self._seq
         yield "."
         yield ".."
         complete = False
@@ -70,6 +72,8 @@ class NamespaceOps:
                     yield name
         else:
             complete = True
+        with self._attr_lock:
+            complete = complete and self._seq == seq0
         if complete:
             self._set_children(path, (seen_local | local)
                                if len(seen_local) <= LISTING_CACHE_MAX else None)
