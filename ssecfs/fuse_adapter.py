@@ -72,21 +72,26 @@ class FuseAdapter(Operations):
     def __call__(self, op, *args):
         try:
             return getattr(self, op)(*args)
-        except FuseOSError:
-            raise
-        except E.SsecfsError as e:
+        except Exception as e:  # noqa: BLE001 - every error leaves as an errno
+            raise self._fuse_error(op, args[0] if args else "", e) from None
+
+    @staticmethod
+    def _fuse_error(op: str, path, e: Exception) -> FuseOSError:
+        """THE translation of an exception into the errno FUSE returns (logged)."""
+        if isinstance(e, FuseOSError):
+            return e
+        if isinstance(e, E.SsecfsError):
             code = errno_of(e)
             if not isinstance(e, QUIET):
                 level = logging.ERROR if code == errno.EIO else logging.INFO
-                log.log(level, "%s %s: %s: %s -> %s", op, args[0] if args else "",
-                        type(e).__name__, e, errno.errorcode.get(code, code))
-            raise FuseOSError(code) from None
-        except OSError as e:
-            log.error("%s %s: %s", op, args[0] if args else "", e)
-            raise FuseOSError(e.errno or errno.EIO) from None
-        except Exception:  # noqa: BLE001 - a bug: log it, answer EIO
-            log.exception("unexpected error in %s %s", op, args[0] if args else "")
-            raise FuseOSError(errno.EIO) from None
+                log.log(level, "%s %s: %s: %s -> %s", op, path, type(e).__name__, e,
+                        errno.errorcode.get(code, code))
+            return FuseOSError(code)
+        if isinstance(e, OSError):
+            log.error("%s %s: %s", op, path, e)
+            return FuseOSError(e.errno or errno.EIO)
+        log.error("unexpected error in %s %s", op, path, exc_info=e)   # a bug: EIO
+        return FuseOSError(errno.EIO)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def init(self, path):
@@ -144,7 +149,11 @@ class FuseAdapter(Operations):
 
     # -- directories --------------------------------------------------------------------------
     def readdir(self, path, fh):
-        return self.fs.readdir(path)
+        # fusepy consumes the generator after __call__ returned: translate its errors too
+        try:
+            yield from self.fs.readdir(path)
+        except Exception as e:  # noqa: BLE001
+            raise self._fuse_error("readdir", path, e) from None
 
     def mkdir(self, path, mode):
         self.fs.mkdir(path, mode)

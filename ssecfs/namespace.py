@@ -5,6 +5,7 @@ split out only to keep modules small.
 
 from __future__ import annotations
 
+import logging
 import stat
 import time
 from dataclasses import replace
@@ -15,6 +16,7 @@ from .store import OPEN
 
 
 _now = time.time
+log = logging.getLogger("ssecfs.fs")
 LISTING_CACHE_MAX = 5000   # directories up to this size have their names cached
 
 
@@ -273,21 +275,32 @@ class NamespaceOps:
 
     def _copy_tree(self, okey: str, nkey: str) -> dict:
         """Copy every object under okey to nkey (in parallel), then delete the old ones.
-        Returns {old key: ObjectInfo of the copy}."""
+        Returns {old key: ObjectInfo of the copy}. If any copy fails, the copies already made
+        are deleted again (the source tree is untouched) and the error is raised."""
         objs: list[str] = []
         futs: dict = {}
         copied: dict = {}
-        for page in self.store.list_page_iter(okey, delimiter=None):
-            for o in page.objects:
-                objs.append(o.key)
-                futs[o.key] = self._copy_pool.submit(self._move_copy, o.key,
-                                                     nkey + o.key[len(okey):], o.size)
-                if len(futs) >= 1000:
-                    self._drain(futs, copied)
-        self._drain(futs, copied)
-        if okey not in copied:
-            # no marker: make one so an empty directory survives the move
-            self.store.put(nkey, b"", self._meta_headers(self._default_meta(stat.S_IFDIR | 0o755)))
+        try:
+            for page in self.store.list_page_iter(okey, delimiter=None):
+                for o in page.objects:
+                    objs.append(o.key)
+                    futs[o.key] = self._copy_pool.submit(self._move_copy, o.key,
+                                                         nkey + o.key[len(okey):], o.size)
+                    if len(futs) >= 1000:
+                        self._drain(futs, copied)
+            self._drain(futs, copied)
+            if okey not in copied:
+                # no marker: make one so an empty directory survives the move
+                copied[okey] = self.store.put(nkey, b"", self._meta_headers(
+                    self._default_meta(stat.S_IFDIR | 0o755)))
+        except BaseException:
+            made = [info.key for info in copied.values() if info is not None]
+            log.warning("moving %r failed; removing the %d copies already made", okey, len(made))
+            try:
+                self._delete_tree(made, nkey)
+            except Exception:  # noqa: BLE001 - the original error is what matters
+                log.error("could not remove partial copies under %r", nkey)
+            raise
         self._delete_tree(objs, okey)
         return copied
 
@@ -328,11 +341,17 @@ class NamespaceOps:
 
     @staticmethod
     def _drain(futs: dict, results: dict) -> None:
-        try:
-            for k, f in futs.items():
+        """Collect results; on an error, still wait for the others (recording successes)
+        so that a rollback knows every copy made, then raise the first error."""
+        first = None
+        for k, f in futs.items():
+            try:
                 results[k] = f.result()
-        finally:
-            futs.clear()
+            except BaseException as e:  # noqa: BLE001
+                first = first or e
+        futs.clear()
+        if first is not None:
+            raise first
 
     def _move_copy(self, src: str, dst: str, size: int):
         if not src.endswith("/"):
