@@ -302,15 +302,16 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         pass
 
     def on_destroy():
-        stop_status.set()
-        sd_notify("STOPPING=1")
         # libfuse has restored the default SIGTERM/SIGINT by now: a second signal (systemd's
         # stop timeout, a .mount unit stopping) would kill us mid-upload without a word.
+        # (Installed before STOPPING=1 is announced, so a signal sent on seeing it is caught.)
         def hurry(signum, _frame):
             raise StopFlushing(signal.Signals(signum).name)
         in_main = threading.current_thread() is threading.main_thread()
         old = {s: signal.signal(s, hurry) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+        stop_status.set()
         try:
+            sd_notify("STOPPING=1")
             _flush_before_exit()
         except StopFlushing as e:
             log.warning("unmount: %s during the final upload: stopping now; %d file(s) stay in "
