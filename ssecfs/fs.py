@@ -702,8 +702,14 @@ class Filesystem(NamespaceOps):
                 return
             if st.journaled_gen != st.generation:
                 entry = self._ensure_entry(st)
-                entry.sync()
-                entry.save_state(st.journal())
+                try:
+                    entry.sync()
+                    entry.save_state(st.journal())
+                except Exception:
+                    # the caller hears of it (ENOSPC at close); the upload is still queued:
+                    # what could not be written to disk is still in memory
+                    self.wb.schedule(st, delay)
+                    raise
                 st.journaled_gen = st.generation
             elif delay is None:
                 return          # already journaled and queued (close after flush)
@@ -779,7 +785,11 @@ class Filesystem(NamespaceOps):
                 if not st.dirty:
                     self.cache.set_dirty(st.entry, False)
                     self.cache.index_clean(st.entry, key, info.etag)
-                st.entry.save_state(st.journal(), sync=False)
+                try:
+                    st.entry.save_state(st.journal(), sync=False)
+                except Exception as e:  # noqa: BLE001 - the object is durable already; at
+                    # worst a crash before the next journal write uploads it once more
+                    log.warning("%s: journal not updated after upload: %s", st.path, e)
             self._maybe_forget(st)
         self._invalidate(st.path)
         log.debug("uploaded %s (%d bytes, generation %d)", key, size, gen)
@@ -836,7 +846,10 @@ class Filesystem(NamespaceOps):
     def flush_all(self, timeout: float | None = None, progress=None) -> bool:
         """Upload every dirty file now and wait (unmount, SIGTERM)."""
         for st in self.dirty_files():
-            self._persist_and_schedule(st, delay=0)
+            try:
+                self._persist_and_schedule(st, delay=0)
+            except Exception as e:  # noqa: BLE001 - one file's trouble must not stop the rest
+                log.error("%s: could not journal before the final upload: %s", st.path, e)
         self.wb.expedite_all()
 
         def done() -> bool:
