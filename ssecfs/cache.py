@@ -177,7 +177,10 @@ class CacheEntry:
             if self.pending.get(index) is not data:
                 return
             try:
-                os.pwrite(self._fdl(), slot, index * SLOT)
+                if os.pwrite(self._fdl(), slot, index * SLOT) != len(slot):
+                    # a short write (disk full mid-slot) is not success: keep the data in
+                    # memory and report ENOSPC, never a torn slot taken as written
+                    raise OSError(errno.ENOSPC, "short write to the cache")
             except OSError as e:
                 self.error = _oserror_to_domain(e)
                 log.error("cache entry %s: writing chunk %d failed: %s", self.id[:8], index, e)
