@@ -67,6 +67,16 @@ def _punch_hole(fd: int, offset: int, length: int) -> bool:
     return r == 0
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until done; a write that makes no progress (disk full) is ENOSPC."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write to the cache")
+        view = view[n:]
+
+
 def _oserror_to_domain(e: OSError) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace("cache disk full")
@@ -261,7 +271,7 @@ class CacheEntry:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, self.key_fp.encode() + b"\n" + blob)
+                _write_all(fd, self.key_fp.encode() + b"\n" + blob)
                 if sync:
                     os.fsync(fd)
             finally:

@@ -12,7 +12,7 @@ from helpers import marker_blob, scan_dir_for
 from ssecfs.cache import CHUNK, HEADER, SLOT, Cache
 from ssecfs.cache import _cost
 from ssecfs.crypto import Sealer
-from ssecfs.errors import IntegrityError, UserError
+from ssecfs.errors import IntegrityError, NoSpace, UserError
 from ssecfs.keys import Key
 
 COST = _cost(CHUNK)           # accounted bytes of one full chunk (whole 4 KiB blocks)
@@ -461,3 +461,32 @@ def test_eviction_racing_a_write_keeps_the_dirty_chunk(cache_dir, keys):
         assert s["cache_dirty_bytes"] == 2 * COST           # e's two chunks, now dirty
     finally:
         c.close()
+
+
+# ------------------------------------------------------------------------- disk full
+def test_chunk_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
+    """A pwrite that writes only part of a slot (the disk filled up mid-slot) must surface as
+    NoSpace from drain() -- never a torn slot counted as written -- and the data stays readable
+    from memory."""
+    import ssecfs.cache as cachemod
+    real = os.pwrite
+    monkeypatch.setattr(cachemod.os, "pwrite", lambda fd, b, off: real(fd, bytes(b)[:100], off))
+    e = cache.new_entry()
+    data = os.urandom(CHUNK)
+    e.write_chunk(0, data)
+    with pytest.raises(NoSpace):
+        e.drain()
+    assert e.read_chunk(0) == data           # still served from memory, not from the torn slot
+
+
+def test_state_record_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
+    """save_state: a write that makes no progress is NoSpace, and the previous record stays."""
+    import ssecfs.cache as cachemod
+    e = cache.new_entry()
+    e.save_state({"v": 1})
+    real = os.write
+    monkeypatch.setattr(cachemod.os, "write", lambda fd, b: real(fd, bytes(b)[:10]) if len(b) > 10 else 0)
+    with pytest.raises(NoSpace):
+        e.save_state({"v": 2, "pad": "x" * 1000})
+    monkeypatch.setattr(cachemod.os, "write", real)
+    assert e.load_state() == {"v": 1}
