@@ -44,6 +44,7 @@ KEY_MAX = 1024
 READ_UNIT = 4 * 1024 * 1024          # range GET size for sequential reads
 READAHEAD_UNITS = 4                  # units fetched ahead of a sequential reader
 COPY_WORKERS = 16
+PREFETCH_AHEAD = 128                 # HEADs a readdir prefetch runs ahead of the getattrs
 
 
 @dataclass
@@ -136,6 +137,11 @@ class Filesystem(NamespaceOps):
         self._listings: TTLCache = TTLCache(maxsize=2_000, ttl=max(config.attr_timeout, 0.001))
         self._small_dirs: LRUCache = LRUCache(maxsize=10_000)
         self._heads: dict[str, Future] = {}          # HEADs in flight (readdir prefetch)
+        # Per listed directory: its names in listing order and how far the HEAD prefetch
+        # went. Prefetch runs PREFETCH_AHEAD names ahead of the getattr calls that follow a
+        # readdir (`ls -l`), so answers are fresh (well within the attribute timeout) when
+        # they are used, and a reader that stops early costs few requests.
+        self._prefetch_runs: LRUCache = LRUCache(maxsize=64)
         self._seq = 0          # bumped by every change of ours (guards lookups in flight)
         # The last HEAD answer per path (ETag, key, metadata): an open within the attribute
         # timeout of a lookup uses it instead of asking again.
@@ -217,6 +223,7 @@ class Filesystem(NamespaceOps):
         if st is not None:
             with st.lock:
                 return self._attr_of_state(st)
+        self._prefetch_follow(path)
         with self._attr_lock:
             hit = self._attrs.get(path, False)
         if hit is None:
@@ -307,11 +314,36 @@ class Filesystem(NamespaceOps):
             if present:
                 self._attrs.pop(path, None)
 
-    def _prefetch_attrs(self, paths_keys: list) -> None:
-        """Parallel HEADs for a page of a listing, so that `ls -l` is not one round trip
-        per file; getattr of a name being fetched waits for it instead of asking again."""
-        for path, key, listed in paths_keys:
-            with self._attr_lock:
+    def _prefetch_attrs(self, d: str, paths_keys: list, first: bool) -> None:
+        """Parallel HEADs for the names of a listing, so that `ls -l` is not one round trip
+        per file; getattr of a name being fetched waits for it instead of asking again.
+        Only the first PREFETCH_AHEAD are asked now; getattr of a listed name moves the
+        window on (_prefetch_follow)."""
+        with self._attr_lock:
+            run = self._prefetch_runs.get(d)
+            if run is None or first:          # a new listing of d starts a new run
+                run = {"items": [], "index": {}, "next": 0}
+                self._prefetch_runs[d] = run
+            for path, key, _listed in paths_keys:
+                run["index"][path] = len(run["items"])
+                run["items"].append((path, key))
+        self._prefetch_upto(run, PREFETCH_AHEAD)
+
+    def _prefetch_follow(self, path: str) -> None:
+        parent = posixpath.dirname(path) or "/"
+        with self._attr_lock:
+            run = self._prefetch_runs.get(parent)
+            i = run["index"].get(path) if run is not None else None
+        if i is not None:
+            self._prefetch_upto(run, i + 1 + PREFETCH_AHEAD)
+
+    def _prefetch_upto(self, run: dict, upto: int) -> None:
+        with self._attr_lock:
+            items = run["items"]
+            upto = min(upto, len(items))
+            while run["next"] < upto:
+                path, key = items[run["next"]]
+                run["next"] += 1
                 if path in self._heads or self._attrs.get(path, False):
                     continue
                 self._heads[path] = self._head_pool.submit(self._prefetch_one, path, key,

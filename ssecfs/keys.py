@@ -57,6 +57,14 @@ class Key:
             "SSECustomerKeyMD5": self.fingerprint,
         }
 
+    def sse_headers(self) -> dict:
+        """The same three SSE-C parameters as HTTP headers (the store's raw request path)."""
+        return {
+            "x-amz-server-side-encryption-customer-algorithm": "AES256",
+            "x-amz-server-side-encryption-customer-key": base64.b64encode(self._raw).decode(),
+            "x-amz-server-side-encryption-customer-key-MD5": self.fingerprint,
+        }
+
     def copy_source_params(self) -> dict:
         return {"CopySource" + k: v for k, v in self.sse_params().items()}
 

@@ -53,7 +53,7 @@ class NamespaceOps:
         yield "."
         yield ".."
         complete = False
-        for page in self.store.list_page_iter(dkey, delimiter="/"):
+        for page_no, page in enumerate(self.store.list_page_iter(dkey, delimiter="/")):
             batch = []
             for o in page.objects:
                 name = o.key[len(dkey):]
@@ -62,7 +62,7 @@ class NamespaceOps:
                 seen_local.add(name)
                 if len(seen_local) <= LISTING_CACHE_MAX:
                     batch.append((pfx + name, o.key, o))
-            self._prefetch_attrs(batch)
+            self._prefetch_attrs(path, batch, first=page_no == 0)
             for o in page.objects:
                 name = o.key[len(dkey):]
                 if name and "/" not in name:

@@ -13,24 +13,28 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import botocore.exceptions
+import botocore.httpsession
 from botocore.config import Config
 from cachetools import LRUCache
 
 from .errors import (EncryptionNotApplied, KeyMismatch, NotFound, NotSupported,
                      PermissionDenied, Stale, StoreError, StoreUnavailable, UserError)
 from .keys import Key, KeyRing
+from .s3raw import RawS3, plain_key
 from .store import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo, Reader
 
 log = logging.getLogger("ssecfs.store")
 
 MiB = 1024 * 1024
 SINGLE_PUT_MAX = 16 * MiB
+RAW_GET_MAX = 1 * MiB          # range GETs up to this size take the raw path (s3raw)
 MIN_PART = 8 * MiB
 MAX_PARTS = 10000
 COPY_MAX = 5 * 1024 * MiB
@@ -91,7 +95,12 @@ class S3Store:
         session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
         cfg = Config(
             region_name=region or session.region_name or "us-east-1",
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            # payload_signing_enabled=False: no SHA-256 of every uploaded byte for SigV4
+            # (UNSIGNED-PAYLOAD). botocore already does this over https when a checksum is
+            # sent; integrity in transit comes from TLS, and plain http is only allowed to
+            # loopback (check_endpoint).
+            s3={"addressing_style": "path" if endpoint_url else "auto",
+                "payload_signing_enabled": False},
             signature_version="s3v4",
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -102,16 +111,61 @@ class S3Store:
         )
         self.client = session.client("s3", endpoint_url=endpoint_url, config=cfg,
                                      verify=ca_bundle if ca_bundle else None)
+        self.raw = self._make_raw(session, cfg, ca_bundle, connect_timeout, read_timeout)
         self._key_hint: LRUCache = LRUCache(maxsize=100_000)
         self._hint_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3part")
         self._upc_unsupported = False
+
+    def _make_raw(self, session, cfg, ca_bundle, connect_timeout, read_timeout) -> RawS3 | None:
+        """The lean path for HEAD and small GETs (s3raw), where it applies: a path-style
+        endpoint, credentials, no HTTP(S) proxy (botocore handles those)."""
+        if not self.endpoint_url or any(os.environ.get(v) for v in (
+                "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "SSECFS_NO_RAW")):
+            return None
+        creds = session.get_credentials()
+        if creds is None:
+            return None
+        ca = ca_bundle or botocore.httpsession.get_cert_path(True)
+        return RawS3(self.endpoint_url, self.bucket, cfg.region_name, creds, ca,
+                     connect_timeout, read_timeout, maxsize=cfg.max_pool_connections)
+
+    def _raw(self, op: str, method: str, key: str, headers: dict):
+        """A raw request, or None when the caller should use botocore instead (raw path off,
+        an odd key, connection trouble, or an answer botocore's retries should handle)."""
+        if self.raw is None or not plain_key(key):
+            return None
+        try:
+            r = self.raw.request(op, method, key, headers)
+        except Exception as e:  # noqa: BLE001 - botocore retries and reports it
+            log.debug("raw %s %r: %s; using botocore", op, key, type(e).__name__)
+            return None
+        if r.status in (200, 206, 400, 403, 404, 412):
+            return r
+        return None
+
+    @staticmethod
+    def _raw_error(r, op: str) -> botocore.exceptions.ClientError:
+        return botocore.exceptions.ClientError(
+            {"Error": {"Code": str(r.status), "Message": ""},
+             "ResponseMetadata": {"HTTPStatusCode": r.status}}, op)
+
+    def _head_object(self, key: str, k: Key) -> dict:
+        """HeadObject under key k (boto3's answer shape; ClientError on 4xx like boto3)."""
+        r = self._raw("HeadObject", "HEAD", key, k.sse_headers())
+        if r is None:
+            return self.client.head_object(Bucket=self.bucket, Key=key, **k.sse_params())
+        if r.status != 200:
+            raise self._raw_error(r, "HeadObject")
+        return r.boto_shape()
 
     def __repr__(self) -> str:
         return f"S3Store({self.bucket!r}, {self.endpoint_url!r})"
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.raw is not None:
+            self.raw.close()
 
     # -- error translation ------------------------------------------------------------------
     def _translate(self, e: Exception, op: str, key: str) -> Exception:
@@ -195,7 +249,7 @@ class S3Store:
         last_denied = None
         for k in self.ring.candidates(self._hint(key)):
             try:
-                resp = self.client.head_object(Bucket=self.bucket, Key=key, **k.sse_params())
+                resp = self._head_object(key, k)
             except Exception as e:  # noqa: BLE001
                 if isinstance(e, botocore.exceptions.ClientError) and _code(e)[1] == 400:
                     return self._head_plain(key)      # AWS: SSE-C headers on a plaintext object
@@ -236,13 +290,28 @@ class S3Store:
         kw = {"Range": f"bytes={start}-{start + length - 1}", **k.sse_params()}
         if etag:
             kw["IfMatch"] = f'"{etag}"'
-        resp = self._call("GetObject", key, self.client.get_object, Key=key, **kw)
-        if _echo_fps(resp.get("SSECustomerKeyMD5")) != {k.fingerprint}:
-            resp["Body"].close()
+        r = None
+        if length <= RAW_GET_MAX:
+            h = {"range": kw["Range"], **k.sse_headers()}
+            if etag:
+                h["if-match"] = kw["IfMatch"]
+            r = self._raw("GetObject", "GET", key, h)
+        if r is not None:
+            if r.status not in (200, 206):
+                raise self._translate(self._raw_error(r, "GetObject"), "GetObject", key)
+            echo, body = r.headers.get("x-amz-server-side-encryption-customer-key-md5"), r.body
+        else:
+            resp = self._call("GetObject", key, self.client.get_object, Key=key, **kw)
+            echo, body = resp.get("SSECustomerKeyMD5"), resp["Body"]
+        if _echo_fps(echo) != {k.fingerprint}:
+            if not isinstance(body, bytes):
+                body.close()
             log.warning("%r was served without SSE-C (a plaintext object): refused", key)
             raise KeyMismatch(f"{key!r} is not encrypted with SSE-C: refused")
+        if isinstance(body, bytes):
+            return body
         try:
-            return resp["Body"].read()
+            return body.read()
         except Exception as e:  # noqa: BLE001
             raise self._translate(e, "GetObject", key) from None
 
