@@ -130,14 +130,14 @@ class CacheEntry:
                 return None
             data = self.pending.get(index)
             if data is not None:
-                return data
+                return bytes(data)      # a view into a fetched buffer: callers get bytes
             raw = os.pread(self._fdl(), SLOT, index * SLOT)
         magic, length = HEADER.unpack_from(raw) if len(raw) >= HEADER.size else (b"", 0)
         if magic != MAGIC or length > CHUNK:
             log.error("cache entry %s chunk %d: bad slot header (corrupt or torn); not served",
                       self.id[:8], index)
             raise IntegrityError(f"cache entry {self.id[:8]} chunk {index}: bad slot header")
-        blob = raw[HEADER.size:HEADER.size + length + OVERHEAD]
+        blob = memoryview(raw)[HEADER.size:HEADER.size + length + OVERHEAD]
         try:
             data = self.sealer.open(blob, chunk_aad(self.bid, index, length))
         except IntegrityError:
@@ -182,12 +182,13 @@ class CacheEntry:
         if data is None:
             return
         length = len(data)
-        slot = HEADER.pack(MAGIC, length) + self.sealer.seal(data, chunk_aad(self.bid, index, length))
+        slot = [HEADER.pack(MAGIC, length),
+                *self.sealer.seal_parts(data, chunk_aad(self.bid, index, length))]
         with self.io_lock:
             if self.pending.get(index) is not data:
                 return
             try:
-                if os.pwrite(self._fdl(), slot, index * SLOT) != len(slot):
+                if os.pwritev(self._fdl(), slot, index * SLOT) != sum(map(len, slot)):
                     # a short write (disk full mid-slot) is not success: keep the data in
                     # memory and report ENOSPC, never a torn slot taken as written
                     raise OSError(errno.ENOSPC, "short write to the cache")
@@ -280,6 +281,17 @@ class CacheEntry:
         except OSError as e:
             raise _oserror_to_domain(e) from None
 
+    def drop_state(self) -> None:
+        """The entry is clean (uploaded): remove its record rather than rewrite it. Recovery
+        treats an entry without a record like a clean one (removed), and an unlink costs no
+        data flush where a rename over the old record does (ext4 auto_da_alloc)."""
+        try:
+            os.unlink(self.meta_path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _oserror_to_domain(e) from None
+
     @staticmethod
     def read_key_fp(meta_path: str) -> str:
         """The (non-secret) fingerprint of the key that sealed an entry: its record's first line."""
@@ -359,7 +371,10 @@ class Cache:
                 e._seal_one(index)
             finally:
                 self._pending_slots.release()
-        self._sealers.submit(job)
+        try:
+            self._sealers.submit(job)
+        except RuntimeError:        # closing (a late read-ahead or upload thread): seal here,
+            job()                   # or the chunk would stay pending and close() wait forever
 
     def close(self) -> None:
         self._sealers.shutdown(wait=True)

@@ -40,6 +40,13 @@ O_FUSE = {"nonempty", "allow_root", "auto_unmount", "kernel_cache", "direct_io",
           "fsname", "subtype", "umask", "debug"}
 
 
+# glibc: serve the daemon's multi-MiB buffers (range GETs, upload parts) from the heap and
+# keep it, instead of an mmap + page faults + munmap per buffer (~10% of a cold read's CPU).
+# Applied to the daemon `ssecfs mount` starts (the environment wins); the systemd unit sets
+# the same.
+MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
+                 "MALLOC_ARENA_MAX": "4"}
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssecfs", description="Mount an S3 bucket with SSE-C "
                                 "encryption and an encrypted write-back cache.")
@@ -223,7 +230,7 @@ def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
     argv += ["--ready-fd", str(w)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True,
-                            close_fds=True)
+                            close_fds=True, env={**MALLOC_TUNING, **os.environ})
     os.close(w)
     deadline = time.monotonic() + 300
     buf = b""

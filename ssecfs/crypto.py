@@ -29,14 +29,19 @@ class Sealer:
         return "Sealer(<key hidden>)"
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        nonce = os.urandom(NONCE_LEN)
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+        return b"".join(self.seal_parts(plaintext, aad))
 
-    def open(self, blob: bytes, aad: bytes) -> bytes:
+    def seal_parts(self, plaintext, aad: bytes) -> tuple[bytes, bytes]:
+        """(nonce, ciphertext+tag): written side by side (pwritev) without joining them."""
+        nonce = os.urandom(NONCE_LEN)
+        return nonce, self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, blob, aad: bytes) -> bytes:
         if len(blob) < OVERHEAD:
             raise IntegrityError("sealed record too short")
+        view = memoryview(blob)
         try:
-            return self._aead.decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], aad)
+            return self._aead.decrypt(view[:NONCE_LEN], view[NONCE_LEN:], aad)
         except InvalidTag:
             raise IntegrityError("authentication failed") from None
 

@@ -35,6 +35,7 @@ from .errors import (IsADirectory, KeyMismatch, NameTooLong, NotFound, Permissio
                      ReadOnly, Stale, TimedOut)
 from .namespace import LISTING_CACHE_MAX, NamespaceOps
 from .store import LOCKED, PLAINTEXT, ObjectInfo, Store
+from .stream import STREAM_CLOSE_DELAY, StreamOps
 from .writeback import WriteBack
 
 log = logging.getLogger("ssecfs.fs")
@@ -42,7 +43,9 @@ log = logging.getLogger("ssecfs.fs")
 NAME_MAX = 255
 KEY_MAX = 1024
 READ_UNIT = 4 * 1024 * 1024          # range GET size for sequential reads
-READAHEAD_UNITS = 4                  # units fetched ahead of a sequential reader
+READAHEAD_UNITS = 8                  # units fetched ahead of a sequential reader
+SEQ_SLACK = 2 * 1024 * 1024          # a read this close to the last one is sequential
+HOT_CHUNKS = (READAHEAD_UNITS + 1) * READ_UNIT // (128 * 1024)   # per file, see FileState.hot
 COPY_WORKERS = 16
 PREFETCH_AHEAD = 128                 # HEADs a readdir prefetch runs ahead of the getattrs
 
@@ -92,6 +95,13 @@ class FileState:
         self.journaled_gen = 0
         self.trunc_epoch = 0              # bumped by every truncate (fetches check it)
         self.readahead: dict[int, Future] = {}
+        # chunks fetched for a sequential reader and not read yet: index -> ((remote,
+        # trunc_epoch, data_generation) when fetched, plaintext); valid only while that tag
+        # still matches (no write, truncate or new remote since)
+        self.hot: dict[int, tuple] = {}
+        self.stream = None                # PartStream: parts sent while written (stream.py)
+        self.no_stream = False            # metadata set explicitly: upload whole
+        self.seq_end = 0                  # data written contiguously from offset 0 up to here
         self.error: str | None = None
 
     def __repr__(self) -> str:
@@ -114,7 +124,7 @@ def _now() -> float:
     return time.time()
 
 
-class Filesystem(NamespaceOps):
+class Filesystem(NamespaceOps, StreamOps):
     def __init__(self, store: Store, cache: Cache, config: FsConfig):
         self.store = store
         self.cache = cache
@@ -151,6 +161,7 @@ class Filesystem(NamespaceOps):
         self._copy_pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="copy")
         self.wb = WriteBack(self._upload, delay=config.writeback_delay,
                             workers=config.upload_workers)
+        self._init_streams(config.upload_workers)
         self.mount_time = _now()
 
     # ===================================================================== paths & attributes
@@ -524,8 +535,10 @@ class Filesystem(NamespaceOps):
             end = min(offset + size, st.size)
             if offset >= end:
                 return b""
-            sequential = offset == st.last_read_end
-            st.last_read_end = end
+            # near the previous read counts as sequential: the kernel's read-ahead sends
+            # several requests at once and they may arrive slightly out of order
+            sequential = abs(offset - st.last_read_end) <= SEQ_SLACK
+            st.last_read_end = max(end, st.last_read_end) if sequential else end
         first, last = offset // CHUNK, (end - 1) // CHUNK
         parts = []
         for i in range(first, last + 1):
@@ -533,12 +546,13 @@ class Filesystem(NamespaceOps):
             lo = max(offset, i * CHUNK) - i * CHUNK
             hi = min(end, (i + 1) * CHUNK) - i * CHUNK
             piece = data[lo:hi]
-            if len(piece) < hi - lo:
-                piece += bytes(hi - lo - len(piece))
             parts.append(piece)
+            if len(piece) < hi - lo:
+                parts.append(bytes(hi - lo - len(piece)))
         if sequential:
             self._readahead(st, end)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        # chunks may be views into a fetched buffer; FUSE gets bytes (bytes(b) is b itself)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     def _chunk(self, st: FileState, i: int, sequential: bool = True) -> bytes:
         """Plaintext of chunk i as the file has it now (may be shorter than CHUNK: zeros
@@ -546,15 +560,29 @@ class Filesystem(NamespaceOps):
         sequential access, the one chunk otherwise."""
         for _ in range(3):
             with st.lock:
+                hot = st.hot.pop(i, None)
+                if hot is not None and hot[0] == (st.remote, st.trunc_epoch, st.data_generation):
+                    return hot[1]           # fetched moments ago: no need to decrypt it again
                 entry = self._ensure_entry(st)
+                cached = entry.has(i)
+            if cached:
+                # outside st.lock: the decryption of one reader does not stall the others
+                # (the entry's own io_lock keeps the slot read whole)
+                data = entry.read_chunk(i)
+                if data is not None:
+                    return data
+            with st.lock:
+                if st.entry is not entry:
+                    continue
                 data = entry.read_chunk(i)
                 if data is not None:
                     return data
                 if st.remote is None or i * CHUNK >= st.remote_valid:
                     return b""
                 remote = st.remote
-                if sequential:
-                    fut = self._fetch_async(st, i * CHUNK // READ_UNIT * READ_UNIT, READ_UNIT)
+                unit = i * CHUNK // READ_UNIT * READ_UNIT
+                if sequential or unit in st.readahead:
+                    fut = self._fetch_async(st, unit, READ_UNIT)
                 else:
                     fut = self._fetch_async(st, i * CHUNK, CHUNK)
             fetched = fut.result()
@@ -575,42 +603,54 @@ class Filesystem(NamespaceOps):
         if fut is None or fut.done():
             fut = self._fetch_pool.submit(self._fetch, st, start, length, st.remote)
             st.readahead[start] = fut
+            fut.add_done_callback(lambda f: self._fetch_done(st, start, f))
         return fut
+
+    @staticmethod
+    def _fetch_done(st: FileState, start: int, fut: Future) -> None:
+        """A finished fetch leaves the table (its result, the fetched bytes, is kept only by
+        the readers that wait for it: memory stays bounded however much is read)."""
+        with st.lock:
+            if st.readahead.get(start) is fut:
+                del st.readahead[start]
 
     def _fetch(self, st: FileState, start: int, length: int, remote: Remote) -> dict:
         """Range GET; stores the chunks in the cache and returns {chunk index: bytes}."""
-        try:
-            with st.lock:
-                valid = st.remote_valid if st.remote is remote else 0
-            length = min(length, valid - start)
-            if length <= 0:
+        with st.lock:
+            valid = st.remote_valid if st.remote is remote else 0
+        length = min(length, valid - start)
+        if length <= 0:
+            return {}
+        data = self.store.get_range(remote.key, start, length, remote.key_fp, remote.etag)
+        if len(data) != length:
+            raise Stale(f"{st.path}: short read from the store")
+        got = {}
+        with st.lock:
+            if st.remote is not remote or st.deleted:
                 return {}
-            data = self.store.get_range(remote.key, start, length, remote.key_fp, remote.etag)
-            if len(data) != length:
-                raise Stale(f"{st.path}: short read from the store")
-            got = {}
-            with st.lock:
-                if st.remote is not remote or st.deleted:
-                    return {}
-                entry = self._ensure_entry(st)
-                limit = min(st.remote_valid, st.size)
-                epoch = st.trunc_epoch
-            for off in range(0, len(data), CHUNK):
-                i = (start + off) // CHUNK
-                if start + off >= limit:
-                    break
-                got[i] = data[off:off + min(CHUNK, limit - start - off)]
-            # Stored without holding st.lock (readers go on meanwhile); a chunk written or a
-            # file truncated since the GET was sent wins over the fetched bytes.
-            still = lambda: st.remote is remote and st.trunc_epoch == epoch and not st.deleted  # noqa: E731
-            for i, piece in got.items():
-                entry.write_chunk(i, piece, dirty=False, only_if=still)
-            return got
-        finally:
-            with st.lock:
-                f = st.readahead.get(start)
-                if f is not None and f.done():
-                    del st.readahead[start]
+            entry = self._ensure_entry(st)
+            limit = min(st.remote_valid, st.size)
+            epoch = st.trunc_epoch
+            dgen = st.data_generation
+        view = memoryview(data)       # chunks are views: no copy, no allocation each
+        for off in range(0, len(data), CHUNK):
+            i = (start + off) // CHUNK
+            if start + off >= limit:
+                break
+            got[i] = view[off:off + min(CHUNK, limit - start - off)]
+        # Stored without holding st.lock (readers go on meanwhile); a chunk written or a
+        # file truncated since the GET was sent wins over the fetched bytes.
+        still = lambda: st.remote is remote and st.trunc_epoch == epoch and not st.deleted  # noqa: E731
+        stored = [i for i, piece in got.items()
+                  if entry.write_chunk(i, piece, dirty=False, only_if=still)]
+        with st.lock:
+            if still():
+                tag = (remote, epoch, dgen)       # a write since then voids them
+                for i in stored:
+                    st.hot[i] = (tag, got[i])
+                while len(st.hot) > HOT_CHUNKS:
+                    del st.hot[next(iter(st.hot))]
+        return got
 
     def _readahead(self, st: FileState, pos: int) -> None:
         with st.lock:
@@ -648,8 +688,10 @@ class Filesystem(NamespaceOps):
                 new_size = max(st.size, end)
                 chunk_len = min(CHUNK, new_size - cstart)
                 if lo == 0 and hi >= chunk_len:
-                    buf = view[pos - offset:pos - offset + hi]
-                    entry.write_chunk(i, bytes(buf))
+                    if pos == offset and hi == len(data) and isinstance(data, bytes):
+                        entry.write_chunk(i, data)        # one whole chunk: no copy
+                    else:
+                        entry.write_chunk(i, bytes(view[pos - offset:pos - offset + hi]))
                 else:
                     base = bytearray(self._chunk_locked(st, i))
                     want = max(len(base), hi)
@@ -660,6 +702,7 @@ class Filesystem(NamespaceOps):
                 pos = cstart + hi
             st.size = max(st.size, end)
             st.meta["mtime"] = st.meta["ctime"] = _now()
+            self._stream_on_write(st, offset, end)
         return len(data)
 
     def _chunk_locked(self, st: FileState, i: int) -> bytes:
@@ -707,6 +750,8 @@ class Filesystem(NamespaceOps):
                 self._begin_change(st, data=False)
                 return
             self._begin_change(st, data=True)
+            self._stream_drop(st, "truncated")
+            st.seq_end = min(st.seq_end, length)
             st.trunc_epoch += 1
             entry = self._ensure_entry(st)
             if length < st.size:
@@ -732,6 +777,10 @@ class Filesystem(NamespaceOps):
         with st.lock:
             if not st.dirty or st.deleted:
                 return
+            if delay is None and st.stream is not None:
+                # mostly sent already: complete it soon (still late enough for the chmod /
+                # utime that cp -p and rsync do right after close)
+                delay = min(self.cfg.writeback_delay, STREAM_CLOSE_DELAY)
             if st.journaled_gen != st.generation:
                 entry = self._ensure_entry(st)
                 try:
@@ -781,6 +830,7 @@ class Filesystem(NamespaceOps):
                 del self._files[st.path]
         if st.entry is not None:
             st.entry.close_fd()
+        st.hot.clear()
         if not st.deleted:
             self._note_child(st.path, True)
             with self._attr_lock:
@@ -800,8 +850,10 @@ class Filesystem(NamespaceOps):
         if meta_only:
             info = self.store.copy(key, key, size, meta, remote.key_fp)
         else:
-            info = self.store.upload(key, size, lambda off, ln: self._read_for_upload(st, off, ln),
-                                     meta)
+            info = self._stream_finish(st, key, size)
+            if info is None:
+                info = self.store.upload(key, size,
+                                         lambda off, ln: self._read_for_upload(st, off, ln), meta)
         with st.lock:
             if st.deleted or st.key != key:
                 return      # unlinked/renamed meanwhile: the namespace op fixed the object
@@ -813,12 +865,16 @@ class Filesystem(NamespaceOps):
             st.remote = new_remote
             st.uploaded_gen = max(st.uploaded_gen, gen)
             st.readahead.clear()
+            st.hot.clear()
             if st.entry is not None:
                 if not st.dirty:
                     self.cache.set_dirty(st.entry, False)
                     self.cache.index_clean(st.entry, key, info.etag)
                 try:
-                    st.entry.save_state(st.journal(), sync=False)
+                    if st.dirty:
+                        st.entry.save_state(st.journal(), sync=False)
+                    else:
+                        st.entry.drop_state()
                 except Exception as e:  # noqa: BLE001 - the object is durable already; at
                     # worst a crash before the next journal write uploads it once more
                     log.warning("%s: journal not updated after upload: %s", st.path, e)
@@ -827,19 +883,19 @@ class Filesystem(NamespaceOps):
         log.debug("uploaded %s (%d bytes, generation %d)", key, size, gen)
 
     def _read_for_upload(self, st: FileState, off: int, length: int) -> bytes:
-        out = bytearray()
+        pieces = []
         pos, end = off, off + length
         while pos < end:
             i = pos // CHUNK
             data = self._chunk(st, i)
             lo = pos - i * CHUNK
             hi = min(end - i * CHUNK, CHUNK)
-            piece = data[lo:hi]
-            out += piece
+            piece = data[lo:hi] if lo or hi < len(data) else data     # whole chunk: no copy
+            pieces.append(piece)
             if len(piece) < hi - lo:
-                out += bytes(hi - lo - len(piece))
+                pieces.append(bytes(hi - lo - len(piece)))
             pos = i * CHUNK + hi
-        return bytes(out)
+        return b"".join(pieces)           # the one copy of the part (it holds the GIL)
 
     # ===================================================================== whole-mount
     def statfs(self) -> dict:
@@ -903,6 +959,7 @@ class Filesystem(NamespaceOps):
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._head_pool.shutdown(wait=False, cancel_futures=True)
         self._copy_pool.shutdown(wait=False, cancel_futures=True)
+        self._stream_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _fmt_time(t: float) -> str:

@@ -166,6 +166,7 @@ class NamespaceOps:
         self.wb.quiesce(st)
         with st.lock:
             st.deleted = True
+            self._stream_drop(st, "unlinked", for_good=True)
             st.uploaded_gen = st.generation
             if st.entry is not None:
                 self.cache.discard(st.entry)
@@ -234,12 +235,14 @@ class NamespaceOps:
                     info = self.store.copy(okey, nkey, remote.size, meta, remote.key_fp)
                     st.remote = replace(remote, key=nkey, etag=info.etag, key_fp=info.key_fp)
                     st.readahead.clear()
+                    st.hot.clear()
                     self.store.delete(okey)
                 with self._files_lock:
                     if self._files.get(old) is st:
                         del self._files[old]
                     self._files[new] = st
                 st.path, st.key = new, nkey
+                self._stream_drop(st, "renamed")
                 if st.entry is not None and not st.dirty and st.remote is not None:
                     self.cache.index_clean(st.entry, nkey, st.remote.etag)
                 if st.dirty and st.entry is not None:
@@ -336,6 +339,7 @@ class NamespaceOps:
                 else:          # its object was not there any more: nothing to fetch from
                     st.remote, st.remote_valid = None, 0
                 st.readahead.clear()
+                st.hot.clear()
             if st.dirty and st.entry is not None:
                 st.entry.save_state(st.journal())
 
@@ -374,6 +378,8 @@ class NamespaceOps:
             if st is not None:
                 with st.lock:
                     st.meta.update(changes)
+                    if set(changes) - {"ctime"}:      # fixed when a multipart upload begins
+                        self._stream_drop(st, "metadata changed", for_good=True)
                     self._begin_change(st, data=False)
                 self._persist_and_schedule(st)
                 return

@@ -93,9 +93,11 @@ class RawS3:
                 self._keys[(secret, day)] = k
         return k
 
-    def sign(self, method: str, path: str, headers: dict, now: datetime.datetime | None = None) -> dict:
-        """Headers (lower-case names) with x-amz-date, x-amz-content-sha256 and Authorization
-        for a body-less request; `path` is the already percent-encoded URL path."""
+    def sign(self, method: str, path: str, headers: dict, now: datetime.datetime | None = None,
+             payload_hash: str = EMPTY_SHA256) -> dict:
+        """Headers (lower-case names) with x-amz-date, x-amz-content-sha256 and Authorization;
+        `path` is the already percent-encoded URL path. A request with a body is sent with
+        UNSIGNED-PAYLOAD, as botocore does for S3 with payload signing off."""
         creds = self._credentials.get_frozen_credentials()
         now = now or datetime.datetime.now(datetime.timezone.utc)
         amz_date = now.strftime("%Y%m%dT%H%M%SZ")
@@ -103,7 +105,7 @@ class RawS3:
         h = {k.lower(): str(v) for k, v in headers.items()}
         h["host"] = self.host
         h["x-amz-date"] = amz_date
-        h["x-amz-content-sha256"] = EMPTY_SHA256
+        h["x-amz-content-sha256"] = payload_hash
         if creds.token:
             h["x-amz-security-token"] = creds.token
         names = sorted(h)
@@ -111,7 +113,7 @@ class RawS3:
         canonical = "\n".join([
             method, path, "",
             "".join(f"{n}:{' '.join(h[n].split())}\n" for n in names),
-            signed, EMPTY_SHA256])
+            signed, payload_hash])
         scope = f"{day}/{self.region}/s3/aws4_request"
         to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
                              hashlib.sha256(canonical.encode()).hexdigest()])
@@ -125,12 +127,16 @@ class RawS3:
         return self.base + urllib.parse.quote(key, safe="/" + UNRESERVED)
 
     # -- requests -------------------------------------------------------------------------------
-    def request(self, op: str, method: str, key: str, headers: dict) -> RawResponse:
+    def request(self, op: str, method: str, key: str, headers: dict,
+                body: bytes | None = None) -> RawResponse:
         """One signed request; raises urllib3/OS errors as they come (the caller falls back)."""
         path = self.path_of(key)
-        h = self.sign(method, path, headers)
+        if body is not None:
+            headers = {**headers, "content-length": str(len(body))}
+        h = self.sign(method, path, headers,
+                      payload_hash=EMPTY_SHA256 if body is None else "UNSIGNED-PAYLOAD")
         for fn in self.observers:
             fn(op, h)
-        r = self.pool.urlopen(method, path, headers=h, retries=False, redirect=False,
-                              assert_same_host=False, preload_content=True)
+        r = self.pool.urlopen(method, path, body=body, headers=h, retries=False,
+                              redirect=False, assert_same_host=False, preload_content=True)
         return RawResponse(r.status, r.headers, r.data)

@@ -34,7 +34,8 @@ log = logging.getLogger("ssecfs.store")
 
 MiB = 1024 * 1024
 SINGLE_PUT_MAX = 16 * MiB
-RAW_GET_MAX = 1 * MiB          # range GETs up to this size take the raw path (s3raw)
+RAW_GET_MAX = 8 * MiB          # range GETs up to this size take the raw path (s3raw)
+RAW_PUT_MAX = 16 * MiB         # and PUTs up to this size
 MIN_PART = 8 * MiB
 MAX_PARTS = 10000
 COPY_MAX = 5 * 1024 * MiB
@@ -66,6 +67,11 @@ def check_endpoint(url: str | None) -> None:
         raise UserError(
             f"refusing plain http:// to {parts.hostname}: SSE-C keys would cross the network "
             "unencrypted; use https://", EXIT_SECURITY)
+
+
+def _header_safe(text: str) -> bool:
+    """Sent as an HTTP header by hand: printable ASCII only (botocore handles the rest)."""
+    return text.isascii() and text.isprintable() and text == text.strip()
 
 
 def _echo_fps(value: str | None) -> set[str]:
@@ -130,13 +136,13 @@ class S3Store:
         return RawS3(self.endpoint_url, self.bucket, cfg.region_name, creds, ca,
                      connect_timeout, read_timeout, maxsize=cfg.max_pool_connections)
 
-    def _raw(self, op: str, method: str, key: str, headers: dict):
+    def _raw(self, op: str, method: str, key: str, headers: dict, body: bytes | None = None):
         """A raw request, or None when the caller should use botocore instead (raw path off,
         an odd key, connection trouble, or an answer botocore's retries should handle)."""
         if self.raw is None or not plain_key(key):
             return None
         try:
-            r = self.raw.request(op, method, key, headers)
+            r = self.raw.request(op, method, key, headers, body)
         except Exception as e:  # noqa: BLE001 - botocore retries and reports it
             log.debug("raw %s %r: %s; using botocore", op, key, type(e).__name__)
             return None
@@ -228,7 +234,10 @@ class S3Store:
     def _verify_by_head(self, key: str, want: Key, op: str) -> ObjectInfo:
         """For responses that carry no echo (CopyObject, CompleteMultipartUpload on some
         servers): HEAD with the key; only an echo of our key MD5 proves the encryption."""
-        resp = self._call("HeadObject", key, self.client.head_object, Key=key, **want.sse_params())
+        try:
+            resp = self._head_object(key, want)
+        except Exception as e:  # noqa: BLE001 - translated here, at the boundary
+            raise self._translate(e, "HeadObject", key) from None
         if _echo_fps(resp.get("SSECustomerKeyMD5")) != {want.fingerprint}:
             log.error("endpoint %s stored %r without SSE-C after %s", self.endpoint_url or "AWS",
                       key, op)
@@ -319,10 +328,27 @@ class S3Store:
     def _meta(self, metadata: dict, k: Key) -> dict:
         return {**{str(a): str(b) for a, b in metadata.items()}, KEY_FP_META: k.fingerprint}
 
+    def _raw_put(self, key: str, data: bytes, meta: dict, k: Key) -> dict | None:
+        """PutObject on the lean path; None: use botocore (odd metadata, or any answer but
+        200 -- a PUT is idempotent, botocore sends it again and reports errors properly)."""
+        if any(not _header_safe(a) or not _header_safe(b) for a, b in meta.items()):
+            return None
+        h = {**{f"x-amz-meta-{a}": b for a, b in meta.items()}, **k.sse_headers()}
+        r = self._raw("PutObject", "PUT", key, h, bytes(data))
+        if r is None or r.status != 200:
+            return None
+        g = r.headers.get
+        return {"ETag": g("etag", ""),
+                "SSECustomerKeyMD5": g("x-amz-server-side-encryption-customer-key-md5"),
+                "SSECustomerAlgorithm": g("x-amz-server-side-encryption-customer-algorithm")}
+
     def put(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
         k = self.ring.current
-        resp = self._call("PutObject", key, self.client.put_object, Key=key, Body=data,
-                          Metadata=self._meta(metadata, k), **k.sse_params())
+        meta = self._meta(metadata, k)
+        resp = self._raw_put(key, data, meta, k) if len(data) <= RAW_PUT_MAX else None
+        if resp is None:
+            resp = self._call("PutObject", key, self.client.put_object, Key=key, Body=data,
+                              Metadata=meta, **k.sse_params())
         if not (key.endswith("/") and not data and not resp.get("SSECustomerKeyMD5")):
             # A zero-byte directory marker holds no data; SeaweedFS stores it as a filer
             # directory and does not echo SSE-C for it. Everything else must be confirmed.
@@ -358,10 +384,8 @@ class S3Store:
         return {"PartNumber": num, "ETag": resp["ETag"]}
 
     def _multipart(self, key: str, metadata: dict, nparts: int, part_fn) -> ObjectInfo:
-        k = self.ring.current
-        resp = self._call("CreateMultipartUpload", key, self.client.create_multipart_upload,
-                          Key=key, Metadata=self._meta(metadata, k), **k.sse_params())
-        up_id = resp["UploadId"]
+        up_id, fp = self.mpu_begin(key, metadata)
+        k = self.ring.by_fingerprint(fp)
         try:
             # Bounded window: at most 2x workers parts in flight (memory stays bounded).
             parts, futs, window = [], [], 2 * self._pool._max_workers
@@ -370,22 +394,45 @@ class S3Store:
                 if len(futs) >= window:
                     parts.append(futs.pop(0).result())
             parts.extend(f.result() for f in futs)
-            resp = self._call("CompleteMultipartUpload", key, self.client.complete_multipart_upload,
-                              Key=key, UploadId=up_id, MultipartUpload={"Parts": parts},
-                              **k.sse_params())
+            return self.mpu_complete(key, up_id, [(p["PartNumber"], p["ETag"]) for p in parts], fp)
         except BaseException:
             for f in futs:
                 f.cancel()
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=up_id)
-            except Exception:  # noqa: BLE001 - best effort; the original error matters
-                log.warning("could not abort multipart upload of %r", key)
+            self.mpu_abort(key, up_id)
             raise
+
+    # -- multipart uploads driven by the caller (a file uploaded while it is being written) ----
+    def mpu_begin(self, key: str, metadata: dict) -> tuple[str, str]:
+        """CreateMultipartUpload under the current key: (upload id, key fingerprint)."""
+        k = self.ring.current
+        resp = self._call("CreateMultipartUpload", key, self.client.create_multipart_upload,
+                          Key=key, Metadata=self._meta(metadata, k), **k.sse_params())
+        return resp["UploadId"], k.fingerprint
+
+    def mpu_part(self, key: str, upload_id: str, number: int, body: bytes, key_fp: str) -> str:
+        """UploadPart (the echo is checked); returns the part's ETag."""
+        k = self.ring.by_fingerprint(key_fp) or self.ring.current
+        return self._upload_part(key, upload_id, number, body, k)["ETag"]
+
+    def mpu_complete(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                     key_fp: str) -> ObjectInfo:
+        k = self.ring.by_fingerprint(key_fp) or self.ring.current
+        resp = self._call("CompleteMultipartUpload", key, self.client.complete_multipart_upload,
+                          Key=key, UploadId=upload_id,
+                          MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
+                          **k.sse_params())
         if resp.get("SSECustomerKeyMD5"):
             self._check_write_echo(resp, key, "CompleteMultipartUpload", k)
             self._remember(key, k.fingerprint)
             return self.head(key)
         return self._verify_by_head(key, k, "CompleteMultipartUpload")
+
+    def mpu_abort(self, key: str, upload_id: str) -> None:
+        """Best effort: the original error matters more than a failed abort."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception:  # noqa: BLE001
+            log.warning("could not abort multipart upload of %r", key)
 
     def copy(self, src: str, dst: str, size: int, metadata: dict,
              src_key_fp: str | None, src_etag: str | None = None) -> ObjectInfo:

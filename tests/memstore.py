@@ -46,6 +46,7 @@ class MemStore:
         self.ring = ring
         self._lock = threading.Lock()
         self._objects: dict[str, _Obj] = {}
+        self._uploads: dict[str, dict] = {}
         self.calls: Counter = Counter()
         self._faults: dict[str, list] = {}
         self.before: dict[str, object] = {}
@@ -178,6 +179,60 @@ class MemStore:
                                      f"expected {min(PART, size - off)}")
             parts.append(piece)
         return self._store(key, b"".join(parts), metadata)
+
+    # -- caller-driven multipart uploads (parts may be re-sent; only listed ones count) ------
+    def mpu_begin(self, key: str, metadata: dict) -> tuple[str, str]:
+        self._enter("mpu_begin", key)
+        k = self.ring.current
+        up = uuid.uuid4().hex
+        with self._lock:
+            self._uploads[up] = {"key": key, "meta": dict(metadata), "fp": k.fingerprint,
+                                 "parts": {}}
+        return up, k.fingerprint
+
+    def _upload_of(self, key: str, upload_id: str) -> dict:
+        with self._lock:
+            u = self._uploads.get(upload_id)
+        if u is None or u["key"] != key:
+            raise NotFound(f"upload {upload_id} of {key!r}")
+        return u
+
+    def mpu_part(self, key: str, upload_id: str, number: int, body: bytes, key_fp: str) -> str:
+        self._enter("mpu_part", key, number, len(body))
+        u = self._upload_of(key, upload_id)
+        if key_fp != u["fp"]:
+            raise PermissionDenied(f"UploadPart {key!r}: not the upload's key")
+        etag = uuid.uuid4().hex
+        with self._lock:
+            u["parts"][number] = (etag, bytes(body))
+        return etag
+
+    def mpu_complete(self, key: str, upload_id: str, parts: list, key_fp: str) -> ObjectInfo:
+        self._enter("mpu_complete", key, len(parts))
+        u = self._upload_of(key, upload_id)
+        nums = [n for n, _ in parts]
+        if nums != sorted(set(nums)):
+            raise StoreError("CompleteMultipartUpload: parts not in ascending order")
+        blobs = []
+        for i, (n, etag) in enumerate(parts):
+            have = u["parts"].get(n)
+            if have is None or have[0] != etag:
+                raise StoreError(f"CompleteMultipartUpload: InvalidPart {n}")
+            if i < len(parts) - 1 and len(have[1]) < 5 * 1024 * 1024:
+                raise StoreError(f"CompleteMultipartUpload: EntityTooSmall (part {n})")
+            blobs.append(have[1])
+        with self._lock:
+            self._uploads.pop(upload_id, None)
+        return self._store(key, b"".join(blobs), u["meta"])
+
+    def mpu_abort(self, key: str, upload_id: str) -> None:
+        self._enter("mpu_abort", key)
+        with self._lock:
+            self._uploads.pop(upload_id, None)
+
+    def uploads_open(self) -> int:
+        with self._lock:
+            return len(self._uploads)
 
     def copy(self, src: str, dst: str, size: int, metadata: dict,
              src_key_fp: str | None, src_etag: str | None = None) -> ObjectInfo:

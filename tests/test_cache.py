@@ -470,7 +470,8 @@ def test_chunk_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
     from memory."""
     import ssecfs.cache as cachemod
     real = os.pwrite
-    monkeypatch.setattr(cachemod.os, "pwrite", lambda fd, b, off: real(fd, bytes(b)[:100], off))
+    monkeypatch.setattr(cachemod.os, "pwritev",
+                        lambda fd, bufs, off: real(fd, b"".join(bytes(b) for b in bufs)[:100], off))
     e = cache.new_entry()
     data = os.urandom(CHUNK)
     e.write_chunk(0, data)
@@ -490,3 +491,17 @@ def test_state_record_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
         e.save_state({"v": 2, "pad": "x" * 1000})
     monkeypatch.setattr(cachemod.os, "write", real)
     assert e.load_state() == {"v": 1}
+
+
+def test_chunk_written_while_the_cache_closes_is_sealed_not_left_pending(cache_dir, keys):
+    """A late writer (a read-ahead or upload thread still running at shutdown) stores a chunk
+    after the sealer threads stopped: it is sealed in the writer's thread, so close() does not
+    wait forever for a chunk no sealer will ever take."""
+    c = make_cache(cache_dir, keys)
+    e = c.new_entry()
+    c._sealers.shutdown(wait=True)          # what close() does first
+    data = os.urandom(CHUNK)
+    e.write_chunk(3, data)
+    assert not e.pending                    # sealed and written already
+    assert e.read_chunk(3) == data
+    c.close()                               # returns (it used to hang here)

@@ -901,3 +901,113 @@ def test_memstore_fault_hook_and_counters(ring):
     st.before["get_range"] = lambda key, *a: seen.append((key, a))
     assert st.get_range("k", 0, 1, ring.current.fingerprint) == b"v"
     assert seen == [("k", (0, 1))]
+
+
+# ------------------------------------------------------------------------- streamed uploads
+from ssecfs.stream import STREAM_PART, STREAM_START  # noqa: E402
+
+
+def write_pieces(fs, fh, data: bytes, start: int = 0) -> None:
+    for off in range(0, len(data), 128 * 1024):
+        piece = data[off:off + 128 * 1024]
+        assert fs.write(fh, piece, start + off) == len(piece)
+
+
+def wait_for(pred, timeout=20, what="condition"):
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_big_sequential_file_is_uploaded_while_written(make_fs, store):
+    """Parts go out before close; at upload time only the tail is sent; the object is exact
+    and carries no mtime (its Last-Modified is its mtime), mode and owner are kept."""
+    fs = make_fs(writeback_delay=30)
+    data = os.urandom(5 * STREAM_PART + 12345)
+    fh = fs.create("/big.bin", 0o640)
+    write_pieces(fs, fh, data)
+    wait_for(lambda: store.calls["mpu_part"] >= 3, what="parts sent while written")
+    assert not store.exists("big.bin")                  # nothing visible before completion
+    fs.flush(fh)
+    fs.release(fh)
+    assert fs.flush_all(timeout=20)
+    assert store.data("big.bin") == data
+    assert store.calls["upload"] == 0 and store.calls["mpu_complete"] == 1
+    assert store.calls["mpu_part"] == 6                  # each part exactly once
+    meta = store.meta("big.bin")
+    assert int(meta["mode"]) == REG | 0o640 and "mtime" not in meta
+    assert read_all(fs, "/big.bin") == data
+    assert store.uploads_open() == 0
+
+
+def test_part_rewritten_after_it_was_sent_is_sent_again(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    data = bytearray(os.urandom(5 * STREAM_PART))
+    fh = fs.create("/r.bin", 0o644)
+    write_pieces(fs, fh, bytes(data))
+    wait_for(lambda: store.calls["mpu_part"] >= 1, what="first part sent")
+    patch = os.urandom(1000)
+    fs.write(fh, patch, 100)                             # e.g. a header written at the end
+    data[100:1100] = patch
+    fs.release(fh)
+    assert fs.flush_all(timeout=20)
+    assert store.data("r.bin") == bytes(data)
+
+
+@pytest.mark.parametrize("change", ["chmod", "utimens", "truncate", "rename", "unlink"])
+def test_stream_dropped_by_changes_it_cannot_carry(make_fs, store, change):
+    """Metadata is fixed when a multipart upload begins, and a truncate or rename changes
+    what is uploaded: the stream is aborted and the file uploaded whole, correctly."""
+    fs = make_fs(writeback_delay=30)
+    data = os.urandom(4 * STREAM_PART)
+    fh = fs.create("/c.bin", 0o644)
+    write_pieces(fs, fh, data)
+    wait_for(lambda: store.calls["mpu_part"] >= 1, what="a part sent")
+    expect_key, expect = "c.bin", data
+    if change == "chmod":
+        fs.chmod("/c.bin", 0o600)
+    elif change == "utimens":
+        fs.utimens("/c.bin", 1_600_000_000, 1_600_000_000)
+    elif change == "truncate":
+        fs.truncate("/c.bin", STREAM_START + 5, fh)
+        expect = data[:STREAM_START + 5]
+    elif change == "rename":
+        fs.rename("/c.bin", "/d.bin")
+        expect_key = "d.bin"
+    else:
+        fs.unlink("/c.bin")
+    fs.release(fh)
+    assert fs.flush_all(timeout=20)
+    wait_for(lambda: store.uploads_open() == 0, what="the stream to be aborted")
+    if change == "unlink":
+        assert store.keys() == []
+        return
+    assert store.data(expect_key) == expect
+    assert set(store.keys()) == {expect_key}
+    meta = store.meta(expect_key)
+    if change == "chmod":
+        assert int(meta["mode"]) == REG | 0o600
+    if change == "utimens":
+        assert float(meta["mtime"]) == 1_600_000_000
+
+
+def test_small_or_random_writes_do_not_stream(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    write_file(fs, "/small.bin", os.urandom(STREAM_START - 1))
+    fh = fs.create("/sparse.bin", 0o644)
+    fs.write(fh, b"x" * 1000, 4 * STREAM_PART)           # not sequential from empty
+    fs.release(fh)
+    assert fs.flush_all(timeout=20)
+    assert store.calls["mpu_begin"] == 0
+    assert len(store.data("sparse.bin")) == 4 * STREAM_PART + 1000
+
+
+def test_failed_part_falls_back_to_whole_upload(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    store.fail("mpu_part", 1)
+    data = os.urandom(4 * STREAM_PART + 7)
+    write_file(fs, "/f.bin", data)
+    assert fs.flush_all(timeout=30)
+    assert store.data("f.bin") == data
+    wait_for(lambda: store.uploads_open() == 0, what="the broken stream to be aborted")

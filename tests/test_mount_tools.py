@@ -660,6 +660,11 @@ def test_100mib_file_cp_remount_and_bucket(mounter, bucket, key, s3, tmp_path):
     assert status_of(lambda: s3.get_object(Bucket=bucket, Key="big.bin", Range="bytes=0-99")) == 400
     assert status_of(lambda: s3.get_object(Bucket=bucket, Key="big.bin", Range="bytes=0-99",
                                            **sse(os.urandom(32)))) == 403
-    md = s3.head_object(Bucket=bucket, Key="big.bin", **sse(raw))["Metadata"]
-    assert {"mode", "uid", "gid", "mtime"} <= set(md), md
+    head = s3.head_object(Bucket=bucket, Key="big.bin", **sse(raw))
+    md = head["Metadata"]
+    assert {"mode", "uid", "gid"} <= set(md), md
+    # a file this big was uploaded while being written (SEMANTICS, "Durability"): no mtime in
+    # its metadata, its modification time is the object's Last-Modified
+    assert "mtime" not in md, md
+    assert os.stat(dst).st_mtime == head["LastModified"].timestamp()
     assert int(md["mode"]) == os.stat(dst).st_mode

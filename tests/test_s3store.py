@@ -310,7 +310,11 @@ def test_list_and_delete_send_no_key(make_store, k1):
 
 
 # ------------------------------------------------------------------------- verification
-def _tamper(client, op: str, fn):
+def _tamper(store, op: str, fn):
+    """Alter botocore's parsed answers to `op` (the lean raw path is switched off: it would
+    bypass botocore; test_raw_path_checks_the_echo_too covers it)."""
+    store.raw = None
+    client = store.client
     def handler(parsed, **kw):
         fn(parsed)
     client.meta.events.register(f"after-call.s3.{op}", handler)
@@ -318,7 +322,7 @@ def _tamper(client, op: str, fn):
 
 def test_put_without_echo_is_refused(make_store, k1):
     store, _ = make_store(k1)
-    _tamper(store.client, "PutObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(store, "PutObject", lambda p: p.pop("SSECustomerKeyMD5", None))
     with pytest.raises(EncryptionNotApplied):
         store.put("noecho", b"data", {})
 
@@ -326,21 +330,21 @@ def test_put_without_echo_is_refused(make_store, k1):
 def test_put_with_other_key_echo_is_refused(make_store, k1):
     store, _ = make_store(k1)
     bogus = Key(os.urandom(32)).fingerprint
-    _tamper(store.client, "PutObject", lambda p: p.__setitem__("SSECustomerKeyMD5", bogus))
+    _tamper(store, "PutObject", lambda p: p.__setitem__("SSECustomerKeyMD5", bogus))
     with pytest.raises(EncryptionNotApplied):
         store.put("wrongecho", b"data", {})
 
 
 def test_put_without_algorithm_echo_is_refused(make_store, k1):
     store, _ = make_store(k1)
-    _tamper(store.client, "PutObject", lambda p: p.pop("SSECustomerAlgorithm", None))
+    _tamper(store, "PutObject", lambda p: p.pop("SSECustomerAlgorithm", None))
     with pytest.raises(EncryptionNotApplied):
         store.put("noalg", b"data", {})
 
 
 def test_directory_marker_without_echo_is_accepted(make_store, k1):
     store, _ = make_store(k1)
-    _tamper(store.client, "PutObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(store, "PutObject", lambda p: p.pop("SSECustomerKeyMD5", None))
     store.put("somedir/", b"", {"mode": "16877"})          # zero bytes: nothing to encrypt
     with pytest.raises(EncryptionNotApplied):
         store.put("somedir/data", b"x", {})
@@ -348,7 +352,7 @@ def test_directory_marker_without_echo_is_accepted(make_store, k1):
 
 def test_multipart_part_without_echo_is_refused_and_aborted(make_store, k1):
     store, wire = make_store(k1)
-    _tamper(store.client, "UploadPart", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(store, "UploadPart", lambda p: p.pop("SSECustomerKeyMD5", None))
     size = s3store.SINGLE_PUT_MAX + 1
     with pytest.raises(EncryptionNotApplied):
         store.upload("mp", size, lambda off, ln: bytes(ln), {})
@@ -361,8 +365,8 @@ def test_multipart_part_without_echo_is_refused_and_aborted(make_store, k1):
 def test_copy_without_any_echo_is_refused(make_store, k1):
     store, _ = make_store(k1)
     store.put("c-src", b"copy me", {})
-    _tamper(store.client, "CopyObject", lambda p: p.pop("SSECustomerKeyMD5", None))
-    _tamper(store.client, "HeadObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(store, "CopyObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(store, "HeadObject", lambda p: p.pop("SSECustomerKeyMD5", None))
     with pytest.raises(EncryptionNotApplied):
         store.copy("c-src", "c-dst", 7, {}, k1.fingerprint)
 
@@ -370,7 +374,7 @@ def test_copy_without_any_echo_is_refused(make_store, k1):
 def test_copy_without_echo_is_verified_by_head(make_store, k1):
     store, wire = make_store(k1)
     store.put("v-src", b"copy me", {})
-    _tamper(store.client, "CopyObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(store, "CopyObject", lambda p: p.pop("SSECustomerKeyMD5", None))
     wire.clear()
     info = store.copy("v-src", "v-dst", 7, {}, k1.fingerprint)
     assert info.key_fp == k1.fingerprint
@@ -599,3 +603,24 @@ def test_raw_path_serves_head_and_small_gets_with_the_key(make_store, k1, bucket
     assert hp.access == PLAINTEXT
     with pytest.raises((KeyMismatch, PermissionDenied, StoreError)):
         store.get_range("raw/plain", 0, 5, k1.fingerprint)
+
+
+@pytest.mark.parametrize("strip", ["x-amz-server-side-encryption-customer-key-md5",
+                                   "x-amz-server-side-encryption-customer-algorithm"])
+def test_raw_path_checks_the_echo_too(make_store, k1, strip):
+    """A PUT or GET answered on the lean path without the SSE-C echo is refused like one
+    answered to botocore: the write fails (EncryptionNotApplied), the read is not served."""
+    store, _ = make_store(k1)
+    store.put("echo/ok", b"fine", {})
+    real = store.raw.request
+
+    def stripped(op, method, key, headers, body=None):
+        r = real(op, method, key, headers, body)
+        r.headers = {k: v for k, v in r.headers.items() if k.lower() != strip}
+        return r
+    store.raw.request = stripped
+    with pytest.raises(EncryptionNotApplied):
+        store.put("echo/new", b"data", {})
+    if strip.endswith("md5"):
+        with pytest.raises(KeyMismatch):
+            store.get_range("echo/ok", 0, 4, k1.fingerprint)
