@@ -47,7 +47,9 @@ READAHEAD_UNITS = 8                  # units fetched ahead of a sequential reade
 SEQ_SLACK = 2 * 1024 * 1024          # a read this close to the last one is sequential
 HOT_CHUNKS = (READAHEAD_UNITS + 1) * READ_UNIT // (128 * 1024)   # per file, see FileState.hot
 COPY_WORKERS = 16
-PREFETCH_AHEAD = 128                 # HEADs a readdir prefetch runs ahead of the getattrs
+PREFETCH_ON_OPEN = 1024 * 1024      # files up to this size are fetched at open (read-only)
+HEAD_WORKERS = 32                    # parallel HEADs of a readdir prefetch
+PREFETCH_AHEAD = 256                 # HEADs a readdir prefetch runs ahead of the getattrs
 
 
 @dataclass
@@ -156,7 +158,7 @@ class Filesystem(NamespaceOps, StreamOps):
         # The last HEAD answer per path (ETag, key, metadata): an open within the attribute
         # timeout of a lookup uses it instead of asking again.
         self._infos: TTLCache = TTLCache(maxsize=20_000, ttl=max(config.attr_timeout, 0.001))
-        self._head_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="head")
+        self._head_pool = ThreadPoolExecutor(max_workers=HEAD_WORKERS, thread_name_prefix="head")
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
         self._copy_pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="copy")
         self.wb = WriteBack(self._upload, delay=config.writeback_delay,
@@ -314,11 +316,14 @@ class Filesystem(NamespaceOps, StreamOps):
                 self._listings[d] = names
                 self._small_dirs[d] = True
 
-    def _note_child(self, path: str, present: bool) -> None:
-        """Keep cached listings true to our own creates and deletes."""
+    def _note_child(self, path: str, present: bool, changed: bool = True) -> None:
+        """Keep cached listings true to our own creates and deletes. changed=False: the
+        object itself did not change (a clean file forgotten at close), so lookups in flight
+        stay valid (the open that follows a lookup then reuses its answer)."""
         parent, name = posixpath.split(path)
         with self._attr_lock:
-            self._seq += 1
+            if changed:
+                self._seq += 1
             names = self._listings.get(parent or "/")
             if names is not None:
                 (names.add if present else names.discard)(name)
@@ -482,7 +487,18 @@ class Filesystem(NamespaceOps, StreamOps):
             fh = self._register(st)
         if flags & os.O_TRUNC:
             self.truncate(path, 0, fh)
+        elif not writing:
+            self._prefetch_small(st)
         return fh
+
+    def _prefetch_small(self, st: FileState) -> None:
+        """A small file opened for reading is about to be read whole: start its GET now, so
+        it travels while the kernel sends the first read."""
+        with st.lock:
+            if (st.remote is not None and 0 < st.remote_valid <= PREFETCH_ON_OPEN
+                    and not st.dirty and (st.entry is None or not st.entry.has(0))):
+                self._ensure_entry(st)
+                self._fetch_async(st, 0, READ_UNIT)
 
     def _hold_state(self, path: str) -> FileState:
         """Caller holds _ns_lock. The file's state, with one more open counted. A state that
@@ -724,6 +740,8 @@ class Filesystem(NamespaceOps, StreamOps):
         st.generation += 1
         if data:
             st.data_generation = st.generation
+            if st.hot:
+                st.hot.clear()            # void anyway (tagged with the old generation)
             entry = self._ensure_entry(st)
             if not entry.dirty:
                 self.cache.unindex(entry)
@@ -832,7 +850,7 @@ class Filesystem(NamespaceOps, StreamOps):
             st.entry.close_fd()
         st.hot.clear()
         if not st.deleted:
-            self._note_child(st.path, True)
+            self._note_child(st.path, True, changed=False)
             with self._attr_lock:
                 self._attrs[st.path] = self._attr_of_state(st)
 

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import threading
 import urllib.parse
+from xml.etree import ElementTree
 
 import urllib3
 
@@ -93,8 +94,16 @@ class RawS3:
                 self._keys[(secret, day)] = k
         return k
 
+    @staticmethod
+    def query_string(query: dict | None) -> str:
+        """The canonical (and sent) query string: sorted, every byte but unreserved encoded."""
+        if not query:
+            return ""
+        q = lambda v: urllib.parse.quote(str(v), safe=UNRESERVED)  # noqa: E731
+        return "&".join(f"{q(k)}={q(v)}" for k, v in sorted(query.items()))
+
     def sign(self, method: str, path: str, headers: dict, now: datetime.datetime | None = None,
-             payload_hash: str = EMPTY_SHA256) -> dict:
+             payload_hash: str = EMPTY_SHA256, query: dict | None = None) -> dict:
         """Headers (lower-case names) with x-amz-date, x-amz-content-sha256 and Authorization;
         `path` is the already percent-encoded URL path. A request with a body is sent with
         UNSIGNED-PAYLOAD, as botocore does for S3 with payload signing off."""
@@ -111,7 +120,7 @@ class RawS3:
         names = sorted(h)
         signed = ";".join(names)
         canonical = "\n".join([
-            method, path, "",
+            method, path, self.query_string(query),
             "".join(f"{n}:{' '.join(h[n].split())}\n" for n in names),
             signed, payload_hash])
         scope = f"{day}/{self.region}/s3/aws4_request"
@@ -128,15 +137,43 @@ class RawS3:
 
     # -- requests -------------------------------------------------------------------------------
     def request(self, op: str, method: str, key: str, headers: dict,
-                body: bytes | None = None) -> RawResponse:
-        """One signed request; raises urllib3/OS errors as they come (the caller falls back)."""
+                body: bytes | None = None, query: dict | None = None) -> RawResponse:
+        """One signed request; raises urllib3/OS errors as they come (the caller falls back).
+        key "" with a query is a bucket-level request (a listing)."""
         path = self.path_of(key)
         if body is not None:
             headers = {**headers, "content-length": str(len(body))}
-        h = self.sign(method, path, headers,
+        h = self.sign(method, path, headers, query=query,
                       payload_hash=EMPTY_SHA256 if body is None else "UNSIGNED-PAYLOAD")
         for fn in self.observers:
             fn(op, h)
-        r = self.pool.urlopen(method, path, body=body, headers=h, retries=False,
+        url = path + ("?" + self.query_string(query) if query else "")
+        r = self.pool.urlopen(method, url, body=body, headers=h, retries=False,
                               redirect=False, assert_same_host=False, preload_content=True)
         return RawResponse(r.status, r.headers, r.data)
+
+
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def parse_list_v2(body: bytes) -> dict:
+    """A ListObjectsV2 answer in boto3's shape (the fields the store reads). Keys are
+    URL-decoded when the server says it encoded them (encoding-type=url), like botocore."""
+    root = ElementTree.fromstring(body)
+    ns = _NS if root.tag.startswith(_NS) else ""
+
+    def text(el, name, default=""):
+        v = el.find(ns + name)
+        return v.text if v is not None and v.text is not None else default
+
+    decode = urllib.parse.unquote_plus if text(root, "EncodingType") == "url" else (lambda v: v)
+    contents = []
+    for c in root.iter(ns + "Contents"):
+        lm = text(c, "LastModified")
+        contents.append({"Key": decode(text(c, "Key")), "Size": int(text(c, "Size", "0")),
+                         "ETag": text(c, "ETag"),
+                         "LastModified": datetime.datetime.fromisoformat(lm) if lm else None})
+    prefixes = [{"Prefix": decode(text(p, "Prefix"))} for p in root.iter(ns + "CommonPrefixes")]
+    return {"Contents": contents, "CommonPrefixes": prefixes,
+            "IsTruncated": text(root, "IsTruncated").lower() == "true",
+            "NextContinuationToken": text(root, "NextContinuationToken") or None}

@@ -27,7 +27,7 @@ from cachetools import LRUCache
 from .errors import (EncryptionNotApplied, KeyMismatch, NotFound, NotSupported,
                      PermissionDenied, Stale, StoreError, StoreUnavailable, UserError)
 from .keys import Key, KeyRing
-from .s3raw import RawS3, plain_key
+from .s3raw import RawS3, parse_list_v2, plain_key
 from .store import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo, Reader
 
 log = logging.getLogger("ssecfs.store")
@@ -134,7 +134,7 @@ class S3Store:
             return None
         ca = ca_bundle or botocore.httpsession.get_cert_path(True)
         return RawS3(self.endpoint_url, self.bucket, cfg.region_name, creds, ca,
-                     connect_timeout, read_timeout, maxsize=cfg.max_pool_connections)
+                     connect_timeout, read_timeout, maxsize=max(cfg.max_pool_connections, 48))
 
     def _raw(self, op: str, method: str, key: str, headers: dict, body: bytes | None = None):
         """A raw request, or None when the caller should use botocore instead (raw path off,
@@ -524,6 +524,25 @@ class S3Store:
                 self._remember(k, None)
 
     # -- listing ------------------------------------------------------------------------------
+    def _raw_list(self, prefix: str, delimiter: str | None, max_keys: int,
+                  token: str | None) -> dict | None:
+        """ListObjectsV2 on the lean path (botocore's XML and date parsing cost ~0.1 ms per
+        entry); None: use botocore (any answer but a 200 that parses)."""
+        if self.raw is None:
+            return None
+        q = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys),
+             "encoding-type": "url"}
+        if delimiter:
+            q["delimiter"] = delimiter
+        if token:
+            q["continuation-token"] = token
+        try:
+            r = self.raw.request("ListObjectsV2", "GET", "", {}, query=q)
+            return parse_list_v2(r.body) if r.status == 200 else None
+        except Exception as e:  # noqa: BLE001 - botocore retries and reports it
+            log.debug("raw ListObjectsV2 %r: %s; using botocore", prefix, type(e).__name__)
+            return None
+
     def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = 1000):
         kw = {"Prefix": prefix, "MaxKeys": max_keys}
         if delimiter:
@@ -532,7 +551,9 @@ class S3Store:
         while True:
             if token:
                 kw["ContinuationToken"] = token
-            resp = self._call("ListObjectsV2", prefix, self.client.list_objects_v2, **kw)
+            resp = self._raw_list(prefix, delimiter, max_keys, token)
+            if resp is None:
+                resp = self._call("ListObjectsV2", prefix, self.client.list_objects_v2, **kw)
             objs = [ListedObject(key=o["Key"], size=int(o.get("Size", 0)),
                                  etag=str(o.get("ETag", "")).strip('"'),
                                  mtime=o["LastModified"].timestamp() if o.get("LastModified") else 0.0)
