@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scr
 sys.path.insert(0, os.path.dirname(__file__))
 
 from helpers import run_ssecfs, wait_until  # noqa: E402
+from proxy import S3Proxy  # noqa: E402
 from seaweed import SeaweedFS  # noqa: E402
 
 
@@ -163,3 +164,22 @@ def mounter(seaweed, tmp_path, bucket):
 def mnt(mounter, bucket, key):
     """A mounted bucket: (Mount, bucket name, raw key)."""
     return mounter(bucket, key[0]), bucket, key[1]
+
+
+# ---------------------------------------------------------------------------- fault proxy
+@pytest.fixture(scope="session")
+def proxy_server(seaweed):
+    """A fault-injecting S3 proxy (tests/proxy.py) in front of the session's SeaweedFS."""
+    p = S3Proxy(seaweed.endpoint).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def proxy(proxy_server, mounter):
+    """The session's proxy, without faults. Depends on `mounter` so that its teardown (which
+    releases every hold and removes every fault) runs before the mounts are cleaned up: a
+    daemon flushing at unmount must not wait for a held upload."""
+    proxy_server.clear()
+    yield proxy_server
+    proxy_server.clear()

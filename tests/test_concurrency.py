@@ -26,7 +26,6 @@ import time
 import pytest
 
 from helpers import sse
-from proxy import S3Proxy
 
 pytestmark = pytest.mark.mount
 
@@ -229,20 +228,6 @@ def test_many_threads_no_lost_or_torn_writes(mounter, bucket, key, s3):
 
 
 # ---------------------------------------------------------------------------- reopen vs upload
-@pytest.fixture(scope="module")
-def proxy_server(seaweed):
-    p = S3Proxy(seaweed.endpoint).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture
-def proxy(proxy_server, mounter):
-    proxy_server.clear()
-    yield proxy_server
-    proxy_server.clear()
-
-
 def test_reopen_as_the_upload_completes_loses_nothing(proxy, mounter, bucket, key, s3):
     """close() schedules an upload; when it completes, the daemon forgets the (clean) file.
     An open() at that very moment must still see one file: an append through it and a

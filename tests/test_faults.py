@@ -23,7 +23,6 @@ import types
 import pytest
 
 from helpers import run_ssecfs, sse, wait_until
-from proxy import S3Proxy
 
 pytestmark = pytest.mark.mount
 
@@ -31,22 +30,6 @@ MiB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def proxy_server(seaweed):
-    p = S3Proxy(seaweed.endpoint).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture
-def proxy(proxy_server, mounter):
-    """The proxy without faults. Depends on `mounter` so its teardown (every fault removed,
-    every hold released) runs before the mounts are cleaned up."""
-    proxy_server.clear()
-    yield proxy_server
-    proxy_server.clear()
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path, mounter):
     """A 32 MiB tmpfs for a cache dir. Mounts made on it are registered in .mounts and torn

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, wait_until
 from memstore import MemStore
 from ssecfs.cache import CHUNK, Cache
 from ssecfs.config import FsConfig
@@ -913,13 +913,6 @@ def write_pieces(fs, fh, data: bytes, start: int = 0) -> None:
         assert fs.write(fh, piece, start + off) == len(piece)
 
 
-def wait_for(pred, timeout=20, what="condition"):
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_big_sequential_file_is_uploaded_while_written(make_fs, store):
     """Parts go out before close; at upload time only the tail is sent; the object is exact
     and carries no mtime (its Last-Modified is its mtime), mode and owner are kept."""
@@ -927,7 +920,7 @@ def test_big_sequential_file_is_uploaded_while_written(make_fs, store):
     data = os.urandom(5 * STREAM_PART + 12345)
     fh = fs.create("/big.bin", 0o640)
     write_pieces(fs, fh, data)
-    wait_for(lambda: store.calls["mpu_part"] >= 3, what="parts sent while written")
+    wait_until(lambda: store.calls["mpu_part"] >= 3, what="parts sent while written")
     assert not store.exists("big.bin")                  # nothing visible before completion
     fs.flush(fh)
     fs.release(fh)
@@ -946,7 +939,7 @@ def test_part_rewritten_after_it_was_sent_is_sent_again(make_fs, store):
     data = bytearray(os.urandom(5 * STREAM_PART))
     fh = fs.create("/r.bin", 0o644)
     write_pieces(fs, fh, bytes(data))
-    wait_for(lambda: store.calls["mpu_part"] >= 1, what="first part sent")
+    wait_until(lambda: store.calls["mpu_part"] >= 1, what="first part sent")
     patch = os.urandom(1000)
     fs.write(fh, patch, 100)                             # e.g. a header written at the end
     data[100:1100] = patch
@@ -963,7 +956,7 @@ def test_stream_dropped_by_changes_it_cannot_carry(make_fs, store, change):
     data = os.urandom(4 * STREAM_PART)
     fh = fs.create("/c.bin", 0o644)
     write_pieces(fs, fh, data)
-    wait_for(lambda: store.calls["mpu_part"] >= 1, what="a part sent")
+    wait_until(lambda: store.calls["mpu_part"] >= 1, what="a part sent")
     expect_key, expect = "c.bin", data
     if change == "chmod":
         fs.chmod("/c.bin", 0o600)
@@ -979,7 +972,7 @@ def test_stream_dropped_by_changes_it_cannot_carry(make_fs, store, change):
         fs.unlink("/c.bin")
     fs.release(fh)
     assert fs.flush_all(timeout=20)
-    wait_for(lambda: store.uploads_open() == 0, what="the stream to be aborted")
+    wait_until(lambda: store.uploads_open() == 0, what="the stream to be aborted")
     if change == "unlink":
         assert store.keys() == []
         return
@@ -1010,4 +1003,4 @@ def test_failed_part_falls_back_to_whole_upload(make_fs, store):
     write_file(fs, "/f.bin", data)
     assert fs.flush_all(timeout=30)
     assert store.data("f.bin") == data
-    wait_for(lambda: store.uploads_open() == 0, what="the broken stream to be aborted")
+    wait_until(lambda: store.uploads_open() == 0, what="the broken stream to be aborted")

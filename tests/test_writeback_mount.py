@@ -20,7 +20,6 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from helpers import run_ssecfs, sse, wait_until
-from proxy import S3Proxy
 
 pytestmark = pytest.mark.mount
 
@@ -28,25 +27,8 @@ MiB = 1024 * 1024
 WRITES = ("PUT", "POST")          # methods that create or change an object
 
 
-# ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def proxy_server(seaweed):
-    p = S3Proxy(seaweed.endpoint).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture
-def proxy(proxy_server, mounter):
-    """The session's proxy, without faults. Depends on `mounter` so that its teardown (which
-    releases every hold and removes every fault) runs before the mounts are cleaned up: a
-    daemon flushing at unmount must not wait for a held upload."""
-    proxy_server.clear()
-    yield proxy_server
-    proxy_server.clear()
-
-
 # ---------------------------------------------------------------------------- helpers
+# (the fault proxy fixtures `proxy_server` and `proxy` are in conftest.py)
 class Background(threading.Thread):
     """Run fn in a thread; result(timeout) returns its value or raises its exception."""
 
