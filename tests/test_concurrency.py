@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from helpers import sse
+from helpers import read_cold, sse
 
 pytestmark = pytest.mark.mount
 
@@ -34,20 +34,6 @@ OWNERS = 16
 SHARED_WRITERS = 4
 REGION = 100_003
 WATCHDOG = DURATION + 90          # a thread still running then is stuck
-
-
-def drop_cache_and_read(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = bytearray()
-        while True:
-            b = os.read(fd, 1 << 20)
-            if not b:
-                return bytes(out)
-            out += b
-    finally:
-        os.close(fd)
 
 
 def digest(b: bytes) -> str:
@@ -111,7 +97,7 @@ def owner(mnt: str, i: int, final: dict):
                 buf[off:off + len(patch)] = patch
                 data = bytes(buf)
             w.last_op = f"read v{version}"
-            got = drop_cache_and_read(path(cur))
+            got = read_cold(path(cur))
             assert got == data, (f"owner {i} read {digest(got)} from {names[cur]}, its last "
                                  f"write was {digest(data)}")
             if version % 3 == 0:
@@ -119,7 +105,7 @@ def owner(mnt: str, i: int, final: dict):
                 os.rename(path(cur), path(1 - cur))
                 cur = 1 - cur
                 assert not os.path.lexists(path(1 - cur)), f"{names[1 - cur]} still there"
-                got = drop_cache_and_read(path(cur))
+                got = read_cold(path(cur))
                 assert got == data, f"owner {i} after rename: {digest(got)} != {digest(data)}"
             w.ops += 1
         final[i] = (names[cur], names[1 - cur], data)
@@ -195,10 +181,10 @@ def test_many_threads_no_lost_or_torn_writes(mounter, bucket, key, s3):
 
     def check_mount(when: str):
         for i, (name, gone, data) in owners_final.items():
-            got = drop_cache_and_read(os.path.join(m.path, name))
+            got = read_cold(os.path.join(m.path, name))
             assert got == data, f"{when}: {name}: {digest(got)}, last write {digest(data)}"
             assert not os.path.lexists(os.path.join(m.path, gone)), f"{when}: {gone} is back"
-        got = drop_cache_and_read(shared)
+        got = read_cold(shared)
         for j in range(SHARED_WRITERS):
             part = got[j * REGION:(j + 1) * REGION]
             assert part == shared_final[j], (f"{when}: shared.bin region {j}: {digest(part)} "
@@ -264,7 +250,7 @@ def test_reopen_as_the_upload_completes_loses_nothing(proxy, mounter, bucket, ke
             lost[name] = f"{len(got)} bytes (want {len(data)}), starts {got[:4]!r}"
     m.mount()
     for name, data in want.items():
-        got = drop_cache_and_read(os.path.join(m.path, name))
+        got = read_cold(os.path.join(m.path, name))
         if got != data and name not in lost:
             lost[name] = f"mount: {len(got)} bytes (want {len(data)})"
     assert not lost, f"{len(lost)}/{len(want)} files lost a write: {lost}"

@@ -22,7 +22,7 @@ import types
 
 import pytest
 
-from helpers import run_ssecfs, sse, wait_until
+from helpers import read_cold, run_ssecfs, sse, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -60,19 +60,21 @@ def write_file(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def read_cold(path: str) -> bytes:
-    """Read through the daemon (drop this file's pages from the kernel cache first)."""
-    fd = os.open(path, os.O_RDONLY)
+def fill_until_error(fd: int, mib: int = 64) -> tuple[list[int], int]:
+    """Write `mib` MiB (more than the 32 MiB cache disk holds), then close fd: the errnos
+    met by the writes and the close, and the bytes written before the first error."""
+    errors, written = [], 0
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = bytearray()
-        while True:
-            b = os.read(fd, 4 * MiB)
-            if not b:
-                return bytes(out)
-            out += b
-    finally:
+        for _ in range(mib):
+            os.write(fd, os.urandom(MiB))
+            written += MiB
+    except OSError as e:
+        errors.append(e.errno)
+    try:
         os.close(fd)
+    except OSError as e:
+        errors.append(e.errno)
+    return errors, written
 
 
 def obj(s3, bucket: str, key: str, raw: bytes) -> bytes:
@@ -394,18 +396,8 @@ def test_cache_disk_full_gives_enospc_and_keeps_closed_files(small_tmpfs, proxy,
         write_file(p(n), d)
     hold.wait_held(1, timeout=30)
 
-    errors, written = [], 0
     fd = os.open(p("big.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(64):                              # 64 MiB into a 32 MiB disk
-            os.write(fd, os.urandom(MiB))
-            written += MiB
-    except OSError as e:
-        errors.append(e.errno)
-    try:
-        os.close(fd)
-    except OSError as e:
-        errors.append(e.errno)
+    errors, written = fill_until_error(fd)
     assert errors, f"{written // MiB} MiB written to a 32 MiB cache disk without an error"
     assert set(errors) == {errno.ENOSPC}, [errno.errorcode.get(e, e) for e in errors]
 
@@ -436,16 +428,7 @@ def test_umount_after_enospc_still_uploads_the_other_pending_files(small_tmpfs, 
     pending = {f"pending-{i}.bin": os.urandom(MiB + i) for i in range(2)}
     for n, d in pending.items():
         write_file(os.path.join(m.path, n), d)
-    errors = []
-    try:
-        for _ in range(64):
-            os.write(fd, os.urandom(MiB))
-    except OSError as e:
-        errors.append(e.errno)
-    try:
-        os.close(fd)
-    except OSError as e:
-        errors.append(e.errno)
+    errors, _ = fill_until_error(fd)
     assert errors and set(errors) == {errno.ENOSPC}, errors
     assert not set(pending) & set(keys_in(s3, bucket))       # nothing uploaded yet
     r = run_ssecfs("umount", m.path, timeout=90)              # bounded: it used to hang here
