@@ -223,6 +223,13 @@ class CacheEntry:
         self.cache._forget(self, gone, freed)
 
     def sync(self) -> None:
+        # seal what is still waiting here rather than wait for a sealer thread to get to it
+        # (close of a small file: one thread hop less); a job already running is harmless,
+        # _seal_one writes each version of a chunk once
+        with self.io_lock:
+            waiting = list(self.pending)
+        for index in waiting:
+            self._seal_one(index)
         self.drain()
         with self.io_lock:
             if self._fd is not None:

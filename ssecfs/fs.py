@@ -3,7 +3,10 @@
 Path ``/a/b.txt`` <-> object ``PREFIX + "a/b.txt"``. Directories are prefixes; ``mkdir`` writes a
 zero-byte marker ``a/``. Attributes live in s3fs-compatible metadata (mode, uid, gid, mtime,
 ctime). File data goes through the encrypted cache; dirty files are uploaded by the write-back
-scheduler (close returns at once, fsync waits for durability).
+scheduler (close returns at once, fsync waits for durability). This module owns open files,
+reads, writes and uploads; mixins on the same object own the rest: attrs.AttrOps (getattr,
+attribute and listing caches), namespace.NamespaceOps (directories, unlink, rename, metadata
+changes), stream.StreamOps (uploads that start while a big file is written).
 
 Locks, in the order they may be taken:
   _ns_lock (RLock)      serialises namespace changes (create, unlink, rename, mkdir, rmdir,
@@ -23,18 +26,16 @@ import os
 import posixpath
 import stat
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cachetools import LRUCache, TTLCache
-
+from .attrs import AttrOps, _now
 from .cache import CHUNK, Cache, CacheEntry
 from .config import FsConfig
-from .errors import (IsADirectory, KeyMismatch, NameTooLong, NotFound, PermissionDenied,
+from .errors import (IsADirectory, KeyMismatch, NameTooLong, NotFound,
                      ReadOnly, Stale, TimedOut)
-from .namespace import LISTING_CACHE_MAX, NamespaceOps
-from .store import LOCKED, PLAINTEXT, ObjectInfo, Store
+from .namespace import NamespaceOps
+from .store import LOCKED, PLAINTEXT, Store
 from .stream import STREAM_CLOSE_DELAY, StreamOps
 from .writeback import WriteBack
 
@@ -48,19 +49,6 @@ SEQ_SLACK = 2 * 1024 * 1024          # a read this close to the last one is sequ
 HOT_CHUNKS = (READAHEAD_UNITS + 1) * READ_UNIT // (128 * 1024)   # per file, see FileState.hot
 COPY_WORKERS = 16
 PREFETCH_ON_OPEN = 1024 * 1024      # files up to this size are fetched at open (read-only)
-HEAD_WORKERS = 32                    # parallel HEADs of a readdir prefetch
-PREFETCH_AHEAD = 256                 # HEADs a readdir prefetch runs ahead of the getattrs
-
-
-@dataclass
-class Attr:
-    mode: int
-    size: int
-    mtime: float
-    ctime: float
-    uid: int
-    gid: int
-    nlink: int = 1
 
 
 @dataclass
@@ -122,11 +110,7 @@ class FileState:
                 "remote_valid": self.remote_valid}
 
 
-def _now() -> float:
-    return time.time()
-
-
-class Filesystem(NamespaceOps, StreamOps):
+class Filesystem(AttrOps, NamespaceOps, StreamOps):
     def __init__(self, store: Store, cache: Cache, config: FsConfig):
         self.store = store
         self.cache = cache
@@ -139,26 +123,7 @@ class Filesystem(NamespaceOps, StreamOps):
         self._files: dict[str, FileState] = {}
         self._handles: dict[int, FileState] = {}
         self._fh = itertools.count(1)
-        self._attr_lock = threading.Lock()
-        # Directory attributes set through this mount. Some servers (SeaweedFS) drop the
-        # metadata of "dir/" marker objects; the attributes then last as long as the mount.
-        self._dir_meta: dict[str, dict] = {}
-        self._attrs: TTLCache = TTLCache(maxsize=100_000, ttl=max(config.attr_timeout, 0.001))
-        # Names in small directories (<= LISTING_CACHE_MAX entries), to answer lookups of
-        # names that do not exist (create, editors' temp files) without two requests each.
-        self._listings: TTLCache = TTLCache(maxsize=2_000, ttl=max(config.attr_timeout, 0.001))
-        self._small_dirs: LRUCache = LRUCache(maxsize=10_000)
-        self._heads: dict[str, Future] = {}          # HEADs in flight (readdir prefetch)
-        # Per listed directory: its names in listing order and how far the HEAD prefetch
-        # went. Prefetch runs PREFETCH_AHEAD names ahead of the getattr calls that follow a
-        # readdir (`ls -l`), so answers are fresh (well within the attribute timeout) when
-        # they are used, and a reader that stops early costs few requests.
-        self._prefetch_runs: LRUCache = LRUCache(maxsize=64)
-        self._seq = 0          # bumped by every change of ours (guards lookups in flight)
-        # The last HEAD answer per path (ETag, key, metadata): an open within the attribute
-        # timeout of a lookup uses it instead of asking again.
-        self._infos: TTLCache = TTLCache(maxsize=20_000, ttl=max(config.attr_timeout, 0.001))
-        self._head_pool = ThreadPoolExecutor(max_workers=HEAD_WORKERS, thread_name_prefix="head")
+        self._init_attrs(config)
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
         self._copy_pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="copy")
         self.wb = WriteBack(self._upload, delay=config.writeback_delay,
@@ -184,248 +149,9 @@ class Filesystem(NamespaceOps, StreamOps):
             raise NameTooLong(path)          # the marker "dir/" is one byte longer
         return k
 
-    def _default_meta(self, mode: int) -> dict:
-        t = _now()
-        return {"mode": mode, "uid": self.uid, "gid": self.gid, "mtime": t, "ctime": t}
-
-    def _meta_from(self, md: dict, default_mode: int, fallback_time: float) -> dict:
-        def num(name, default, conv=int):
-            try:
-                return conv(md[name])
-            except (KeyError, ValueError, TypeError):
-                return default
-        mode = num("mode", default_mode)
-        if stat.S_IFMT(mode) == 0:
-            mode |= stat.S_IFMT(default_mode)
-        mtime = num("mtime", fallback_time, float)
-        return {"mode": mode, "uid": num("uid", self.uid), "gid": num("gid", self.gid),
-                "mtime": mtime, "ctime": num("ctime", mtime, float)}
-
-    @staticmethod
-    def _meta_headers(meta: dict) -> dict:
-        return {"mode": str(int(meta["mode"])), "uid": str(int(meta["uid"])),
-                "gid": str(int(meta["gid"])), "mtime": _fmt_time(meta["mtime"]),
-                "ctime": _fmt_time(meta["ctime"])}
-
-    @staticmethod
-    def _attr_from_meta(m: dict, size: int = 0, nlink: int = 1) -> Attr:
-        return Attr(mode=m["mode"], size=size, mtime=m["mtime"], ctime=m["ctime"],
-                    uid=m["uid"], gid=m["gid"], nlink=nlink)
-
-    def _attr_of_state(self, st: FileState) -> Attr:
-        m = st.meta
-        return Attr(mode=m["mode"], size=st.size, mtime=m["mtime"], ctime=m["ctime"],
-                    uid=m["uid"], gid=m["gid"])
-
-    def _invalidate(self, *paths: str) -> None:
-        with self._attr_lock:
-            self._seq += 1
-            for p in paths:
-                self._attrs.pop(p, None)
-                self._infos.pop(p, None)
-
     def _state(self, path: str) -> FileState | None:
         with self._files_lock:
             return self._files.get(path)
-
-    def getattr(self, path: str) -> Attr:
-        if path == "/":
-            return Attr(mode=stat.S_IFDIR | 0o755, size=0, mtime=self.mount_time,
-                        ctime=self.mount_time, uid=self.uid, gid=self.gid, nlink=2)
-        st = self._state(path)
-        if st is not None:
-            with st.lock:
-                return self._attr_of_state(st)
-        self._prefetch_follow(path)
-        with self._attr_lock:
-            hit = self._attrs.get(path, False)
-        if hit is None:
-            raise NotFound(path)
-        if hit:
-            return hit
-        with self._attr_lock:
-            pending = self._heads.get(path)
-        if pending is not None:          # a readdir prefetch is fetching it right now
-            try:
-                pending.result()
-            except Exception:  # noqa: BLE001 - fall back to our own lookup
-                pass
-            with self._attr_lock:
-                hit = self._attrs.get(path, False)
-            if hit:
-                return hit
-        with self._attr_lock:
-            seq0 = self._seq
-        parent, name = posixpath.split(path)
-        names = self._children(parent or "/")
-        if names is not None and name not in names:
-            self._cache_attr(path, None, seq0)
-            raise NotFound(path)
-        try:
-            attr = self._lookup(path, seq0)
-        except NotFound:
-            self._cache_attr(path, None, seq0)
-            raise
-        self._cache_attr(path, attr, seq0)
-        return attr
-
-    def _cache_attr(self, path: str, attr: Attr | None, seq0: int, info=None) -> None:
-        """Cache a lookup's answer, unless a change of ours happened while it was on its way
-        (it could describe the object as it was before our own write/rename/unlink)."""
-        with self._attr_lock:
-            if self._seq == seq0:
-                self._attrs[path] = attr
-                if info is not None:
-                    self._infos[path] = info
-
-    # -- listing cache --------------------------------------------------------------------------
-    def _children(self, d: str) -> set | None:
-        """Names in directory d if it is small enough to cache (listed again when the cached
-        copy is older than the attribute timeout), else None."""
-        with self._attr_lock:
-            names = self._listings.get(d)
-            small = d in self._small_dirs
-            seq0 = self._seq
-        if names is not None or not small:
-            return names
-        pfx = d.rstrip("/") + "/"
-        with self._files_lock:        # before listing: a file uploaded after this is listed
-            names = {p[len(pfx):] for p in self._files
-                     if p.startswith(pfx) and "/" not in p[len(pfx):]}
-        dkey = self.prefix if d == "/" else self.dir_key(d)
-        for page in self.store.list_page_iter(dkey, delimiter="/"):
-            names.update(o.key[len(dkey):] for o in page.objects)
-            names.update(p[len(dkey):].rstrip("/") for p in page.prefixes)
-            if len(names) > LISTING_CACHE_MAX:
-                with self._attr_lock:
-                    self._small_dirs.pop(d, None)
-                return None
-        names.discard("")
-        with self._attr_lock:
-            if self._seq != seq0:
-                return None       # changed under us: do not answer "absent" from this listing
-        self._set_children(d, names)
-        return names
-
-    def _set_children(self, d: str, names: set | None) -> None:
-        with self._attr_lock:
-            if names is None or len(names) > LISTING_CACHE_MAX:
-                self._listings.pop(d, None)
-                self._small_dirs.pop(d, None)
-            else:
-                self._listings[d] = names
-                self._small_dirs[d] = True
-
-    def _note_child(self, path: str, present: bool, changed: bool = True) -> None:
-        """Keep cached listings true to our own creates and deletes. changed=False: the
-        object itself did not change (a clean file forgotten at close), so lookups in flight
-        stay valid (the open that follows a lookup then reuses its answer)."""
-        parent, name = posixpath.split(path)
-        with self._attr_lock:
-            if changed:
-                self._seq += 1
-            names = self._listings.get(parent or "/")
-            if names is not None:
-                (names.add if present else names.discard)(name)
-            if present:
-                self._attrs.pop(path, None)
-
-    def _prefetch_attrs(self, d: str, paths_keys: list, first: bool) -> None:
-        """Parallel HEADs for the names of a listing, so that `ls -l` is not one round trip
-        per file; getattr of a name being fetched waits for it instead of asking again.
-        Only the first PREFETCH_AHEAD are asked now; getattr of a listed name moves the
-        window on (_prefetch_follow)."""
-        with self._attr_lock:
-            run = self._prefetch_runs.get(d)
-            if run is None or first:          # a new listing of d starts a new run
-                run = {"items": [], "index": {}, "next": 0}
-                self._prefetch_runs[d] = run
-            for path, key, _listed in paths_keys:
-                run["index"][path] = len(run["items"])
-                run["items"].append((path, key))
-        self._prefetch_upto(run, PREFETCH_AHEAD)
-
-    def _prefetch_follow(self, path: str) -> None:
-        parent = posixpath.dirname(path) or "/"
-        with self._attr_lock:
-            run = self._prefetch_runs.get(parent)
-            i = run["index"].get(path) if run is not None else None
-        if i is not None:
-            self._prefetch_upto(run, i + 1 + PREFETCH_AHEAD)
-
-    def _prefetch_upto(self, run: dict, upto: int) -> None:
-        with self._attr_lock:
-            items = run["items"]
-            upto = min(upto, len(items))
-            while run["next"] < upto:
-                path, key = items[run["next"]]
-                run["next"] += 1
-                if path in self._heads or self._attrs.get(path, False):
-                    continue
-                self._heads[path] = self._head_pool.submit(self._prefetch_one, path, key,
-                                                           self._seq)
-
-    def _prefetch_one(self, path: str, key: str, seq0: int) -> None:
-        try:
-            info = self.store.head(key)
-            self._cache_attr(path, self._attr_of_info(info), seq0, info)
-        except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
-            pass
-        finally:
-            with self._attr_lock:
-                self._heads.pop(path, None)
-
-    def _lookup(self, path: str, seq0: int = -1) -> Attr:
-        key = self.key_of(path)
-        try:
-            info = self.store.head(key)
-            with self._attr_lock:
-                if self._seq == seq0:
-                    self._infos[path] = info
-            return self._attr_of_info(info)
-        except NotFound:
-            pass
-        return self._dir_attr(path)
-
-    def _attr_of_info(self, info: ObjectInfo) -> Attr:
-        m = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)
-        return Attr(mode=m["mode"], size=info.size, mtime=m["mtime"], ctime=m["ctime"],
-                    uid=m["uid"], gid=m["gid"])
-
-    def _dir_attr(self, path: str) -> Attr:
-        with self._attr_lock:
-            m = self._dir_meta.get(path)
-        if m is not None and self._dir_exists(path):
-            return Attr(m["mode"], 0, m["mtime"], m["ctime"], m["uid"], m["gid"], 2)
-        dkey = self.dir_key(path)
-        for page in self.store.list_page_iter(dkey, delimiter="/", max_keys=1):
-            if not page.objects and not page.prefixes:
-                break
-            if page.objects and page.objects[0].key == dkey:
-                try:
-                    info = self.store.head(dkey)
-                    m = self._meta_from(info.metadata, stat.S_IFDIR | 0o755, info.mtime)
-                    if stat.S_ISDIR(m["mode"]):
-                        return Attr(m["mode"], 0, m["mtime"], m["ctime"], m["uid"], m["gid"], 2)
-                except (NotFound, KeyMismatch, PermissionDenied):
-                    pass
-            t = page.objects[0].mtime if page.objects else self.mount_time
-            return Attr(stat.S_IFDIR | 0o755, 0, t, t, self.uid, self.gid, 2)
-        if self._has_pending_under(path):
-            return Attr(stat.S_IFDIR | 0o755, 0, self.mount_time, self.mount_time,
-                        self.uid, self.gid, 2)
-        raise NotFound(path)
-
-    def _has_pending_under(self, path: str) -> bool:
-        pfx = path.rstrip("/") + "/"
-        with self._files_lock:
-            return any(p.startswith(pfx) for p in self._files)
-
-    def is_dir(self, path: str) -> bool:
-        try:
-            return stat.S_ISDIR(self.getattr(path).mode)
-        except NotFound:
-            return False
 
     # ===================================================================== open / create
     def _check_writable(self) -> None:
@@ -978,8 +704,3 @@ class Filesystem(NamespaceOps, StreamOps):
         self._head_pool.shutdown(wait=False, cancel_futures=True)
         self._copy_pool.shutdown(wait=False, cancel_futures=True)
         self._stream_pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _fmt_time(t: float) -> str:
-    s = f"{t:.9f}".rstrip("0").rstrip(".")
-    return s or "0"

@@ -16,7 +16,8 @@ import time
 from fuse import FuseOSError, Operations, fuse_get_context
 
 from . import errors as E
-from .fs import Attr, Filesystem
+from .attrs import Attr
+from .fs import Filesystem
 
 log = logging.getLogger("ssecfs.fuse")
 

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import logging
 import stat
-import time
 from dataclasses import replace
 
 from .errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
                      NotFound, NotSupported, PermissionDenied)
+from .attrs import LISTING_CACHE_MAX, _now
 from .store import OPEN
 
-
-_now = time.time
 log = logging.getLogger("ssecfs.fs")
-LISTING_CACHE_MAX = 5000   # directories up to this size have their names cached
 
 
 class NamespaceOps:
@@ -49,7 +46,7 @@ class NamespaceOps:
             local = {p[len(pfx):] for p in self._files if p.startswith(pfx)
                      and "/" not in p[len(pfx):]}
         with self._attr_lock:
-            seq0 = self._seq
+            mark = self._name_changes.mark()
         yield "."
         yield ".."
         complete = False
@@ -75,7 +72,7 @@ class NamespaceOps:
         else:
             complete = True
         with self._attr_lock:
-            complete = complete and self._seq == seq0
+            complete = complete and not self._name_changes.changed_since(path, mark)
         if complete:
             self._set_children(path, (seen_local | local)
                                if len(seen_local) <= LISTING_CACHE_MAX else None)
@@ -209,6 +206,7 @@ class NamespaceOps:
             if stat.S_ISDIR(a.mode):
                 with self._attr_lock:
                     self._listings.clear()
+                    self._name_changes.note(None)
             else:
                 self._note_child(old, False)
                 self._note_child(new, True)

@@ -561,6 +561,71 @@ def test_readdir_many_entries(fs, store):
     assert names == [f"f{i:05d}" for i in range(1203)]
 
 
+def test_listing_taken_during_an_upload_still_answers_missing_names(make_fs, store):
+    """Creating files in a directory looks up each new name first. The directory's listing
+    answers those lookups; an upload of another file that lands while the listing is being
+    taken must not void it (it did: every create then listed the whole directory again,
+    quadratic in its size)."""
+    fs = make_fs(attr_timeout=60)
+    fs.mkdir("/d", 0o755)
+    write_file(fs, "/d/a", b"one")
+    settle(fs)
+    fh = fs.open("/d/a", os.O_RDWR)
+    fs._listings.clear()                  # the cached listing expired
+
+    def upload_meanwhile(key, *args):
+        store.before.pop("list")
+        fs.write(fh, b"two", 0)
+        fs.flush(fh)
+        settle(fs)                        # an upload completes while the LIST is on its way
+
+    store.before["list"] = upload_meanwhile
+    with pytest.raises(NotFound):
+        fs.getattr("/d/new1")
+    lists = store.calls["list"]
+    with pytest.raises(NotFound):
+        fs.getattr("/d/new2")             # answered from the listing taken above
+    assert store.calls["list"] == lists
+    assert ("head", "d/new2") not in store.log
+    fs.release(fh)
+
+
+def test_listing_taken_while_a_name_changes_is_not_trusted(make_fs, store):
+    """A create in the directory while its listing is on its way: the listing may miss the
+    new name, so it must not answer "absent" for anything."""
+    fs = make_fs(attr_timeout=60)
+    fs.mkdir("/d", 0o755)
+    settle(fs)
+    fs._listings.clear()
+
+    def create_meanwhile(key, *args):
+        store.before.pop("list")
+        store.put("d/other", b"x", {})    # another mount's file, seen by neither listing
+        fs.release(fs.create("/d/mine", 0o644))
+
+    store.before["list"] = create_meanwhile
+    with pytest.raises(NotFound):
+        fs.getattr("/d/new1")
+    assert stat.S_ISREG(fs.getattr("/d/other").mode)   # not "absent" from a stale listing
+
+
+def test_change_log_never_reports_unchanged_wrongly():
+    from ssecfs.attrs import _ChangeLog
+    log = _ChangeLog(maxsize=2)
+    m0 = log.mark()
+    log.note("/a")
+    assert log.changed_since("/a", m0) and not log.changed_since("/b", m0)
+    m1 = log.mark()
+    log.note("/b")
+    log.note("/c")                        # evicts /a (stamp 1): it counts as changed at 1
+    assert log.changed_since("/a", m0) and not log.changed_since("/a", m1)
+    log.note("/d")                        # evicts /b (stamp 2 > m1)
+    assert log.changed_since("/b", m1) and log.changed_since("/zzz", m1)
+    m2 = log.mark()
+    log.note(None)                        # a directory rename: everything changed
+    assert log.changed_since("/zzz", m2)
+
+
 # ------------------------------------------------------------------------- metadata
 def test_chmod_and_utimens_update_metadata(fs, store, ring):
     data = os.urandom(CHUNK + 1)

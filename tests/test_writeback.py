@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from helpers import wait_until
 from ssecfs import writeback as wbmod
 from ssecfs.errors import StoreUnavailable
 from ssecfs.writeback import WriteBack

@@ -1,0 +1,353 @@
+"""Attributes of files and directories: how they are kept in object metadata, and the caches
+that answer lookups without a request (attributes, directory listings, HEAD answers, the
+readdir HEAD prefetch). A mixin of fs.Filesystem (same object, same locks: see the lock order
+in fs.py); split out to keep modules small.
+
+Metadata (s3fs-compatible): mode, uid, gid, mtime, ctime as decimal strings. An object
+without them (put by another tool) gets the mount's owner, mode 0644 and its Last-Modified.
+
+Consistency: every cache here lives for the attribute timeout at most, and every change made
+through this mount updates or voids what it touches. `_seq` counts our changes: a lookup's
+answer is cached only if no change happened while it was on its way. `_name_changes` does the
+same per directory for listings (names only: uploads of existing files do not void them).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import stat
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from cachetools import LRUCache, TTLCache
+
+from .errors import KeyMismatch, NotFound, PermissionDenied
+from .store import ObjectInfo
+
+log = logging.getLogger("ssecfs.fs")
+
+LISTING_CACHE_MAX = 5000             # directories up to this size have their names cached
+HEAD_WORKERS = 32                    # parallel HEADs of a readdir prefetch
+PREFETCH_AHEAD = 256                 # HEADs a readdir prefetch runs ahead of the getattrs
+
+
+@dataclass
+class Attr:
+    mode: int
+    size: int
+    mtime: float
+    ctime: float
+    uid: int
+    gid: int
+    nlink: int = 1
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _fmt_time(t: float) -> str:
+    s = f"{t:.9f}".rstrip("0").rstrip(".")
+    return s or "0"
+
+
+class _ChangeLog(LRUCache):
+    """Directory -> stamp of its last name change, from one counter. A directory that fell
+    out of the LRU counts as changed at the newest stamp evicted (never "unchanged" wrongly).
+    Callers hold Filesystem._attr_lock."""
+
+    def __init__(self, maxsize: int):
+        super().__init__(maxsize=maxsize)
+        self._clock = 0
+        self._floor = 0
+
+    def mark(self) -> int:
+        return self._clock
+
+    def note(self, d: str | None = None) -> None:
+        """A name in d changed (d=None: names anywhere, e.g. a directory rename)."""
+        self._clock += 1
+        if d is None:
+            self._floor = self._clock
+        else:
+            self[d] = self._clock
+
+    def changed_since(self, d: str, mark: int) -> bool:
+        return max(self.get(d, 0), self._floor) > mark
+
+    def popitem(self):
+        key, stamp = super().popitem()
+        self._floor = max(self._floor, stamp)
+        return key, stamp
+
+
+class AttrOps:
+    """Mixin for Filesystem: getattr and the attribute/listing caches."""
+
+    def _init_attrs(self, config) -> None:
+        self._attr_lock = threading.Lock()
+        # Directory attributes set through this mount. Some servers (SeaweedFS) drop the
+        # metadata of "dir/" marker objects; the attributes then last as long as the mount.
+        self._dir_meta: dict[str, dict] = {}
+        self._attrs: TTLCache = TTLCache(maxsize=100_000, ttl=max(config.attr_timeout, 0.001))
+        # Names in small directories (<= LISTING_CACHE_MAX entries), to answer lookups of
+        # names that do not exist (create, editors' temp files) without two requests each.
+        self._listings: TTLCache = TTLCache(maxsize=2_000, ttl=max(config.attr_timeout, 0.001))
+        self._small_dirs: LRUCache = LRUCache(maxsize=10_000)
+        self._heads: dict[str, Future] = {}          # HEADs in flight (readdir prefetch)
+        # Per listed directory: its names in listing order and how far the HEAD prefetch
+        # went. Prefetch runs PREFETCH_AHEAD names ahead of the getattr calls that follow a
+        # readdir (`ls -l`), so answers are fresh (well within the attribute timeout) when
+        # they are used, and a reader that stops early costs few requests.
+        self._prefetch_runs: LRUCache = LRUCache(maxsize=64)
+        self._seq = 0          # bumped by every change of ours (guards lookups in flight)
+        # Changes of names (create, unlink, rename, mkdir, rmdir) per directory: a listing
+        # taken while a name of its directory changed is not cached. Uploads of files that
+        # exist do not count, so a busy write-back does not void every listing.
+        self._name_changes = _ChangeLog(maxsize=10_000)
+        # The last HEAD answer per path (ETag, key, metadata): an open within the attribute
+        # timeout of a lookup uses it instead of asking again.
+        self._infos: TTLCache = TTLCache(maxsize=20_000, ttl=max(config.attr_timeout, 0.001))
+        self._head_pool = ThreadPoolExecutor(max_workers=HEAD_WORKERS, thread_name_prefix="head")
+
+    def _default_meta(self, mode: int) -> dict:
+        t = _now()
+        return {"mode": mode, "uid": self.uid, "gid": self.gid, "mtime": t, "ctime": t}
+
+    def _meta_from(self, md: dict, default_mode: int, fallback_time: float) -> dict:
+        def num(name, default, conv=int):
+            try:
+                return conv(md[name])
+            except (KeyError, ValueError, TypeError):
+                return default
+        mode = num("mode", default_mode)
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFMT(default_mode)
+        mtime = num("mtime", fallback_time, float)
+        return {"mode": mode, "uid": num("uid", self.uid), "gid": num("gid", self.gid),
+                "mtime": mtime, "ctime": num("ctime", mtime, float)}
+
+    @staticmethod
+    def _meta_headers(meta: dict) -> dict:
+        return {"mode": str(int(meta["mode"])), "uid": str(int(meta["uid"])),
+                "gid": str(int(meta["gid"])), "mtime": _fmt_time(meta["mtime"]),
+                "ctime": _fmt_time(meta["ctime"])}
+
+    @staticmethod
+    def _attr_from_meta(m: dict, size: int = 0, nlink: int = 1) -> Attr:
+        return Attr(mode=m["mode"], size=size, mtime=m["mtime"], ctime=m["ctime"],
+                    uid=m["uid"], gid=m["gid"], nlink=nlink)
+
+    def _attr_of_state(self, st) -> Attr:
+        m = st.meta
+        return Attr(mode=m["mode"], size=st.size, mtime=m["mtime"], ctime=m["ctime"],
+                    uid=m["uid"], gid=m["gid"])
+
+    def _invalidate(self, *paths: str) -> None:
+        with self._attr_lock:
+            self._seq += 1
+            for p in paths:
+                self._attrs.pop(p, None)
+                self._infos.pop(p, None)
+
+    def getattr(self, path: str) -> Attr:
+        if path == "/":
+            return Attr(mode=stat.S_IFDIR | 0o755, size=0, mtime=self.mount_time,
+                        ctime=self.mount_time, uid=self.uid, gid=self.gid, nlink=2)
+        st = self._state(path)
+        if st is not None:
+            with st.lock:
+                return self._attr_of_state(st)
+        self._prefetch_follow(path)
+        with self._attr_lock:
+            hit = self._attrs.get(path, False)
+        if hit is None:
+            raise NotFound(path)
+        if hit:
+            return hit
+        with self._attr_lock:
+            pending = self._heads.get(path)
+        if pending is not None:          # a readdir prefetch is fetching it right now
+            try:
+                pending.result()
+            except Exception:  # noqa: BLE001 - fall back to our own lookup
+                pass
+            with self._attr_lock:
+                hit = self._attrs.get(path, False)
+            if hit:
+                return hit
+        with self._attr_lock:
+            seq0 = self._seq
+        parent, name = posixpath.split(path)
+        names = self._children(parent or "/")
+        if names is not None and name not in names:
+            self._cache_attr(path, None, seq0)
+            raise NotFound(path)
+        try:
+            attr = self._lookup(path, seq0)
+        except NotFound:
+            self._cache_attr(path, None, seq0)
+            raise
+        self._cache_attr(path, attr, seq0)
+        return attr
+
+    def _cache_attr(self, path: str, attr: Attr | None, seq0: int, info=None) -> None:
+        """Cache a lookup's answer, unless a change of ours happened while it was on its way
+        (it could describe the object as it was before our own write/rename/unlink)."""
+        with self._attr_lock:
+            if self._seq == seq0:
+                self._attrs[path] = attr
+                if info is not None:
+                    self._infos[path] = info
+
+    def _children(self, d: str) -> set | None:
+        """Names in directory d if it is small enough to cache (listed again when the cached
+        copy is older than the attribute timeout), else None."""
+        with self._attr_lock:
+            names = self._listings.get(d)
+            small = d in self._small_dirs
+            mark = self._name_changes.mark()
+        if names is not None or not small:
+            return names
+        pfx = d.rstrip("/") + "/"
+        with self._files_lock:        # before listing: a file uploaded after this is listed
+            names = {p[len(pfx):] for p in self._files
+                     if p.startswith(pfx) and "/" not in p[len(pfx):]}
+        dkey = self.prefix if d == "/" else self.dir_key(d)
+        for page in self.store.list_page_iter(dkey, delimiter="/"):
+            names.update(o.key[len(dkey):] for o in page.objects)
+            names.update(p[len(dkey):].rstrip("/") for p in page.prefixes)
+            if len(names) > LISTING_CACHE_MAX:
+                with self._attr_lock:
+                    self._small_dirs.pop(d, None)
+                return None
+        names.discard("")
+        with self._attr_lock:
+            if self._name_changes.changed_since(d, mark):
+                return None       # changed under us: do not answer "absent" from this listing
+        self._set_children(d, names)
+        return names
+
+    def _set_children(self, d: str, names: set | None) -> None:
+        with self._attr_lock:
+            if names is None or len(names) > LISTING_CACHE_MAX:
+                self._listings.pop(d, None)
+                self._small_dirs.pop(d, None)
+            else:
+                self._listings[d] = names
+                self._small_dirs[d] = True
+
+    def _note_child(self, path: str, present: bool, changed: bool = True) -> None:
+        """Keep cached listings true to our own creates and deletes. changed=False: the
+        object itself did not change (a clean file forgotten at close), so lookups in flight
+        stay valid (the open that follows a lookup then reuses its answer)."""
+        parent, name = posixpath.split(path)
+        with self._attr_lock:
+            if changed:
+                self._seq += 1
+                self._name_changes.note(parent or "/")
+            names = self._listings.get(parent or "/")
+            if names is not None:
+                (names.add if present else names.discard)(name)
+            if present:
+                self._attrs.pop(path, None)
+
+    def _prefetch_attrs(self, d: str, paths_keys: list, first: bool) -> None:
+        """Parallel HEADs for the names of a listing, so that `ls -l` is not one round trip
+        per file; getattr of a name being fetched waits for it instead of asking again.
+        Only the first PREFETCH_AHEAD are asked now; getattr of a listed name moves the
+        window on (_prefetch_follow)."""
+        with self._attr_lock:
+            run = self._prefetch_runs.get(d)
+            if run is None or first:          # a new listing of d starts a new run
+                run = {"items": [], "index": {}, "next": 0}
+                self._prefetch_runs[d] = run
+            for path, key, _listed in paths_keys:
+                run["index"][path] = len(run["items"])
+                run["items"].append((path, key))
+        self._prefetch_upto(run, PREFETCH_AHEAD)
+
+    def _prefetch_follow(self, path: str) -> None:
+        parent = posixpath.dirname(path) or "/"
+        with self._attr_lock:
+            run = self._prefetch_runs.get(parent)
+            i = run["index"].get(path) if run is not None else None
+        if i is not None:
+            self._prefetch_upto(run, i + 1 + PREFETCH_AHEAD)
+
+    def _prefetch_upto(self, run: dict, upto: int) -> None:
+        with self._attr_lock:
+            items = run["items"]
+            upto = min(upto, len(items))
+            while run["next"] < upto:
+                path, key = items[run["next"]]
+                run["next"] += 1
+                if path in self._heads or self._attrs.get(path, False):
+                    continue
+                self._heads[path] = self._head_pool.submit(self._prefetch_one, path, key,
+                                                           self._seq)
+
+    def _prefetch_one(self, path: str, key: str, seq0: int) -> None:
+        try:
+            info = self.store.head(key)
+            self._cache_attr(path, self._attr_of_info(info), seq0, info)
+        except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
+            pass
+        finally:
+            with self._attr_lock:
+                self._heads.pop(path, None)
+
+    def _lookup(self, path: str, seq0: int = -1) -> Attr:
+        key = self.key_of(path)
+        try:
+            info = self.store.head(key)
+            with self._attr_lock:
+                if self._seq == seq0:
+                    self._infos[path] = info
+            return self._attr_of_info(info)
+        except NotFound:
+            pass
+        return self._dir_attr(path)
+
+    def _attr_of_info(self, info: ObjectInfo) -> Attr:
+        m = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)
+        return Attr(mode=m["mode"], size=info.size, mtime=m["mtime"], ctime=m["ctime"],
+                    uid=m["uid"], gid=m["gid"])
+
+    def _dir_attr(self, path: str) -> Attr:
+        with self._attr_lock:
+            m = self._dir_meta.get(path)
+        if m is not None and self._dir_exists(path):
+            return Attr(m["mode"], 0, m["mtime"], m["ctime"], m["uid"], m["gid"], 2)
+        dkey = self.dir_key(path)
+        for page in self.store.list_page_iter(dkey, delimiter="/", max_keys=1):
+            if not page.objects and not page.prefixes:
+                break
+            if page.objects and page.objects[0].key == dkey:
+                try:
+                    info = self.store.head(dkey)
+                    m = self._meta_from(info.metadata, stat.S_IFDIR | 0o755, info.mtime)
+                    if stat.S_ISDIR(m["mode"]):
+                        return Attr(m["mode"], 0, m["mtime"], m["ctime"], m["uid"], m["gid"], 2)
+                except (NotFound, KeyMismatch, PermissionDenied):
+                    pass
+            t = page.objects[0].mtime if page.objects else self.mount_time
+            return Attr(stat.S_IFDIR | 0o755, 0, t, t, self.uid, self.gid, 2)
+        if self._has_pending_under(path):
+            return Attr(stat.S_IFDIR | 0o755, 0, self.mount_time, self.mount_time,
+                        self.uid, self.gid, 2)
+        raise NotFound(path)
+
+    def _has_pending_under(self, path: str) -> bool:
+        pfx = path.rstrip("/") + "/"
+        with self._files_lock:
+            return any(p.startswith(pfx) for p in self._files)
+
+    def is_dir(self, path: str) -> bool:
+        try:
+            return stat.S_ISDIR(self.getattr(path).mode)
+        except NotFound:
+            return False
