@@ -64,6 +64,7 @@ class RawS3:
                  maxsize: int = 32):
         parts = urllib.parse.urlsplit(endpoint_url)
         self.host = parts.netloc
+        self.bucket = bucket
         self.base = parts.path.rstrip("/") + "/" + urllib.parse.quote(bucket, safe=UNRESERVED) + "/"
         self.region = region
         self._credentials = credentials      # botocore Credentials (refreshable or not)
@@ -135,6 +136,10 @@ class RawS3:
     def path_of(self, key: str) -> str:
         return self.base + urllib.parse.quote(key, safe="/" + UNRESERVED)
 
+    def copy_source(self, key: str) -> str:
+        """x-amz-copy-source for an object of this bucket (encoded like botocore does)."""
+        return urllib.parse.quote(f"{self.bucket}/{key}", safe="/" + UNRESERVED)
+
     # -- requests -------------------------------------------------------------------------------
     def request(self, op: str, method: str, key: str, headers: dict,
                 body: bytes | None = None, query: dict | None = None) -> RawResponse:
@@ -177,3 +182,22 @@ def parse_list_v2(body: bytes) -> dict:
     return {"Contents": contents, "CommonPrefixes": prefixes,
             "IsTruncated": text(root, "IsTruncated").lower() == "true",
             "NextContinuationToken": text(root, "NextContinuationToken") or None}
+
+
+def parse_copy_result(body: bytes) -> dict | None:
+    """A CopyObject answer's CopyObjectResult ({"ETag", "LastModified"}), or None when the
+    body is anything else: S3 may answer 200 with an <Error> body for a copy that failed."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+    ns = _NS if root.tag.startswith(_NS) else ""
+    if root.tag != ns + "CopyObjectResult":
+        return None
+    etag = root.find(ns + "ETag")
+    lm = root.find(ns + "LastModified")
+    if etag is None or not etag.text:
+        return None
+    return {"ETag": etag.text,
+            "LastModified": datetime.datetime.fromisoformat(lm.text) if lm is not None and lm.text
+            else None}

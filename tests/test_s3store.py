@@ -637,6 +637,43 @@ def test_raw_path_checks_the_echo_too(make_store, k1, strip):
             store.get_range("echo/ok", 0, 4, k1.fingerprint)
 
 
+def test_raw_copy_reencrypts_replaces_or_keeps_metadata(make_store, s3, bucket):
+    """CopyObject on the lean path: one request with the source's and the destination's
+    SSE-C headers; re-encrypts to the current key; copy() replaces the metadata, copy_as_is()
+    keeps it; a failed ETag precondition is Stale; the same answers as botocore's copy."""
+    old, new = Key(os.urandom(32)), Key(os.urandom(32))
+    writer, _ = make_store(old)
+    data = os.urandom(100_000)
+    writer.put("rc/src one+%", data, {"mode": "33188"})
+    store, wire = make_store(new, old)
+    raw_ops = []
+    store.raw.observers.append(lambda op, hdrs: raw_ops.append(op))
+    etag = store.head("rc/src one+%").etag
+    wire.clear()
+    info = store.copy("rc/src one+%", "rc/dst", len(data), {"mode": "33261"}, old.fingerprint,
+                      etag)
+    assert (info.key_fp, info.access) == (new.fingerprint, OPEN) and info.etag
+    copies = [op for op in wire.ops() if op == "CopyObject"]
+    assert copies == ["CopyObject"] and raw_ops.count("CopyObject") == 1   # no botocore resend
+    assert s3.get_object(Bucket=bucket, Key="rc/dst", **sse(raw_of(new)))["Body"].read() == data
+    with pytest.raises(ClientError):
+        s3.get_object(Bucket=bucket, Key="rc/dst", **sse(raw_of(old)))
+    assert store.head("rc/dst").metadata["mode"] == "33261"
+    with pytest.raises(Stale):
+        store.copy("rc/src one+%", "rc/dst2", len(data), {}, old.fingerprint, "0" * 32)
+    with pytest.raises(NotFound):
+        store.head("rc/dst2")
+    current, _ = make_store(new)
+    current.raw.observers.append(lambda op, hdrs: raw_ops.append(op))
+    raw_ops.clear()
+    current.copy_as_is("rc/dst", "rc/kept", len(data))
+    assert raw_ops[0] == "CopyObject"
+    h = current.head("rc/kept")
+    assert h.metadata["mode"] == "33261" and h.key_fp == new.fingerprint
+    assert current.get_range("rc/kept", 0, len(data), new.fingerprint) == data
+    check_wire(wire, [new, old])
+
+
 def test_raw_listing_matches_botocore(make_store, k1):
     """The lean ListObjectsV2 (own XML parse, encoding-type=url) lists exactly what botocore
     lists: same keys (odd characters too), sizes, ETags, times, common prefixes, pages."""
