@@ -535,7 +535,16 @@ class S3Store:
         return self.upload(dst, size, lambda off, ln: self.get_range(src, off, ln, src_fp), metadata)
 
     def delete(self, key: str) -> None:
-        self._call("DeleteObject", key, self.client.delete_object, Key=key)
+        # lean path: S3 answers 204 whether or not the key existed; anything else goes to
+        # botocore (a DELETE is idempotent: it sends it again and reports errors properly)
+        r = None
+        if self.raw is not None and plain_key(key):
+            try:
+                r = self.raw.request("DeleteObject", "DELETE", key, {})
+            except Exception as e:  # noqa: BLE001
+                log.debug("raw DeleteObject %r: %s; using botocore", key, type(e).__name__)
+        if r is None or r.status not in (200, 204):
+            self._call("DeleteObject", key, self.client.delete_object, Key=key)
         self._remember(key, None)
 
     def delete_many(self, keys: list[str]) -> None:
