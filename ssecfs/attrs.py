@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cachetools import LRUCache, TTLCache
 
@@ -32,6 +32,8 @@ log = logging.getLogger("ssecfs.fs")
 LISTING_CACHE_MAX = 5000             # directories up to this size have their names cached
 HEAD_WORKERS = 32                    # parallel HEADs of a readdir prefetch
 PREFETCH_AHEAD = 256                 # HEADs a readdir prefetch runs ahead of the getattrs
+LOOKUP_START = 16 * 1024             # a lookup fetches this much of the object with its attrs
+STARTS_MAX = 32 * 1024 * 1024        # bytes of such starts kept for the open that follows
 
 
 @dataclass
@@ -111,6 +113,10 @@ class AttrOps:
         # The last HEAD answer per path (ETag, key, metadata): an open within the attribute
         # timeout of a lookup uses it instead of asking again.
         self._infos: TTLCache = TTLCache(maxsize=20_000, ttl=max(config.attr_timeout, 0.001))
+        # Small objects a lookup fetched whole (path -> (etag, bytes)): the open and read
+        # that usually follow need no request. Bounded in bytes, same lifetime as _infos.
+        self._starts: TTLCache = TTLCache(maxsize=STARTS_MAX, ttl=max(config.attr_timeout, 0.001),
+                                          getsizeof=lambda v: len(v[1]) + 64)
         self._head_pool = ThreadPoolExecutor(max_workers=HEAD_WORKERS, thread_name_prefix="head")
 
     def _default_meta(self, mode: int) -> dict:
@@ -152,6 +158,7 @@ class AttrOps:
             for p in paths:
                 self._attrs.pop(p, None)
                 self._infos.pop(p, None)
+                self._starts.pop(p, None)
 
     def getattr(self, path: str) -> Attr:
         if path == "/":
@@ -303,14 +310,36 @@ class AttrOps:
     def _lookup(self, path: str, seq0: int = -1) -> Attr:
         key = self.key_of(path)
         try:
-            info = self.store.head(key)
+            info = self._head_keep_start(path, key)
             with self._attr_lock:
                 if self._seq == seq0:
                     self._infos[path] = info
+                else:
+                    self._starts.pop(path, None)
             return self._attr_of_info(info)
         except NotFound:
             pass
         return self._dir_attr(path)
+
+    def _head_keep_start(self, path: str, key: str) -> ObjectInfo:
+        """HEAD, fetching a small object whole on the way (one ranged GET answers both);
+        its bytes wait in _starts for the open that follows. Returns the info without them."""
+        info = self.store.head_with_start(key, LOOKUP_START)
+        if info.start is None:
+            return info
+        if 0 < info.size <= len(info.start):
+            with self._attr_lock:
+                try:
+                    self._starts[path] = (info.etag, info.start)
+                except ValueError:            # larger than the whole budget: not kept
+                    pass
+        return replace(info, start=None)
+
+    def take_start(self, path: str, etag: str) -> bytes | None:
+        """The whole content of a small object a lookup fetched, if it is still that version."""
+        with self._attr_lock:
+            got = self._starts.pop(path, None)
+        return got[1] if got is not None and got[0] == etag else None
 
     def _attr_of_info(self, info: ObjectInfo) -> Attr:
         m = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)

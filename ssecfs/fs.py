@@ -245,7 +245,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         with self._attr_lock:
             info = self._infos.pop(path, None)   # looked up within the attribute timeout
         if info is None:
-            info = self.store.head(key)          # close-to-open: a fresh HEAD
+            info = self._head_keep_start(path, key)   # close-to-open: a fresh HEAD
         if info.access == LOCKED:
             log.warning("%s: no key of the ring opens this object (another key?)", path)
             raise KeyMismatch(path)
@@ -257,6 +257,15 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             raise IsADirectory(path)
         st = FileState(path, key, m, info.size, Remote(key, info.etag, info.size, info.key_fp))
         st.entry = self.cache.lookup_clean(key, info.etag)
+        data = self.take_start(path, info.etag)
+        if data is not None and (st.entry is None or not st.entry.has(0)):
+            # the lookup fetched the whole (small) object: cached and served like a fetch
+            entry = self._ensure_entry(st)
+            tag = (st.remote, st.trunc_epoch, st.data_generation)
+            for off in range(0, len(data), CHUNK):
+                piece = data[off:off + CHUNK]
+                if entry.write_chunk(off // CHUNK, piece, dirty=False):
+                    st.hot[off // CHUNK] = (tag, piece)
         with self._files_lock:
             self._files[path] = st
         with self._attr_lock:

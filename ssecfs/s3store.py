@@ -17,6 +17,7 @@ import os
 import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import boto3
 import botocore.exceptions
@@ -278,6 +279,31 @@ class S3Store:
         self._remember(key, None)
         return ObjectInfo(key=key, size=listed.size, etag=listed.etag, mtime=listed.mtime,
                           access=LOCKED)
+
+    def head_with_start(self, key: str, nbytes: int) -> ObjectInfo:
+        """head(), plus the object's first nbytes in info.start when one ranged GET can tell
+        both (lean path): a small file looked up and then read costs one round trip, not
+        two. Anything unusual (another key, a plaintext or empty object, an odd answer) is
+        left to head()."""
+        k = self.ring.by_fingerprint(self._hint(key)) or self.ring.current
+        r = self._raw("GetObject", "GET", key, {"range": f"bytes=0-{nbytes - 1}",
+                                                 **k.sse_headers()})
+        if r is not None and r.status == 404:
+            raise NotFound(f"GetObject {key!r}")
+        if r is None or r.status not in (200, 206) or _echo_fps(
+                r.headers.get("x-amz-server-side-encryption-customer-key-md5")) != {k.fingerprint}:
+            return self.head(key)
+        size = len(r.body)
+        if r.status == 206:
+            total = str(r.headers.get("content-range", "")).rpartition("/")[2]
+            if not total.isdigit():
+                return self.head(key)
+            size = int(total)
+        if size < len(r.body):
+            return self.head(key)
+        self._remember(key, k.fingerprint)
+        return replace(self._info(key, r.boto_shape(), OPEN, k.fingerprint), size=size,
+                       start=r.body)
 
     def _head_plain(self, key: str) -> ObjectInfo:
         resp = self._call("HeadObject", key, self.client.head_object, Key=key)

@@ -25,6 +25,7 @@ class ObjectInfo:
     metadata: dict = field(default_factory=dict)
     access: str = OPEN
     key_fp: str | None = None
+    start: bytes | None = None      # the object's first bytes, when a lookup fetched them
 
 
 @dataclass
@@ -46,6 +47,7 @@ Reader = Callable[[int, int], bytes]   # (offset, length) -> bytes of the file b
 
 class Store(Protocol):
     def head(self, key: str) -> ObjectInfo: ...
+    def head_with_start(self, key: str, nbytes: int) -> ObjectInfo: ...
     def get_range(self, key: str, start: int, length: int, key_fp: str | None,
                   etag: str | None = None) -> bytes: ...
     def put(self, key: str, data: bytes, metadata: dict) -> ObjectInfo: ...

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ssecfs.errors import (KeyMismatch, NotFound, PermissionDenied, Stale, StoreError,
                            StoreUnavailable)
@@ -138,6 +138,15 @@ class MemStore:
             if self.ring.by_fingerprint(obj.key_fp) is not None:
                 return self._info(key, obj, OPEN)
             return self._info(key, obj, LOCKED)
+
+    def head_with_start(self, key: str, nbytes: int) -> ObjectInfo:
+        info = self.head(key)
+        if info.access != OPEN:
+            return info
+        with self._lock:
+            obj = self._objects.get(key)
+            data = obj.data[:nbytes] if obj is not None and obj.etag == info.etag else None
+        return replace(info, start=data) if data is not None else info
 
     def get_range(self, key: str, start: int, length: int, key_fp: str | None,
                   etag: str | None = None) -> bytes:

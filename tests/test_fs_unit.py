@@ -265,6 +265,42 @@ def test_sequential_read_of_large_remote_file(fs, store):
     assert store.calls["get_range"] == before
 
 
+def test_small_file_looked_up_is_read_without_another_request(fs, store):
+    """The lookup of a small object fetches it whole (one ranged GET answers both); the
+    open and read that follow send nothing, and later opens are served from the cache."""
+    data = os.urandom(5000)
+    remote_file(store, "small", data)
+    assert fs.getattr("/small").size == 5000            # the lookup
+    calls = sum(store.calls.values())
+    assert read_all(fs, "/small") == data
+    assert sum(store.calls.values()) == calls
+    assert read_all(fs, "/small") == data                # cached: no request either
+    assert store.calls["get_range"] == 0
+
+
+def test_lookup_fetches_only_the_start_of_a_bigger_file(fs, store):
+    data = os.urandom(300_000)
+    remote_file(store, "bigger", data)
+    assert fs.getattr("/bigger").size == 300_000
+    assert read_all(fs, "/bigger") == data
+    assert store.calls["get_range"] >= 1                 # the start alone was not kept
+
+
+def test_small_file_changed_between_lookup_and_open_is_read_anew(make_fs, store):
+    """Close-to-open: the bytes a lookup fetched serve the open only while the object is
+    still that version (ETag); another writer's new version is fetched, never the old one."""
+    fs = make_fs(attr_timeout=0.05)
+    remote_file(store, "changing", b"old content")
+    assert fs.getattr("/changing").size == 11
+    remote_file(store, "changing", b"NEW content!")      # another mount wrote it meanwhile
+    assert fs.take_start("/changing", store.head("changing").etag) is None
+    remote_file(store, "changing", b"old content")
+    assert fs.getattr("/changing").size == 11            # a lookup fetched this version
+    remote_file(store, "changing", b"NEW content!")
+    assert wait_until(lambda: fs.getattr("/changing").size == 12, timeout=10)
+    assert read_all(fs, "/changing") == b"NEW content!"
+
+
 def test_open_trunc_of_remote_file(fs, store):
     remote_file(store, "o", os.urandom(3 * CHUNK))
     fh = fs.open("/o", os.O_WRONLY | os.O_TRUNC)

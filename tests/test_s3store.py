@@ -620,6 +620,32 @@ def test_raw_path_serves_head_and_small_gets_with_the_key(make_store, k1, bucket
         store.get_range("raw/plain", 0, 5, k1.fingerprint)
 
 
+def test_head_with_start_matches_head(make_store, k1, bucket, s3):
+    """A lookup that fetches the object's first bytes (one ranged GET with the key) tells
+    what head() tells: size, ETag, metadata, key; and the bytes. Empty, missing, foreign-key
+    and plaintext objects get head()'s answers."""
+    store, wire = make_store(k1)
+    small, big = os.urandom(3000), os.urandom(100_000)
+    store.put("hs/small", small, {"mode": "33261", "mtime": "1700000000.25"})
+    store.put("hs/big", big, {"mode": "33188"})
+    store.put("hs/empty", b"", {"mode": "33188"})
+    for name, data in (("hs/small", small), ("hs/big", big), ("hs/empty", b"")):
+        h, w = store.head(name), store.head_with_start(name, 16384)
+        assert (w.size, w.etag, w.metadata, w.key_fp, w.access) == \
+            (h.size, h.etag, h.metadata, h.key_fp, h.access) == (len(data), h.etag, h.metadata,
+                                                                 k1.fingerprint, OPEN)
+        assert abs(w.mtime - h.mtime) < 1
+        assert w.start is None if not data else w.start == data[:16384]
+    with pytest.raises(NotFound):
+        store.head_with_start("hs/missing", 16384)
+    other, _ = make_store(Key(os.urandom(32)))
+    assert other.head_with_start("hs/small", 16384).access == LOCKED
+    s3.put_object(Bucket=bucket, Key="hs/plain", Body=b"not encrypted")
+    p = store.head_with_start("hs/plain", 16384)
+    assert p.access == PLAINTEXT and p.start is None
+    check_wire(wire, [k1])
+
+
 @pytest.mark.parametrize("strip", ["x-amz-server-side-encryption-customer-key-md5",
                                    "x-amz-server-side-encryption-customer-algorithm"])
 def test_raw_path_checks_the_echo_too(make_store, k1, strip):
