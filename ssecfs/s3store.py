@@ -255,9 +255,12 @@ class S3Store:
                           metadata=dict(resp.get("Metadata") or {}), access=access, key_fp=fp)
 
     # -- reads --------------------------------------------------------------------------------
-    def head(self, key: str) -> ObjectInfo:
-        last_denied = None
+    def head(self, key: str, denied: Key | None = None) -> ObjectInfo:
+        """denied: a key the caller already saw refused for this object (not asked again)."""
+        last_denied = PermissionDenied(f"HeadObject {key!r}: access denied") if denied else None
         for k in self.ring.candidates(self._hint(key)):
+            if k is denied:
+                continue
             try:
                 resp = self._head_object(key, k)
             except Exception as e:  # noqa: BLE001
@@ -290,6 +293,8 @@ class S3Store:
                                                  **k.sse_headers()})
         if r is not None and r.status == 404:
             raise NotFound(f"GetObject {key!r}")
+        if r is not None and r.status == 403:        # not this key: the others, or LOCKED
+            return self.head(key, denied=k)
         if r is None or r.status not in (200, 206) or _echo_fps(
                 r.headers.get("x-amz-server-side-encryption-customer-key-md5")) != {k.fingerprint}:
             return self.head(key)

@@ -638,8 +638,14 @@ def test_head_with_start_matches_head(make_store, k1, bucket, s3):
         assert w.start is None if not data else w.start == data[:16384]
     with pytest.raises(NotFound):
         store.head_with_start("hs/missing", 16384)
-    other, _ = make_store(Key(os.urandom(32)))
-    assert other.head_with_start("hs/small", 16384).access == LOCKED
+    stranger, swire = make_store(Key(os.urandom(32)))
+    assert stranger.head_with_start("hs/small", 16384).access == LOCKED
+    assert swire.ops() == ["GetObject", "ListObjectsV2"]     # the refused key is not asked twice
+    rotated, rwire = make_store(Key(os.urandom(32)), k1)      # k1 is the ring's older key now
+    w = rotated.head_with_start("hs/small", 16384)
+    assert (w.access, w.key_fp, w.start) == (OPEN, k1.fingerprint, None)
+    assert rwire.ops() == ["GetObject", "HeadObject"]
+    assert key_in(rwire.of("HeadObject")[0], SSE_HDR).fingerprint == k1.fingerprint
     s3.put_object(Bucket=bucket, Key="hs/plain", Body=b"not encrypted")
     p = store.head_with_start("hs/plain", 16384)
     assert p.access == PLAINTEXT and p.start is None
