@@ -164,6 +164,12 @@ def parse_keyfile_bytes(data: bytes, source: str) -> KeyRing:
         raise UserError(f"{source}: key file is empty", EXIT_KEYFILE)
     if len(data) == KEY_LEN and not _looks_like_text_keys(data):
         return KeyRing([Key(bytes(data))], source)
+    if not _is_text(data):
+        # Binary content of the wrong length (a truncated or padded raw key, or the wrong
+        # file): say so, whatever its bytes happen to look like line by line.
+        raise UserError(
+            f"{source}: {len(data)} bytes of binary data; a raw key file is exactly "
+            f"{KEY_LEN} bytes, a text key file has one base64 key per line", EXIT_KEYFILE)
     keys = []
     for lineno, bline in enumerate(data.splitlines(), 1):
         bline = bline.strip()
@@ -187,16 +193,22 @@ def parse_keyfile_bytes(data: bytes, source: str) -> KeyRing:
     return KeyRing(keys, source)
 
 
-def _looks_like_text_keys(data: bytes) -> bool:
-    """A 32-byte file is a raw key unless it is clearly text (a comment/blank-only file):
-    valid UTF-8, no control characters but tab/CR/LF, and only blank or '#' lines. A random
-    key passes that test with negligible probability."""
+def _is_text(data: bytes) -> bool:
+    """Valid UTF-8 with no control characters but tab/CR/LF."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return False
-    if any(ord(c) < 32 and c not in "\t\r\n" or ord(c) == 127 for c in text):
+    return not any(ord(c) < 32 and c not in "\t\r\n" or ord(c) == 127 for c in text)
+
+
+def _looks_like_text_keys(data: bytes) -> bool:
+    """A 32-byte file is a raw key unless it is clearly text (a comment/blank-only file):
+    text (``_is_text``) with only blank or '#' lines. A random key passes that test with
+    negligible probability."""
+    if not _is_text(data):
         return False
+    text = data.decode("utf-8")
     return all(not ln.strip() or ln.strip().startswith("#") for ln in text.splitlines())
 
 

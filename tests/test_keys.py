@@ -132,6 +132,30 @@ def test_raw_wrong_length(tmp_path, n):
     expect_user_error(lambda: load_keyring(p), raw, contains=(p, str(n)))
 
 
+@pytest.mark.parametrize("prefix", [b"#", b" #", b"\n\n#", b"\t"])
+def test_raw_wrong_length_that_starts_like_a_comment(tmp_path, prefix):
+    # CI once drew 31 random bytes starting with '#': the file read as one comment line
+    # and the error said "no key" instead of naming the length.
+    raw = prefix + high_bytes(31 - len(prefix))
+    p = write(tmp_path / "k", raw)
+    e = expect_user_error(lambda: load_keyring(p), raw, contains=(p, "31 bytes", "32"))
+    assert "binary" in str(e)
+
+
+def test_random_wrong_length_files_always_name_the_length(tmp_path):
+    p = str(tmp_path / "k")
+    for i in range(3000):
+        n = (31, 33)[i % 2]
+        raw = (b"#" if i % 3 == 0 else b"") + os.urandom(n)
+        raw = raw[:n]
+        with open(p, "wb") as f:
+            f.write(raw)
+        os.chmod(p, 0o600)
+        with pytest.raises(UserError) as e:
+            load_keyring(p)
+        assert f"{n} bytes" in str(e.value) and "32" in str(e.value), str(e.value)
+
+
 def test_raw_key_with_trailing_newline_is_refused_without_leak(tmp_path):
     raw = high_bytes(32)
     p = write(tmp_path / "k", raw + b"\n")
