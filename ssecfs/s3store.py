@@ -137,13 +137,14 @@ class S3Store:
         return RawS3(self.endpoint_url, self.bucket, cfg.region_name, creds, ca,
                      connect_timeout, read_timeout, maxsize=max(cfg.max_pool_connections, 48))
 
-    def _raw(self, op: str, method: str, key: str, headers: dict, body: bytes | None = None):
+    def _raw(self, op: str, method: str, key: str, headers: dict, body: bytes | None = None,
+             query: dict | None = None):
         """A raw request, or None when the caller should use botocore instead (raw path off,
         an odd key, connection trouble, or an answer botocore's retries should handle)."""
         if self.raw is None or not plain_key(key):
             return None
         try:
-            r = self.raw.request(op, method, key, headers, body)
+            r = self.raw.request(op, method, key, headers, body, query=query)
         except Exception as e:  # noqa: BLE001 - botocore retries and reports it
             log.debug("raw %s %r: %s; using botocore", op, key, type(e).__name__)
             return None
@@ -434,8 +435,21 @@ class S3Store:
         return self._multipart(key, metadata, n, part)
 
     def _upload_part(self, key: str, up_id: str, num: int, body: bytes, k: Key) -> dict:
-        resp = self._call("UploadPart", key, self.client.upload_part, Key=key, UploadId=up_id,
-                          PartNumber=num, Body=body, **k.sse_params())
+        resp = None
+        if len(body) <= RAW_PUT_MAX:
+            # lean path; any answer but 200 goes to botocore (an UploadPart is idempotent:
+            # it sends it again, retries and reports errors properly)
+            r = self._raw("UploadPart", "PUT", key, k.sse_headers(), body,
+                          query={"partNumber": str(num), "uploadId": up_id})
+            if r is not None and r.status == 200 and r.headers.get("etag"):
+                g = r.headers.get
+                resp = {"ETag": g("etag"),
+                        "SSECustomerKeyMD5": g("x-amz-server-side-encryption-customer-key-md5"),
+                        "SSECustomerAlgorithm":
+                            g("x-amz-server-side-encryption-customer-algorithm")}
+        if resp is None:
+            resp = self._call("UploadPart", key, self.client.upload_part, Key=key,
+                              UploadId=up_id, PartNumber=num, Body=body, **k.sse_params())
         self._check_write_echo(resp, key, "UploadPart", k)
         return {"PartNumber": num, "ETag": resp["ETag"]}
 

@@ -661,13 +661,17 @@ def test_raw_path_checks_the_echo_too(make_store, k1, strip):
     store.put("echo/ok", b"fine", {})
     real = store.raw.request
 
-    def stripped(op, method, key, headers, body=None):
-        r = real(op, method, key, headers, body)
+    def stripped(op, method, key, headers, body=None, query=None):
+        r = real(op, method, key, headers, body, query=query)
         r.headers = {k: v for k, v in r.headers.items() if k.lower() != strip}
         return r
     store.raw.request = stripped
     with pytest.raises(EncryptionNotApplied):
         store.put("echo/new", b"data", {})
+    up, fp = store.mpu_begin("echo/parts", {})
+    with pytest.raises(EncryptionNotApplied):
+        store.mpu_part("echo/parts", up, 1, b"p" * 1024, fp)
+    store.mpu_abort("echo/parts", up)
     if strip.endswith("md5"):
         with pytest.raises(KeyMismatch):
             store.get_range("echo/ok", 0, 4, k1.fingerprint)
