@@ -59,6 +59,20 @@ EXIT_CACHE = 6
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+_SYNC_FILE_RANGE_WRITE = 2
+WRITEOUT_EVERY = 16 * 1024 * 1024    # bytes sealed to an entry between two early write-outs
+
+
+def _start_writeout(fd: int) -> None:
+    """Start (not wait for) the disk write of the file's dirty pages: sync_file_range with
+    SYNC_FILE_RANGE_WRITE. Without it the kernel keeps a big file's cache slots in memory
+    until close(), whose fdatasync then writes them all at once (2 s for 1 GiB here) while
+    nothing else moves. Durability still comes from sync(); this only makes it quick."""
+    try:
+        _libc.sync_file_range(ctypes.c_int(fd), ctypes.c_int64(0), ctypes.c_int64(0),
+                              ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+    except (AttributeError, OSError):      # not Linux: the fdatasync at close does it all
+        pass
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -102,6 +116,7 @@ class CacheEntry:
         self._drained = threading.Condition(self.io_lock)
         self.error: Exception | None = None   # a failed background write (ENOSPC...)
         self.discarded = False
+        self._unsynced = 0                    # bytes sealed since the last early write-out
 
     def __repr__(self) -> str:
         return f"CacheEntry({self.id[:8]}, {len(self.present)} chunks, dirty={self.dirty})"
@@ -200,6 +215,22 @@ class CacheEntry:
             del self.pending[index]
             if not self.pending:
                 self._drained.notify_all()
+            self._unsynced += SLOT
+            writeout = self._unsynced >= WRITEOUT_EVERY and self.dirty
+            if writeout:
+                self._unsynced = 0
+                fd = os.dup(self._fd)
+        if writeout:
+            try:
+                _start_writeout(fd)
+            finally:
+                os.close(fd)
+
+    def _synced_fd(self) -> int | None:
+        """A duplicate of the entry's fd (the caller closes it), so that an fdatasync does not
+        hold io_lock: readers of the entry (the upload of the same file) go on meanwhile."""
+        with self.io_lock:
+            return os.dup(self._fd) if self._fd is not None else None
 
     def drain(self) -> None:
         """Wait until every pending chunk is sealed and written; raise a write error."""
@@ -231,9 +262,12 @@ class CacheEntry:
         for index in waiting:
             self._seal_one(index)
         self.drain()
-        with self.io_lock:
-            if self._fd is not None:
-                os.fdatasync(self._fd)
+        fd = self._synced_fd()
+        if fd is not None:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def close_fd(self) -> None:
         try:

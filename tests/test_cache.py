@@ -505,3 +505,60 @@ def test_chunk_written_while_the_cache_closes_is_sealed_not_left_pending(cache_d
     assert not e.pending                    # sealed and written already
     assert e.read_chunk(3) == data
     c.close()                               # returns (it used to hang here)
+
+
+def test_dirty_entry_starts_disk_writes_early_clean_one_does_not(cache_dir, keys, monkeypatch):
+    """A big dirty file's slots go to disk while it is written (sync_file_range every
+    WRITEOUT_EVERY bytes), so the fdatasync of close() has little left to do; chunks fetched
+    from the bucket (clean) are not pushed."""
+    from ssecfs import cache as cache_mod
+    calls = []
+    real = cache_mod._start_writeout
+    monkeypatch.setattr(cache_mod, "_start_writeout", lambda fd: (calls.append(fd), real(fd)))
+    c = make_cache(cache_dir, keys, max_bytes=1024 * COST)
+    try:
+        per = -(-cache_mod.WRITEOUT_EVERY // SLOT)        # slots per early write-out
+        clean = c.new_entry()
+        for i in range(3 * per):
+            clean.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        clean.sync()
+        assert calls == []
+        dirty = c.new_entry()
+        c.set_dirty(dirty, True)
+        for i in range(3 * per + per // 2):
+            dirty.write_chunk(i, os.urandom(CHUNK))
+        dirty.sync()
+        assert len(calls) == 3
+        assert dirty.read_chunk(3 * per) is not None
+    finally:
+        c.close()
+
+
+def test_sync_does_not_block_readers_of_the_entry(cache, monkeypatch):
+    """close() of a big file waits for fdatasync; the upload of the same file reads its
+    chunks meanwhile (io_lock is not held across the fdatasync)."""
+    import threading
+    e = cache.new_entry()
+    e.write_chunk(0, b"a" * CHUNK)
+    e.drain()
+    started, release = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def slow_fdatasync(fd):
+        started.set()
+        assert release.wait(10)
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    t = threading.Thread(target=e.sync)
+    t.start()
+    try:
+        assert started.wait(10)
+        got = []
+        reader = threading.Thread(target=lambda: got.append(e.read_chunk(0)))
+        reader.start()
+        reader.join(5)
+        assert got == [b"a" * CHUNK], "a reader waited for the fdatasync"
+    finally:
+        release.set()
+        t.join(10)
+    assert not t.is_alive()
