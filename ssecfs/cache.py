@@ -319,6 +319,10 @@ class CacheEntry:
             finally:
                 os.close(fd)
             os.replace(tmp, self.meta_path)
+            if sync:
+                # the rename (and the data file's name, made in the same directory) must
+                # survive a power cut too: a record that is not there reads as "clean"
+                self.cache.sync_entries_dir()
         except OSError as e:
             raise _oserror_to_domain(e) from None
 
@@ -375,6 +379,7 @@ class Cache:
         self._entries: dict[str, CacheEntry] = {}
         self._by_object: dict[tuple, CacheEntry] = {}
         self._lock_fd: int | None = None
+        self._dir_fd: int | None = None      # entries/, for fsync after a record's rename
         self._sealers = ThreadPoolExecutor(max_workers=SEALER_THREADS, thread_name_prefix="seal")
         self._pending_slots = threading.BoundedSemaphore(MAX_PENDING)
 
@@ -403,6 +408,19 @@ class Cache:
             self._lock_fd = None
             raise UserError(f"cache dir {self.dir} is in use by another ssecfs daemon",
                             EXIT_CACHE) from None
+        self._dir_fd = os.open(self.entries_dir, os.O_RDONLY | os.O_DIRECTORY)
+
+    def sync_entries_dir(self) -> None:
+        """fsync the entries directory: names created or renamed in it are durable after."""
+        fd = self._dir_fd
+        if fd is None:
+            fd = os.open(self.entries_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
+        os.fsync(fd)
 
     def _submit_seal(self, e: CacheEntry, index: int) -> None:
         self._pending_slots.acquire()           # backpressure: bounded plaintext in memory
@@ -421,6 +439,9 @@ class Cache:
         self._sealers.shutdown(wait=True)
         for e in list(self._entries.values()):
             e.close_fd()
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

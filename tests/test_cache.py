@@ -562,3 +562,32 @@ def test_sync_does_not_block_readers_of_the_entry(cache, monkeypatch):
         release.set()
         t.join(10)
     assert not t.is_alive()
+
+
+def test_state_record_rename_is_made_durable(cache, monkeypatch):
+    """A record becomes durable in three steps: the temp file's fsync, the rename, and an
+    fsync of the entries directory after the rename (without it a power cut can lose the
+    rename, and an entry without a record is taken for clean and removed)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    entries_ino = os.stat(cache.entries_dir).st_ino
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append("fsync dir" if stat.S_ISDIR(st.st_mode) and st.st_ino == entries_ino
+                      else "fsync file")
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append("rename")
+        real_replace(a, b)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    e = cache.new_entry()
+    e.write_chunk(0, b"x" * 100)
+    e.sync()
+    e.save_state({"size": 100})
+    assert events == ["fsync file", "rename", "fsync dir"]
+    events.clear()
+    e.save_state({"size": 100}, sync=False)
+    assert events == ["rename"]

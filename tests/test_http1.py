@@ -291,3 +291,37 @@ def test_threads_share_the_pool_within_its_bound(server):
     assert len(p._idle) <= 4
     assert srv.accepted <= 8 + 8 * 40            # bounded, and most requests reused one
     assert srv.accepted < 8 * 40 // 2
+
+
+def test_tls_connection_is_verified_and_kept_alive(server, tmp_path):
+    """https: the certificate is checked against the given CA, and the connection is reused
+    (TLS 1.3 session tickets arriving after the handshake must not look like a dead
+    connection)."""
+    import ssl
+
+    from test_tls import make_ca_and_cert
+    pki = make_ca_and_cert(str(tmp_path))
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(pki["cert.pem"], pki["key.pem"])
+
+    def handler(srv, conn, i):
+        try:
+            tls = sctx.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        with tls:
+            keepalive_echo(srv, tls, i)
+
+    srv = server(handler)
+    p = HTTP1Pool("https", "localhost", srv.port, ca_certs=pki["ca.pem"], connect_timeout=5,
+                  read_timeout=5)
+    for n in range(20):
+        assert p.request("GET", f"/k{n}", {}).body == f"GET /k{n} HTTP/1.1 conn=0".encode()
+    assert srv.accepted == 1
+    p.close()
+    (tmp_path / "other").mkdir()
+    other = make_ca_and_cert(str(tmp_path / "other"))             # a CA that did not sign it
+    q = HTTP1Pool("https", "localhost", srv.port, ca_certs=other["ca.pem"], connect_timeout=5,
+                  read_timeout=5)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        q.request("GET", "/", {})
