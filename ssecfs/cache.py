@@ -409,6 +409,12 @@ class Cache:
             raise UserError(f"cache dir {self.dir} is in use by another ssecfs daemon",
                             EXIT_CACHE) from None
         self._dir_fd = os.open(self.entries_dir, os.O_RDONLY | os.O_DIRECTORY)
+        for d in (os.path.dirname(os.path.abspath(self.dir)), self.dir):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)    # a new cache dir's own names
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def sync_entries_dir(self) -> None:
         """fsync the entries directory: names created or renamed in it are durable after."""
