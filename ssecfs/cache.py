@@ -410,11 +410,14 @@ class Cache:
                             EXIT_CACHE) from None
         self._dir_fd = os.open(self.entries_dir, os.O_RDONLY | os.O_DIRECTORY)
         for d in (os.path.dirname(os.path.abspath(self.dir)), self.dir):
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)    # a new cache dir's own names
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            try:                                   # a new cache dir's own names: best effort
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)   # (a parent may be unreadable)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                log.debug("fsync of %s: %s", d, e.strerror)
 
     def sync_entries_dir(self) -> None:
         """fsync the entries directory: names created or renamed in it are durable after."""
