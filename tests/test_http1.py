@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from ssecfs.http1 import HTTP1Pool, HTTPProtocolError
+from ssecfs.http1 import HTTP1Pool
 
 
 class Scripted:
