@@ -289,8 +289,10 @@ def test_threads_share_the_pool_within_its_bound(server):
         t.join()
     assert errors == []
     assert len(p._idle) <= 4
-    assert srv.accepted <= 8 + 8 * 40            # bounded, and most requests reused one
-    assert srv.accepted < 8 * 40 // 2
+    # 8 threads, 4 idle slots: a connection is closed only when 4 wait idle, and a new one
+    # made only when none does, so at worst every other request makes one (+ the 12 that
+    # can be alive at once); one per request would be 320
+    assert srv.accepted <= 8 * 40 // 2 + 12
 
 
 def test_tls_connection_is_verified_and_kept_alive(server, tmp_path):
