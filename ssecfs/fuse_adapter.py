@@ -18,6 +18,7 @@ from fuse import FuseOSError, Operations, fuse_get_context
 from . import errors as E
 from .attrs import Attr
 from .fs import Filesystem
+from .threadstates import ThreadStatePins
 
 log = logging.getLogger("ssecfs.fuse")
 
@@ -69,8 +70,10 @@ class FuseAdapter(Operations):
         self.fs = fs
         self._on_init = on_init
         self._on_destroy = on_destroy
+        self.thread_states = ThreadStatePins()
 
     def __call__(self, op, *args):
+        self.thread_states.pin()
         try:
             return getattr(self, op)(*args)
         except Exception as e:  # noqa: BLE001 - every error leaves as an errno
