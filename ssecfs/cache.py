@@ -1,12 +1,15 @@
 """Encrypted on-disk chunk cache.
 
-Layout (format version 1, see docs/CACHE.md):
+Layout (format version 2, see docs/CACHE.md):
     CACHE_DIR/                      mode 0700, flock'ed by the daemon that uses it (LOCK)
-        VERSION                     "ssecfs-cache 1"
+        VERSION                     "ssecfs-cache 2"
         entries/ID.data             chunk slots; slot i at offset i * SLOT
         entries/ID.meta             sealed journal record (JSON) of the entry's state
-A slot is   magic "SSC1" | u32 plaintext length | nonce | AES-GCM(ciphertext) | tag,
-the chunk sealed with associated data (format version, entry id, chunk index, length).
+A slot is   magic "SSC2" | u32 plaintext length | write id (8 random bytes) | sub-block 0 | ...
+where sub-block j = nonce | AES-GCM(plaintext[j*SUB:(j+1)*SUB]) | tag, sealed with associated
+data (format, entry id, chunk index, chunk length, j, write id): a read decrypts only the
+sub-blocks it needs, and a slot torn between two writes of the chunk fails authentication. Slots of format 1 ("SSC1": the whole chunk as one sealed blob) are still read, so a
+cache written by an older version (dirty data included) keeps working.
 An all-zero slot header means "absent" (never written, or evicted by punching a hole).
 
 Invariants
@@ -37,24 +40,28 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-from .crypto import OVERHEAD, Sealer, chunk_aad, record_aad
+from .crypto import (OVERHEAD, SUB, SUB_SEALED, WRITE_ID_LEN, Sealer, chunk_aad, open_subs,
+                     record_aad, seal_chunk, sealed_len)
 from .errors import IntegrityError, NoSpace, UserError
 
 log = logging.getLogger("ssecfs.cache")
 
 CHUNK = 128 * 1024
 HEADER = struct.Struct(">4sI")
-MAGIC = b"SSC1"
-SLOT_PAYLOAD = HEADER.size + CHUNK + OVERHEAD
-SLOT = (SLOT_PAYLOAD + 4095) // 4096 * 4096   # block aligned, so an evicted slot frees its blocks
+MAGIC = b"SSC2"                 # chunk sealed in sub-blocks (written)
+MAGIC_V1 = b"SSC1"              # chunk sealed as one blob (read only)
+SUBS_AT = HEADER.size + WRITE_ID_LEN                  # where a format-2 slot's sub-blocks start
+SLOT = (SUBS_AT + sealed_len(CHUNK) + 4095) // 4096 * 4096   # block aligned, so an evicted
+assert SLOT == 135168           # slot frees its blocks; format 1 used the same SLOT
 
 
 def _cost(length: int) -> int:
     """Disk blocks a slot holding `length` plaintext bytes occupies (what the bound counts)."""
-    return (HEADER.size + length + OVERHEAD + 4095) // 4096 * 4096
+    return (SUBS_AT + sealed_len(length) + 4095) // 4096 * 4096
 SEALER_THREADS = 2
 MAX_PENDING = 256                    # chunks (32 MiB) of plaintext waiting to be sealed
-VERSION_TEXT = "ssecfs-cache 1\n"
+VERSION_TEXT = "ssecfs-cache 2\n"
+OLD_VERSION_TEXTS = ("ssecfs-cache 1\n",)    # read, then the VERSION file is rewritten
 EXIT_CACHE = 6
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -148,19 +155,61 @@ class CacheEntry:
                 return bytes(data)      # a view into a fetched buffer: callers get bytes
             raw = os.pread(self._fdl(), SLOT, index * SLOT)
         magic, length = HEADER.unpack_from(raw) if len(raw) >= HEADER.size else (b"", 0)
-        if magic != MAGIC or length > CHUNK:
+        if magic not in (MAGIC, MAGIC_V1) or length > CHUNK:
             log.error("cache entry %s chunk %d: bad slot header (corrupt or torn); not served",
                       self.id[:8], index)
             raise IntegrityError(f"cache entry {self.id[:8]} chunk {index}: bad slot header")
-        blob = memoryview(raw)[HEADER.size:HEADER.size + length + OVERHEAD]
+        body = memoryview(raw)[HEADER.size:]
         try:
-            data = self.sealer.open(blob, chunk_aad(self.bid, index, length))
+            if magic == MAGIC_V1:
+                data = self.sealer.open(body[:length + OVERHEAD],
+                                        chunk_aad(self.bid, index, length))
+            else:
+                wid = bytes(body[:WRITE_ID_LEN])
+                data = open_subs(self.sealer, body[WRITE_ID_LEN:WRITE_ID_LEN + sealed_len(length)],
+                                 self.bid, index, length, wid, 0)
         except IntegrityError:
-            log.error("cache entry %s chunk %d failed authentication (corrupt or torn); "
-                      "not served", self.id[:8], index)
+            self._report_corrupt(index)
             raise
         self.cache._touch(self, index)
         return data
+
+    def read_range(self, index: int, lo: int, hi: int) -> bytes | None:
+        """Plaintext bytes [lo, hi) of chunk `index` (shorter if the chunk is: zeros follow),
+        or None if absent. Decrypts only the sub-blocks that hold them: a 4 KiB read costs a
+        32 KiB pread and decryption, not 128 KiB. IntegrityError if tampered/torn."""
+        with self.io_lock:
+            if index not in self.present:
+                return None
+            data = self.pending.get(index)
+            if data is not None:
+                return bytes(data[lo:hi])
+            fd = self._fdl()
+            hdr = os.pread(fd, SUBS_AT, index * SLOT)
+            magic, length = HEADER.unpack_from(hdr) if len(hdr) == SUBS_AT else (b"", 0)
+            if magic == MAGIC and 0 < length <= CHUNK:
+                hi = min(hi, length)
+                if lo >= hi:
+                    return b""
+                first, last = lo // SUB, (hi - 1) // SUB
+                size = sealed_len(min(length, (last + 1) * SUB)) - first * SUB_SEALED
+                raw = os.pread(fd, size, index * SLOT + SUBS_AT + first * SUB_SEALED)
+        if magic != MAGIC or not 0 < length <= CHUNK:
+            data = self.read_chunk(index)        # format 1, or a bad header (reported there)
+            return None if data is None else data[lo:hi]
+        try:
+            data = open_subs(self.sealer, raw, self.bid, index, length,
+                             hdr[HEADER.size:SUBS_AT], first)
+        except IntegrityError:
+            self._report_corrupt(index)
+            raise
+        self.cache._touch(self, index)
+        base = first * SUB
+        return data[lo - base:hi - base]
+
+    def _report_corrupt(self, index: int) -> None:
+        log.error("cache entry %s chunk %d failed authentication (corrupt or torn); "
+                  "not served", self.id[:8], index)
 
     def write_chunk(self, index: int, data: bytes, dirty: bool = True,
                     only_if=None) -> bool:
@@ -197,8 +246,9 @@ class CacheEntry:
         if data is None:
             return
         length = len(data)
-        slot = [HEADER.pack(MAGIC, length),
-                *self.sealer.seal_parts(data, chunk_aad(self.bid, index, length))]
+        wid = os.urandom(WRITE_ID_LEN)
+        slot = [HEADER.pack(MAGIC, length), wid,
+                *seal_chunk(self.sealer, data, self.bid, index, wid)]
         with self.io_lock:
             if self.pending.get(index) is not data:
                 return
@@ -360,7 +410,7 @@ class CacheEntry:
                 hdr = os.pread(self._fd, HEADER.size, i * SLOT)
                 if len(hdr) == HEADER.size:
                     magic, length = HEADER.unpack(hdr)
-                    if magic == MAGIC and 0 < length <= CHUNK:
+                    if magic in (MAGIC, MAGIC_V1) and 0 < length <= CHUNK:
                         self.present[i] = length
 
 
@@ -393,13 +443,12 @@ class Cache:
         except OSError as e:
             raise UserError(f"cache dir {self.dir}: {e.strerror}", EXIT_CACHE) from None
         vpath = os.path.join(self.dir, "VERSION")
+        version = None
         if os.path.exists(vpath):
             with open(vpath) as f:
-                if f.read() != VERSION_TEXT:
-                    raise UserError(f"cache dir {self.dir}: unknown cache format", EXIT_CACHE)
-        else:
-            with open(vpath, "w") as f:
-                f.write(VERSION_TEXT)
+                version = f.read()
+            if version != VERSION_TEXT and version not in OLD_VERSION_TEXTS:
+                raise UserError(f"cache dir {self.dir}: unknown cache format", EXIT_CACHE)
         self._lock_fd = os.open(os.path.join(self.dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -408,6 +457,15 @@ class Cache:
             self._lock_fd = None
             raise UserError(f"cache dir {self.dir} is in use by another ssecfs daemon",
                             EXIT_CACHE) from None
+        if version != VERSION_TEXT:
+            # new, or format 1 (whose slots stay readable): from now on an older ssecfs
+            # refuses this directory rather than fail on the slots written in format 2
+            tmp = vpath + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(VERSION_TEXT)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, vpath)
         self._dir_fd = os.open(self.entries_dir, os.O_RDONLY | os.O_DIRECTORY)
         for d in (os.path.dirname(os.path.abspath(self.dir)), self.dir):
             try:                                   # a new cache dir's own names: best effort

@@ -1,8 +1,15 @@
-"""AEAD sealing of one cache chunk or journal record. Pure: bytes in, bytes out.
+"""AEAD sealing of cache chunks and journal records. Pure: bytes in, bytes out.
 
-Format of a sealed blob (version 1):  nonce (12 bytes) || AES-256-GCM ciphertext || tag (16).
-The associated data binds the blob to what it is (format version, kind, file id, index, length),
-so a chunk moved to another file or position, or truncated, fails authentication.
+Format of a sealed blob:  nonce (12 bytes) || AES-256-GCM ciphertext || tag (16).
+The associated data binds the blob to what it is (format, kind, file id, index, length), so a
+blob moved to another file or position, or truncated, fails authentication.
+
+A cache chunk (up to 128 KiB) is sealed as consecutive sub-blocks of SUB bytes, each its own
+blob (format 2; format 1 sealed the chunk as one blob), so that a 4 KiB read decrypts 32 KiB,
+not 128. A sub-block's associated data names the chunk's length and the sub-block's number:
+sub-blocks cannot be swapped, moved or dropped; it also names a random id of the write that
+sealed the chunk (kept in the slot's header), so sub-blocks of two writes of the chunk (a slot
+torn by a crash in the middle of a rewrite) cannot be mixed either.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ FORMAT_VERSION = 1
 NONCE_LEN = 12
 TAG_LEN = 16
 OVERHEAD = NONCE_LEN + TAG_LEN
+SUB = 32 * 1024                     # plaintext bytes per sealed sub-block of a chunk
+SUB_SEALED = SUB + OVERHEAD         # its size sealed (the last one of a chunk may be shorter)
 
 
 class Sealer:
@@ -47,7 +56,52 @@ class Sealer:
 
 
 def chunk_aad(file_id: bytes, index: int, length: int) -> bytes:
+    """Format 1: a whole chunk as one blob (read only; caches written before format 2)."""
     return b"ssecfs-chunk" + struct.pack(">B16sQI", FORMAT_VERSION, file_id, index, length)
+
+
+WRITE_ID_LEN = 8
+
+
+def sub_aad(file_id: bytes, index: int, length: int, sub: int, write_id: bytes) -> bytes:
+    """Format 2: sub-block `sub` of chunk `index`, which holds `length` plaintext bytes, as
+    sealed by the write `write_id`."""
+    return b"ssecfs-chunk" + struct.pack(">B16sQIH8s", 2, file_id, index, length, sub, write_id)
+
+
+def sealed_len(length: int) -> int:
+    """Bytes that `length` plaintext bytes of a chunk occupy sealed in sub-blocks."""
+    return length + -(-length // SUB) * OVERHEAD
+
+
+def seal_chunk(sealer: "Sealer", plaintext, file_id: bytes, index: int,
+               write_id: bytes) -> list[bytes]:
+    """A chunk sealed in sub-blocks: [nonce, ciphertext+tag, nonce, ...] (for pwritev)."""
+    view = memoryview(plaintext)
+    length = len(view)
+    parts: list[bytes] = []
+    for sub, lo in enumerate(range(0, length, SUB)):
+        parts.extend(sealer.seal_parts(view[lo:lo + SUB],
+                                       sub_aad(file_id, index, length, sub, write_id)))
+    return parts
+
+
+def open_subs(sealer: "Sealer", blob, file_id: bytes, index: int, length: int,
+              write_id: bytes, first: int) -> bytes:
+    """Plaintext of the consecutive sub-blocks in `blob`, the first being number `first`, of a
+    chunk of `length` bytes. IntegrityError if any fails authentication or is cut short."""
+    view = memoryview(blob)
+    out = []
+    sub, pos = first, 0
+    while pos < len(view):
+        plain = min(SUB, length - sub * SUB)
+        if plain <= 0 or pos + plain + OVERHEAD > len(view):
+            raise IntegrityError("sealed sub-block cut short")
+        out.append(sealer.open(view[pos:pos + plain + OVERHEAD],
+                               sub_aad(file_id, index, length, sub, write_id)))
+        pos += plain + OVERHEAD
+        sub += 1
+    return out[0] if len(out) == 1 else b"".join(out)
 
 
 def record_aad(kind: bytes, file_id: bytes) -> bytes:

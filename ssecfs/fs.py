@@ -293,10 +293,9 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         first, last = offset // CHUNK, (end - 1) // CHUNK
         parts = []
         for i in range(first, last + 1):
-            data = self._chunk(st, i, sequential)
             lo = max(offset, i * CHUNK) - i * CHUNK
             hi = min(end, (i + 1) * CHUNK) - i * CHUNK
-            piece = data[lo:hi]
+            piece = self._chunk(st, i, sequential, lo, hi)
             parts.append(piece)
             if len(piece) < hi - lo:
                 parts.append(bytes(hi - lo - len(piece)))
@@ -305,21 +304,24 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         # chunks may be views into a fetched buffer; FUSE gets bytes (bytes(b) is b itself)
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
-    def _chunk(self, st: FileState, i: int, sequential: bool = True) -> bytes:
-        """Plaintext of chunk i as the file has it now (may be shorter than CHUNK: zeros
+    def _chunk(self, st: FileState, i: int, sequential: bool = True,
+               lo: int = 0, hi: int = CHUNK) -> bytes:
+        """Plaintext bytes [lo, hi) of chunk i as the file has it now (may be shorter: zeros
         follow). Fetches from the remote object when not cached: a whole read unit for
         sequential access, the one chunk otherwise."""
+        whole = lo == 0 and hi >= CHUNK
         for _ in range(3):
             with st.lock:
                 hot = st.hot.pop(i, None)
                 if hot is not None and hot[0] == (st.remote, st.trunc_epoch, st.data_generation):
-                    return hot[1]           # fetched moments ago: no need to decrypt it again
+                    # fetched moments ago: no need to decrypt it again
+                    return hot[1] if whole else hot[1][lo:hi]
                 entry = self._ensure_entry(st)
                 cached = entry.has(i)
             if cached:
                 # outside st.lock: the decryption of one reader does not stall the others
                 # (the entry's own io_lock keeps the slot read whole)
-                data = entry.read_chunk(i)
+                data = entry.read_chunk(i) if whole else entry.read_range(i, lo, hi)
                 if data is not None:
                     return data
             with st.lock:
@@ -327,7 +329,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                     continue
                 data = entry.read_chunk(i)
                 if data is not None:
-                    return data
+                    return data if whole else data[lo:hi]
                 if st.remote is None or i * CHUNK >= st.remote_valid:
                     return b""
                 remote = st.remote
@@ -340,12 +342,13 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             with st.lock:
                 data = st.entry.read_chunk(i) if st.entry is not None else None
                 if data is not None:
-                    return data
+                    return data if whole else data[lo:hi]
                 # The cache may have evicted it already (a cache smaller than the read-ahead):
                 # the fetched bytes are still good while the file's remote is unchanged.
                 if fetched and i in fetched and st.remote is remote:
                     limit = min(st.remote_valid, st.size) - i * CHUNK
-                    return fetched[i][:max(0, limit)]
+                    data = fetched[i][:max(0, limit)]
+                    return data if whole else data[lo:hi]
         raise Stale(f"{st.path}: chunk {i} could not be loaded")
 
     def _fetch_async(self, st: FileState, start: int, length: int) -> Future:

@@ -9,9 +9,9 @@ import stat
 import pytest
 
 from helpers import marker_blob, scan_dir_for
-from ssecfs.cache import CHUNK, HEADER, SLOT, Cache
+from ssecfs.cache import CHUNK, HEADER, MAGIC, MAGIC_V1, SLOT, SUBS_AT, VERSION_TEXT, Cache
 from ssecfs.cache import _cost
-from ssecfs.crypto import Sealer
+from ssecfs.crypto import SUB, SUB_SEALED, Sealer, chunk_aad, sub_aad
 from ssecfs.errors import IntegrityError, NoSpace, UserError
 from ssecfs.keys import Key
 
@@ -124,7 +124,12 @@ def test_tampered_slot_header_fails(cache):
     e.sync()
     with open(e.data_path, "r+b") as f:
         f.seek(0)
-        f.write(HEADER.pack(b"SSC1", 4999))          # claims one byte less
+        f.write(HEADER.pack(MAGIC, 4999))            # claims one byte less
+    with pytest.raises(IntegrityError):
+        e.read_chunk(0)
+    with open(e.data_path, "r+b") as f:
+        f.seek(0)
+        f.write(HEADER.pack(MAGIC_V1, 5000))         # claims the other format
     with pytest.raises(IntegrityError):
         e.read_chunk(0)
     with open(e.data_path, "r+b") as f:
@@ -132,6 +137,181 @@ def test_tampered_slot_header_fails(cache):
         f.write(HEADER.pack(b"XXXX", 5000))          # bad magic
     with pytest.raises(IntegrityError):
         e.read_chunk(0)
+
+
+# --------------------------------------------------- sub-blocks (format 2) and format 1 slots
+WINDOWS = [(0, 4096), (4096, 8192), (SUB - 1, SUB + 1), (SUB, 2 * SUB), (100, 3 * SUB + 7),
+           (0, CHUNK), (CHUNK - 4096, CHUNK), (5000, 5001), (SUB * 3 + 5, CHUNK)]
+
+
+@pytest.mark.parametrize("length", [1, 5000, SUB, SUB + 1, 3 * SUB + 100, CHUNK])
+def test_read_range_equals_slice_of_chunk(cache, length):
+    e = cache.new_entry()
+    data = os.urandom(length)
+    e.write_chunk(2, data)
+    from_memory = [e.read_range(2, lo, hi) for lo, hi in WINDOWS]   # still pending, maybe
+    e.sync()
+    assert not e.pending
+    for (lo, hi), mem in zip(WINDOWS, from_memory):
+        assert e.read_range(2, lo, hi) == data[lo:hi] == mem, (lo, hi)
+    assert e.read_chunk(2) == data
+    assert e.read_range(3, 0, 4096) is None
+
+
+def test_slot_is_sealed_in_sub_blocks(cache, keys):
+    """The slot's bytes: header with a write id, then one nonce|ciphertext|tag per 32 KiB of
+    plaintext, each bound to its chunk, length, number and write."""
+    e = cache.new_entry()
+    length = 3 * SUB + 100
+    data = os.urandom(length)
+    e.write_chunk(0, data)
+    e.sync()
+    with open(e.data_path, "rb") as f:
+        raw = f.read()
+    assert len(raw) == SUBS_AT + 3 * SUB_SEALED + 100 + 28
+    assert HEADER.unpack_from(raw) == (MAGIC, length)
+    wid = raw[HEADER.size:SUBS_AT]
+    sealer = keys.sealers(0)[keys.fp(0)]
+    sub1 = raw[SUBS_AT + SUB_SEALED:SUBS_AT + 2 * SUB_SEALED]
+    assert sealer.open(sub1, sub_aad(e.bid, 0, length, 1, wid)) == data[SUB:2 * SUB]
+    for aad in (sub_aad(e.bid, 0, length, 2, wid), sub_aad(e.bid, 1, length, 1, wid),
+                sub_aad(e.bid, 0, length + 1, 1, wid), sub_aad(e.bid, 0, length, 1, bytes(8))):
+        with pytest.raises(IntegrityError):
+            sealer.open(sub1, aad)
+
+
+def corrupt(path: str, pos: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_corrupt_sub_block_fails_only_the_reads_that_need_it(cache):
+    e = cache.new_entry()
+    data = os.urandom(CHUNK)
+    e.write_chunk(1, data)
+    e.sync()
+    corrupt(e.data_path, slot_offset(1) + SUBS_AT + 2 * SUB_SEALED + 500)   # sub-block 2
+    assert e.read_range(1, 0, 4096) == data[:4096]              # sub-block 0: intact
+    assert e.read_range(1, 3 * SUB, CHUNK) == data[3 * SUB:]    # sub-block 3: intact
+    for lo, hi in [(2 * SUB, 2 * SUB + 4096), (SUB, 3 * SUB), (0, CHUNK)]:
+        with pytest.raises(IntegrityError):
+            e.read_range(1, lo, hi)
+    with pytest.raises(IntegrityError):
+        e.read_chunk(1)
+
+
+def test_swapped_sub_blocks_fail(cache):
+    e = cache.new_entry()
+    e.write_chunk(0, os.urandom(CHUNK))
+    e.sync()
+    with open(e.data_path, "r+b") as f:
+        f.seek(SUBS_AT)
+        a = f.read(SUB_SEALED)
+        b = f.read(SUB_SEALED)
+        f.seek(SUBS_AT)
+        f.write(b + a)
+    with pytest.raises(IntegrityError):
+        e.read_range(0, 0, 100)
+    with pytest.raises(IntegrityError):
+        e.read_range(0, SUB, SUB + 100)
+    with pytest.raises(IntegrityError):
+        e.read_chunk(0)
+
+
+def test_slot_torn_between_two_writes_fails(cache):
+    """A crash in the middle of rewriting a chunk can leave sub-blocks of the old write next
+    to the new header and sub-blocks: each is authentic alone, the mix must not be."""
+    e = cache.new_entry()
+    old_data, new_data = os.urandom(CHUNK), os.urandom(CHUNK)
+    e.write_chunk(0, old_data)
+    e.sync()
+    with open(e.data_path, "rb") as f:
+        old_slot = f.read(SLOT)
+    e.write_chunk(0, new_data)
+    e.sync()
+    assert e.read_chunk(0) == new_data
+    with open(e.data_path, "r+b") as f:
+        f.seek(SUBS_AT + 2 * SUB_SEALED)
+        f.write(old_slot[SUBS_AT + 2 * SUB_SEALED:])     # the old write's last two sub-blocks
+    assert e.read_range(0, 0, 2 * SUB) == new_data[:2 * SUB]
+    with pytest.raises(IntegrityError):
+        e.read_range(0, 2 * SUB, 2 * SUB + 4096)
+    with pytest.raises(IntegrityError):
+        e.read_chunk(0)
+    with open(e.data_path, "r+b") as f:
+        f.write(old_slot[:SUBS_AT])                      # and now the old header: its first
+    with pytest.raises(IntegrityError):                  # two sub-blocks are the new write's
+        e.read_range(0, 0, 4096)
+    assert e.read_range(0, 3 * SUB, CHUNK) == old_data[3 * SUB:]   # wholly old: authentic
+
+
+def test_slot_cut_short_fails(cache):
+    e = cache.new_entry()
+    e.write_chunk(0, os.urandom(CHUNK))
+    e.sync()
+    os.truncate(e.data_path, SUBS_AT + 3 * SUB_SEALED + 1000)
+    assert len(e.read_range(0, 0, SUB)) == SUB
+    with pytest.raises(IntegrityError):
+        e.read_range(0, CHUNK - 10, CHUNK)
+    with pytest.raises(IntegrityError):
+        e.read_chunk(0)
+
+
+def write_format1_cache(cache_dir, keys, chunks: dict[int, bytes]) -> str:
+    """A cache directory as ssecfs before format 2 left it: VERSION 1, one dirty entry whose
+    slots hold each chunk sealed as one blob. Returns the entry id."""
+    c = make_cache(cache_dir, keys)
+    e = c.new_entry()
+    e.save_state({"dirty": True, "path": "/old", "size": 0})
+    e.close_fd()
+    c.close()
+    sealer = keys.sealers(0)[keys.fp(0)]
+    with open(e.data_path, "wb") as f:
+        for i, data in chunks.items():
+            f.seek(i * SLOT)
+            f.write(HEADER.pack(MAGIC_V1, len(data)))
+            f.write(b"".join(sealer.seal_parts(data, chunk_aad(e.bid, i, len(data)))))
+    with open(os.path.join(cache_dir, "VERSION"), "w") as f:
+        f.write("ssecfs-cache 1\n")
+    return e.id
+
+
+def test_format1_slots_stay_readable(cache_dir, keys):
+    chunks = {0: os.urandom(CHUNK), 3: os.urandom(5000)}
+    entry_id = write_format1_cache(cache_dir, keys, chunks)
+    c = make_cache(cache_dir, keys)
+    try:
+        with open(os.path.join(cache_dir, "VERSION")) as f:
+            assert f.read() == VERSION_TEXT          # older versions now refuse the directory
+        dirty, bad = c.recover()
+        assert bad == [] and [x.id for x, _ in dirty] == [entry_id]
+        e = dirty[0][0]
+        assert e.present == {0: CHUNK, 3: 5000}
+        assert e.read_chunk(0) == chunks[0] and e.read_chunk(3) == chunks[3]
+        for lo, hi in WINDOWS:
+            assert e.read_range(0, lo, hi) == chunks[0][lo:hi]
+            assert e.read_range(3, lo, hi) == chunks[3][lo:hi]
+        # rewritten: format 2 from then on
+        e.write_chunk(3, b"new")
+        e.sync()
+        assert e.read_range(3, 0, 10) == b"new" and e.read_range(0, 10, 20) == chunks[0][10:20]
+        with open(e.data_path, "rb") as f:
+            f.seek(3 * SLOT)
+            assert f.read(4) == MAGIC
+        e.close_fd()
+    finally:
+        c.close()
+
+
+def test_unknown_cache_version_refused(cache_dir, keys):
+    make_cache(cache_dir, keys).close()
+    with open(os.path.join(cache_dir, "VERSION"), "w") as f:
+        f.write("ssecfs-cache 3\n")
+    with pytest.raises(UserError, match="unknown cache format"):
+        make_cache(cache_dir, keys)
 
 
 def test_slot_moved_to_another_index_or_entry_fails(cache):
