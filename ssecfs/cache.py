@@ -115,6 +115,7 @@ class CacheEntry:
         self.bid = bytes.fromhex(entry_id)
         self.io_lock = threading.Lock()
         self.present: dict[int, int] = {}   # chunk index -> plaintext length
+        self.wids: dict[int, bytes] = {}    # chunk index -> write id of its format-2 slot
         self.dirty = False
         self.object_key: tuple | None = None  # (key, etag) while clean and indexed
         self._fd: int | None = None
@@ -167,7 +168,7 @@ class CacheEntry:
             else:
                 wid = bytes(body[:WRITE_ID_LEN])
                 data = open_subs(self.sealer, body[WRITE_ID_LEN:WRITE_ID_LEN + sealed_len(length)],
-                                 self.bid, index, length, wid, 0)
+                                 self.bid, index, length, wid, 0, -(-length // SUB))
         except IntegrityError:
             self._report_corrupt(index)
             raise
@@ -184,22 +185,21 @@ class CacheEntry:
             data = self.pending.get(index)
             if data is not None:
                 return bytes(data[lo:hi])
-            fd = self._fdl()
-            hdr = os.pread(fd, SUBS_AT, index * SLOT)
-            magic, length = HEADER.unpack_from(hdr) if len(hdr) == SUBS_AT else (b"", 0)
-            if magic == MAGIC and 0 < length <= CHUNK:
+            wid = self.wids.get(index)
+            if wid is not None:      # (the slot's header need not be read: length and write
+                length = self.present[index]     # id are known, and bound by every tag)
                 hi = min(hi, length)
                 if lo >= hi:
                     return b""
                 first, last = lo // SUB, (hi - 1) // SUB
                 size = sealed_len(min(length, (last + 1) * SUB)) - first * SUB_SEALED
-                raw = os.pread(fd, size, index * SLOT + SUBS_AT + first * SUB_SEALED)
-        if magic != MAGIC or not 0 < length <= CHUNK:
-            data = self.read_chunk(index)        # format 1, or a bad header (reported there)
+                raw = os.pread(self._fdl(), size, index * SLOT + SUBS_AT + first * SUB_SEALED)
+        if wid is None:
+            data = self.read_chunk(index)        # format 1 (or a bad header: reported there)
             return None if data is None else data[lo:hi]
         try:
-            data = open_subs(self.sealer, raw, self.bid, index, length,
-                             hdr[HEADER.size:SUBS_AT], first)
+            data = open_subs(self.sealer, raw, self.bid, index, length, wid, first,
+                             last - first + 1)
         except IntegrityError:
             self._report_corrupt(index)
             raise
@@ -263,6 +263,7 @@ class CacheEntry:
                 self._drained.notify_all()
                 return
             del self.pending[index]
+            self.wids[index] = wid
             if not self.pending:
                 self._drained.notify_all()
             self._unsynced += SLOT
@@ -295,6 +296,8 @@ class CacheEntry:
         with self.io_lock:
             gone = [i for i in self.present if i >= first]
             freed = sum(_cost(self.present.pop(i)) for i in gone)
+            for i in gone:
+                self.wids.pop(i, None)
             for i in gone:
                 self.pending.pop(i, None)
             if not self.pending:
@@ -337,6 +340,7 @@ class CacheEntry:
             length = self.present.pop(index, None)
             if length is None:
                 return 0
+            self.wids.pop(index, None)
             if self.pending.pop(index, None) is not None:
                 if not self.pending:
                     self._drained.notify_all()
@@ -407,11 +411,13 @@ class CacheEntry:
             except OSError:
                 return
             for i in range((size + SLOT - 1) // SLOT):
-                hdr = os.pread(self._fd, HEADER.size, i * SLOT)
-                if len(hdr) == HEADER.size:
-                    magic, length = HEADER.unpack(hdr)
+                hdr = os.pread(self._fd, SUBS_AT, i * SLOT)
+                if len(hdr) >= HEADER.size:
+                    magic, length = HEADER.unpack_from(hdr)
                     if magic in (MAGIC, MAGIC_V1) and 0 < length <= CHUNK:
                         self.present[i] = length
+                        if magic == MAGIC and len(hdr) == SUBS_AT:
+                            self.wids[i] = hdr[HEADER.size:]
 
 
 class Cache:
@@ -620,6 +626,7 @@ class Cache:
         with e.io_lock:
             e.pending.clear()
             e.present.clear()
+            e.wids.clear()
             e.discarded = True
             e._drained.notify_all()
         e.close_fd()
@@ -646,10 +653,12 @@ class Cache:
             self._lock.notify_all()
 
     def _touch(self, e: CacheEntry, index: int) -> None:
-        with self._lock:
-            k = (e.id, index)
-            if k in self._lru:
-                self._lru.move_to_end(k)
+        # without the lock: move_to_end is one call into C, atomic under the GIL; a key the
+        # evictor took meanwhile is simply gone (every read of a cached chunk comes here)
+        try:
+            self._lru.move_to_end((e.id, index))
+        except KeyError:
+            pass
 
     def _evict_if_needed(self) -> None:
         while True:

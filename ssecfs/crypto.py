@@ -87,21 +87,23 @@ def seal_chunk(sealer: "Sealer", plaintext, file_id: bytes, index: int,
 
 
 def open_subs(sealer: "Sealer", blob, file_id: bytes, index: int, length: int,
-              write_id: bytes, first: int) -> bytes:
-    """Plaintext of the consecutive sub-blocks in `blob`, the first being number `first`, of a
-    chunk of `length` bytes. IntegrityError if any fails authentication or is cut short."""
+              write_id: bytes, first: int, count: int) -> bytes:
+    """Plaintext of the `count` consecutive sub-blocks in `blob`, the first being number
+    `first`, of a chunk of `length` bytes. IntegrityError if any fails authentication, or if
+    `blob` is not exactly their size (a slot cut short must not read as a shorter chunk)."""
     view = memoryview(blob)
+    end = min(length, (first + count) * SUB)
+    if count < 1 or first * SUB >= end or len(view) != sealed_len(end) - first * SUB_SEALED:
+        raise IntegrityError("sealed sub-blocks cut short")
+    if count == 1:                  # a random 4 KiB read: one sub-block
+        return sealer.open(view, sub_aad(file_id, index, length, first, write_id))
     out = []
-    sub, pos = first, 0
-    while pos < len(view):
-        plain = min(SUB, length - sub * SUB)
-        if plain <= 0 or pos + plain + OVERHEAD > len(view):
-            raise IntegrityError("sealed sub-block cut short")
-        out.append(sealer.open(view[pos:pos + plain + OVERHEAD],
-                               sub_aad(file_id, index, length, sub, write_id)))
-        pos += plain + OVERHEAD
-        sub += 1
-    return out[0] if len(out) == 1 else b"".join(out)
+    pos = 0
+    for sub in range(first, first + count):
+        n = min(SUB, length - sub * SUB) + OVERHEAD
+        out.append(sealer.open(view[pos:pos + n], sub_aad(file_id, index, length, sub, write_id)))
+        pos += n
+    return b"".join(out)
 
 
 def record_aad(kind: bytes, file_id: bytes) -> bytes:

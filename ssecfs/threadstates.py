@@ -14,8 +14,8 @@ to zero and the thread keeps its state (and its threading.local values) between 
 
 libfuse ends worker threads beyond 10 idle ones. The state of an exited thread is unreachable
 but still allocated, so each new pin first deletes the states of pinned threads whose task
-is gone from /proc/self/task. Without /proc (or off CPython) nothing is pinned: the callbacks
-then work as before, only slower.
+is gone from /proc/self/task. Without /proc, or on another Python than CPython 3.11, nothing
+is pinned: the callbacks then work as before, only slower.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import ctypes
 import logging
 import os
 import platform
+import sys
 import threading
 
 log = logging.getLogger("ssecfs.fuse")
@@ -44,7 +45,10 @@ class ThreadStatePins:
         self._lock = threading.Lock()
         self._pinned: dict[int, int] = {}     # thread state address -> native thread id
         self.reaped = 0
-        self.enabled = (platform.python_implementation() == "CPython" and _active is not None
+        # CPython 3.11 only, the version this is built and tested on: the deletion of an
+        # exited thread's state relies on its thread-state API (3.12 aborts in it)
+        self.enabled = (platform.python_implementation() == "CPython"
+                        and sys.version_info[:2] == (3, 11) and _active is not None
                         and _Dummy is not None
                         and _task_alive(threading.get_native_id()))
         if self.enabled:
