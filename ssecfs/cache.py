@@ -5,11 +5,15 @@ Layout (format version 2, see docs/CACHE.md):
         VERSION                     "ssecfs-cache 2"
         entries/ID.data             chunk slots; slot i at offset i * SLOT
         entries/ID.meta             sealed journal record (JSON) of the entry's state
-A slot is   magic "SSC2" | u32 plaintext length | write id (8 random bytes) | sub-block 0 | ...
+A slot holds its chunk in one of two forms:
+  "SSC1" | u32 plaintext length | nonce | AES-GCM(chunk) | tag            (whole)
+  "SSC2" | u32 plaintext length | write id (8 random bytes) | sub-block 0 | sub-block 1 | ...
 where sub-block j = nonce | AES-GCM(plaintext[j*SUB:(j+1)*SUB]) | tag, sealed with associated
-data (format, entry id, chunk index, chunk length, j, write id): a read decrypts only the
-sub-blocks it needs, and a slot torn between two writes of the chunk fails authentication. Slots of format 1 ("SSC1": the whole chunk as one sealed blob) are still read, so a
-cache written by an older version (dirty data included) keeps working.
+data (format, entry id, chunk index, chunk length, j, write id). Chunks are sealed whole (one
+AES-GCM call: written and sequentially fetched data); a clean chunk that is read at random
+is sealed again in sub-blocks in the background, so that the next small reads of it decrypt
+32 KiB, not 128. A slot torn between two writes of the chunk fails authentication either way.
+Caches of format 1 (whole slots only) open as they are.
 An all-zero slot header means "absent" (never written, or evicted by punching a hole).
 
 Invariants
@@ -48,8 +52,8 @@ log = logging.getLogger("ssecfs.cache")
 
 CHUNK = 128 * 1024
 HEADER = struct.Struct(">4sI")
-MAGIC = b"SSC2"                 # chunk sealed in sub-blocks (written)
-MAGIC_V1 = b"SSC1"              # chunk sealed as one blob (read only)
+MAGIC = b"SSC2"                 # chunk sealed in sub-blocks (chunks read at random)
+MAGIC_V1 = b"SSC1"              # chunk sealed as one blob (written and streamed chunks)
 SUBS_AT = HEADER.size + WRITE_ID_LEN                  # where a format-2 slot's sub-blocks start
 SLOT = (SUBS_AT + sealed_len(CHUNK) + 4095) // 4096 * 4096   # block aligned, so an evicted
 assert SLOT == 135168           # slot frees its blocks; format 1 used the same SLOT
@@ -115,7 +119,9 @@ class CacheEntry:
         self.bid = bytes.fromhex(entry_id)
         self.io_lock = threading.Lock()
         self.present: dict[int, int] = {}   # chunk index -> plaintext length
-        self.wids: dict[int, bytes] = {}    # chunk index -> write id of its format-2 slot
+        self.wids: dict[int, bytes] = {}    # chunk index -> write id of its SSC2 slot
+        self.writes = 0                     # write_chunk calls so far (re-split guard)
+        self._split: set[int] = set()       # pending chunks to seal in sub-blocks
         self.dirty = False
         self.object_key: tuple | None = None  # (key, etag) while clean and indexed
         self._fd: int | None = None
@@ -175,11 +181,14 @@ class CacheEntry:
         self.cache._touch(self, index)
         return data
 
-    def read_range(self, index: int, lo: int, hi: int) -> bytes | None:
+    def read_range(self, index: int, lo: int, hi: int, random: bool = False) -> bytes | None:
         """Plaintext bytes [lo, hi) of chunk `index` (shorter if the chunk is: zeros follow),
-        or None if absent. Decrypts only the sub-blocks that hold them: a 4 KiB read costs a
-        32 KiB pread and decryption, not 128 KiB. IntegrityError if tampered/torn."""
+        or None if absent. From a slot sealed in sub-blocks, decrypts only those that hold
+        them: a 4 KiB read costs a 32 KiB pread and decryption, not 128 KiB. random=True (a
+        read that is not part of a sequential stream) of a whole-sealed chunk of a clean entry
+        has it sealed again in sub-blocks. IntegrityError if tampered/torn."""
         with self.io_lock:
+            writes_seen = self.writes
             if index not in self.present:
                 return None
             data = self.pending.get(index)
@@ -195,8 +204,12 @@ class CacheEntry:
                 size = sealed_len(min(length, (last + 1) * SUB)) - first * SUB_SEALED
                 raw = os.pread(self._fdl(), size, index * SLOT + SUBS_AT + first * SUB_SEALED)
         if wid is None:
-            data = self.read_chunk(index)        # format 1 (or a bad header: reported there)
-            return None if data is None else data[lo:hi]
+            data = self.read_chunk(index)        # sealed whole (or a bad header: reported)
+            if data is None:
+                return None
+            if random:
+                self._resplit(index, data, writes_seen)
+            return data[lo:hi]
         try:
             data = open_subs(self.sealer, raw, self.bid, index, length, wid, first,
                              last - first + 1)
@@ -206,6 +219,26 @@ class CacheEntry:
         self.cache._touch(self, index)
         base = first * SUB
         return data[lo - base:hi - base]
+
+    def _resplit(self, index: int, data: bytes, writes_seen: int) -> None:
+        """Queue the re-sealing in sub-blocks of a whole-sealed chunk just read at random
+        (same bytes; skipped if any write came in meanwhile, the entry is dirty, or the
+        sealers are busy: never makes the reader wait)."""
+        if not self.cache._pending_slots.acquire(blocking=False):
+            return
+        queue = False
+        with self.io_lock:
+            if (self.writes == writes_seen and not self.dirty and not self.discarded
+                    and self.present.get(index) == len(data) and index not in self.pending):
+                self.pending[index] = data
+                self._split.add(index)
+                queue = index not in self._queued
+                if queue:
+                    self._queued.add(index)
+        if queue:
+            self.cache._submit_seal(self, index, acquired=True)
+        else:
+            self.cache._pending_slots.release()
 
     def _report_corrupt(self, index: int) -> None:
         log.error("cache entry %s chunk %d failed authentication (corrupt or torn); "
@@ -227,6 +260,8 @@ class CacheEntry:
             old = self.present.get(index)
             self.present[index] = length
             self.pending[index] = data
+            self.writes += 1
+            self._split.discard(index)
             queue = index not in self._queued
             if queue:
                 self._queued.add(index)
@@ -243,14 +278,27 @@ class CacheEntry:
         with self.io_lock:
             data = self.pending.get(index)
             self._queued.discard(index)
+            split = index in self._split
         if data is None:
             return
         length = len(data)
-        wid = os.urandom(WRITE_ID_LEN)
-        slot = [HEADER.pack(MAGIC, length), wid,
-                *seal_chunk(self.sealer, data, self.bid, index, wid)]
+        if split:
+            wid = os.urandom(WRITE_ID_LEN)
+            slot = [HEADER.pack(MAGIC, length), wid,
+                    *seal_chunk(self.sealer, data, self.bid, index, wid)]
+        else:
+            slot = [HEADER.pack(MAGIC_V1, length),
+                    *self.sealer.seal_parts(data, chunk_aad(self.bid, index, length))]
         with self.io_lock:
             if self.pending.get(index) is not data:
+                return
+            if split and (self.dirty or index not in self._split):
+                # the entry became dirty since: its slot is not rewritten (a slot torn by a
+                # crash must never cost dirty data); the one on disk holds the same bytes
+                del self.pending[index]
+                self._split.discard(index)
+                if not self.pending:
+                    self._drained.notify_all()
                 return
             try:
                 if os.pwritev(self._fdl(), slot, index * SLOT) != sum(map(len, slot)):
@@ -263,7 +311,11 @@ class CacheEntry:
                 self._drained.notify_all()
                 return
             del self.pending[index]
-            self.wids[index] = wid
+            self._split.discard(index)
+            if split:
+                self.wids[index] = wid
+            else:
+                self.wids.pop(index, None)
             if not self.pending:
                 self._drained.notify_all()
             self._unsynced += SLOT
@@ -300,6 +352,7 @@ class CacheEntry:
                 self.wids.pop(i, None)
             for i in gone:
                 self.pending.pop(i, None)
+                self._split.discard(i)
             if not self.pending:
                 self._drained.notify_all()
             if self._fd is not None or os.path.exists(self.data_path):
@@ -341,6 +394,7 @@ class CacheEntry:
             if length is None:
                 return 0
             self.wids.pop(index, None)
+            self._split.discard(index)
             if self.pending.pop(index, None) is not None:
                 if not self.pending:
                     self._drained.notify_all()
@@ -495,8 +549,9 @@ class Cache:
             return
         os.fsync(fd)
 
-    def _submit_seal(self, e: CacheEntry, index: int) -> None:
-        self._pending_slots.acquire()           # backpressure: bounded plaintext in memory
+    def _submit_seal(self, e: CacheEntry, index: int, acquired: bool = False) -> None:
+        if not acquired:
+            self._pending_slots.acquire()       # backpressure: bounded plaintext in memory
 
         def job():
             try:
@@ -627,6 +682,7 @@ class Cache:
             e.pending.clear()
             e.present.clear()
             e.wids.clear()
+            e._split.clear()
             e.discarded = True
             e._drained.notify_all()
         e.close_fd()

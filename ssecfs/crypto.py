@@ -4,12 +4,12 @@ Format of a sealed blob:  nonce (12 bytes) || AES-256-GCM ciphertext || tag (16)
 The associated data binds the blob to what it is (format, kind, file id, index, length), so a
 blob moved to another file or position, or truncated, fails authentication.
 
-A cache chunk (up to 128 KiB) is sealed as consecutive sub-blocks of SUB bytes, each its own
-blob (format 2; format 1 sealed the chunk as one blob), so that a 4 KiB read decrypts 32 KiB,
-not 128. A sub-block's associated data names the chunk's length and the sub-block's number:
-sub-blocks cannot be swapped, moved or dropped; it also names a random id of the write that
-sealed the chunk (kept in the slot's header), so sub-blocks of two writes of the chunk (a slot
-torn by a crash in the middle of a rewrite) cannot be mixed either.
+A cache chunk (up to 128 KiB) is sealed as one blob, or (a chunk read at random, see
+cache.py) as consecutive sub-blocks of SUB bytes, each its own blob, so that a 4 KiB read
+decrypts 32 KiB, not 128. A sub-block's associated data names the chunk's length and the
+sub-block's number: sub-blocks cannot be swapped, moved or dropped; it also names a random id
+of the write that sealed the chunk (kept in the slot's header), so sub-blocks of two writes
+of the chunk (a slot torn by a crash in the middle of a rewrite) cannot be mixed either.
 """
 
 from __future__ import annotations

@@ -321,7 +321,8 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             if cached:
                 # outside st.lock: the decryption of one reader does not stall the others
                 # (the entry's own io_lock keeps the slot read whole)
-                data = entry.read_chunk(i) if whole else entry.read_range(i, lo, hi)
+                data = entry.read_chunk(i) if whole else \
+                    entry.read_range(i, lo, hi, random=not sequential)
                 if data is not None:
                     return data
             with st.lock:

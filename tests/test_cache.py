@@ -118,18 +118,23 @@ def test_flipped_byte_in_slot_fails(cache):
         e.read_chunk(3)
 
 
-def test_tampered_slot_header_fails(cache):
+@pytest.mark.parametrize("split", [False, True])
+def test_tampered_slot_header_fails(cache, split):
     e = cache.new_entry()
-    e.write_chunk(0, os.urandom(5000))
+    data = os.urandom(5000)
+    e.write_chunk(0, data)
     e.sync()
+    if split:
+        write_split(e, 0, data)
+    magic, other = (MAGIC, MAGIC_V1) if split else (MAGIC_V1, MAGIC)
     with open(e.data_path, "r+b") as f:
         f.seek(0)
-        f.write(HEADER.pack(MAGIC, 4999))            # claims one byte less
+        f.write(HEADER.pack(magic, 4999))            # claims one byte less
     with pytest.raises(IntegrityError):
         e.read_chunk(0)
     with open(e.data_path, "r+b") as f:
         f.seek(0)
-        f.write(HEADER.pack(MAGIC_V1, 5000))         # claims the other format
+        f.write(HEADER.pack(other, 5000))            # claims the other form
     with pytest.raises(IntegrityError):
         e.read_chunk(0)
     with open(e.data_path, "r+b") as f:
@@ -144,18 +149,92 @@ WINDOWS = [(0, 4096), (4096, 8192), (SUB - 1, SUB + 1), (SUB, 2 * SUB), (100, 3 
            (0, CHUNK), (CHUNK - 4096, CHUNK), (5000, 5001), (SUB * 3 + 5, CHUNK)]
 
 
+def slot_magic(e, index: int) -> bytes:
+    with open(e.data_path, "rb") as f:
+        f.seek(index * SLOT)
+        return f.read(4)
+
+
+def write_split(e, index: int, data: bytes) -> None:
+    """Store a chunk and have it sealed in sub-blocks: written chunks are sealed whole; a
+    random read of one of a clean entry has it sealed again in sub-blocks."""
+    e.write_chunk(index, data, dirty=False)
+    e.sync()
+    assert slot_magic(e, index) == MAGIC_V1
+    assert e.read_range(index, 0, 1, random=True) == data[:1]
+    e.drain()
+    assert slot_magic(e, index) == MAGIC and index in e.wids
+
+
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("length", [1, 5000, SUB, SUB + 1, 3 * SUB + 100, CHUNK])
-def test_read_range_equals_slice_of_chunk(cache, length):
+def test_read_range_equals_slice_of_chunk(cache, length, split):
     e = cache.new_entry()
     data = os.urandom(length)
     e.write_chunk(2, data)
     from_memory = [e.read_range(2, lo, hi) for lo, hi in WINDOWS]   # still pending, maybe
     e.sync()
+    if split:
+        write_split(e, 2, data)
     assert not e.pending
     for (lo, hi), mem in zip(WINDOWS, from_memory):
         assert e.read_range(2, lo, hi) == data[lo:hi] == mem, (lo, hi)
     assert e.read_chunk(2) == data
     assert e.read_range(3, 0, 4096) is None
+
+
+def test_written_chunks_are_sealed_whole_and_resealed_in_sub_blocks_when_read_at_random(
+        cache):
+    e = cache.new_entry()
+    data = [os.urandom(CHUNK) for _ in range(4)]
+    for i, d in enumerate(data):
+        e.write_chunk(i, d, dirty=False)
+    e.sync()
+    assert [slot_magic(e, i) for i in range(4)] == [MAGIC_V1] * 4
+    assert e.read_range(0, 100, 200) == data[0][100:200]          # part of a sequential read
+    assert e.read_range(1, 100, 200, random=True) == data[1][100:200]
+    e.drain()
+    assert [slot_magic(e, i) for i in range(2)] == [MAGIC_V1, MAGIC]
+    assert e.read_chunk(1) == data[1] and e.read_range(1, SUB, 3 * SUB) == data[1][SUB:3 * SUB]
+    # written again: sealed whole again
+    e.write_chunk(1, data[2], dirty=False)
+    e.sync()
+    assert slot_magic(e, 1) == MAGIC_V1 and 1 not in e.wids
+    assert e.read_range(1, 5, 50, random=True) == data[2][5:50]
+    e.drain()
+    assert slot_magic(e, 1) == MAGIC and e.read_chunk(1) == data[2]
+
+
+def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache):
+    """Re-sealing rewrites a slot: never for dirty data (a crash in the middle would cost
+    data that exists nowhere else), never with bytes a write has replaced meanwhile."""
+    e = cache.new_entry()
+    d0, d1 = os.urandom(CHUNK), os.urandom(CHUNK)
+    e.write_chunk(0, d0)
+    e.write_chunk(1, d1)
+    e.sync()
+    cache.set_dirty(e, True)
+    assert e.read_range(0, 0, 10, random=True) == d0[:10]
+    e.drain()
+    assert slot_magic(e, 0) == MAGIC_V1 and not e.wids
+    cache.set_dirty(e, False)
+    # a write between the read and the re-seal: the read's bytes are not written back
+    e._resplit(1, d1, e.writes - 1)
+    e.drain()
+    assert slot_magic(e, 1) == MAGIC_V1 and e.read_chunk(1) == d1
+    # queued, then the entry turns dirty before the sealer gets to it: dropped
+    real = cache._submit_seal
+    held = []
+    cache._submit_seal = lambda entry, index, acquired=False: held.append((entry, index))
+    try:
+        e._resplit(1, d1, e.writes)
+    finally:
+        cache._submit_seal = real
+    assert held == [(e, 1)] and 1 in e.pending
+    cache.set_dirty(e, True)
+    e._seal_one(1)
+    cache._pending_slots.release()
+    assert slot_magic(e, 1) == MAGIC_V1 and not e.pending and e.read_chunk(1) == d1
 
 
 def test_slot_is_sealed_in_sub_blocks(cache, keys):
@@ -164,8 +243,7 @@ def test_slot_is_sealed_in_sub_blocks(cache, keys):
     e = cache.new_entry()
     length = 3 * SUB + 100
     data = os.urandom(length)
-    e.write_chunk(0, data)
-    e.sync()
+    write_split(e, 0, data)
     with open(e.data_path, "rb") as f:
         raw = f.read()
     assert len(raw) == SUBS_AT + 3 * SUB_SEALED + 100 + 28
@@ -191,8 +269,7 @@ def corrupt(path: str, pos: int) -> None:
 def test_corrupt_sub_block_fails_only_the_reads_that_need_it(cache):
     e = cache.new_entry()
     data = os.urandom(CHUNK)
-    e.write_chunk(1, data)
-    e.sync()
+    write_split(e, 1, data)
     corrupt(e.data_path, slot_offset(1) + SUBS_AT + 2 * SUB_SEALED + 500)   # sub-block 2
     assert e.read_range(1, 0, 4096) == data[:4096]              # sub-block 0: intact
     assert e.read_range(1, 3 * SUB, CHUNK) == data[3 * SUB:]    # sub-block 3: intact
@@ -205,8 +282,7 @@ def test_corrupt_sub_block_fails_only_the_reads_that_need_it(cache):
 
 def test_swapped_sub_blocks_fail(cache):
     e = cache.new_entry()
-    e.write_chunk(0, os.urandom(CHUNK))
-    e.sync()
+    write_split(e, 0, os.urandom(CHUNK))
     with open(e.data_path, "r+b") as f:
         f.seek(SUBS_AT)
         a = f.read(SUB_SEALED)
@@ -226,12 +302,10 @@ def test_slot_torn_between_two_writes_fails(cache):
     to the new header and sub-blocks: each is authentic alone, the mix must not be."""
     e = cache.new_entry()
     old_data, new_data = os.urandom(CHUNK), os.urandom(CHUNK)
-    e.write_chunk(0, old_data)
-    e.sync()
+    write_split(e, 0, old_data)
     with open(e.data_path, "rb") as f:
         old_slot = f.read(SLOT)
-    e.write_chunk(0, new_data)
-    e.sync()
+    write_split(e, 0, new_data)
     assert e.read_chunk(0) == new_data
     with open(e.data_path, "r+b") as f:
         f.seek(SUBS_AT + 2 * SUB_SEALED)
@@ -265,8 +339,7 @@ def rescan(e) -> None:
 
 def test_slot_cut_short_fails(cache):
     e = cache.new_entry()
-    e.write_chunk(0, os.urandom(CHUNK))
-    e.sync()
+    write_split(e, 0, os.urandom(CHUNK))
     os.truncate(e.data_path, SUBS_AT + 3 * SUB_SEALED + 1000)
     assert len(e.read_range(0, 0, SUB)) == SUB
     with pytest.raises(IntegrityError):
@@ -281,8 +354,7 @@ def test_slot_cut_at_a_sub_block_boundary_fails(cache, subs_left):
     never read as a shorter chunk (which a read would pad with zeros)."""
     e = cache.new_entry()
     data = os.urandom(CHUNK)
-    e.write_chunk(0, data)
-    e.sync()
+    write_split(e, 0, data)
     os.truncate(e.data_path, SUBS_AT + subs_left * SUB_SEALED)
     for lo, hi in [(subs_left * SUB, subs_left * SUB + 1), (0, CHUNK),
                    (max(0, subs_left - 1) * SUB, CHUNK)]:
@@ -332,9 +404,7 @@ def test_format1_slots_stay_readable(cache_dir, keys):
         e.write_chunk(3, b"new")
         e.sync()
         assert e.read_range(3, 0, 10) == b"new" and e.read_range(0, 10, 20) == chunks[0][10:20]
-        with open(e.data_path, "rb") as f:
-            f.seek(3 * SLOT)
-            assert f.read(4) == MAGIC
+        assert slot_magic(e, 3) == MAGIC_V1       # written chunks are sealed whole
         e.close_fd()
     finally:
         c.close()
