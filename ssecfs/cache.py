@@ -54,7 +54,7 @@ CHUNK = 128 * 1024
 HEADER = struct.Struct(">4sI")
 MAGIC = b"SSC2"                 # chunk sealed in sub-blocks (chunks read at random)
 MAGIC_V1 = b"SSC1"              # chunk sealed as one blob (written and streamed chunks)
-SUBS_AT = HEADER.size + WRITE_ID_LEN                  # where a format-2 slot's sub-blocks start
+SUBS_AT = HEADER.size + WRITE_ID_LEN                  # where an SSC2 slot's sub-blocks start
 SLOT = (SUBS_AT + sealed_len(CHUNK) + 4095) // 4096 * 4096   # block aligned, so an evicted
 assert SLOT == 135168           # slot frees its blocks; format 1 used the same SLOT
 

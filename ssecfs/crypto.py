@@ -56,7 +56,7 @@ class Sealer:
 
 
 def chunk_aad(file_id: bytes, index: int, length: int) -> bytes:
-    """Format 1: a whole chunk as one blob (read only; caches written before format 2)."""
+    """A whole chunk sealed as one blob (a slot "SSC1")."""
     return b"ssecfs-chunk" + struct.pack(">B16sQI", FORMAT_VERSION, file_id, index, length)
 
 
@@ -64,8 +64,8 @@ WRITE_ID_LEN = 8
 
 
 def sub_aad(file_id: bytes, index: int, length: int, sub: int, write_id: bytes) -> bytes:
-    """Format 2: sub-block `sub` of chunk `index`, which holds `length` plaintext bytes, as
-    sealed by the write `write_id`."""
+    """Sub-block `sub` of chunk `index` (a slot "SSC2"), which holds `length` plaintext
+    bytes, as sealed by the write `write_id`."""
     return b"ssecfs-chunk" + struct.pack(">B16sQIH8s", 2, file_id, index, length, sub, write_id)
 
 
