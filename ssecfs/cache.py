@@ -350,7 +350,6 @@ class CacheEntry:
             freed = sum(_cost(self.present.pop(i)) for i in gone)
             for i in gone:
                 self.wids.pop(i, None)
-            for i in gone:
                 self.pending.pop(i, None)
                 self._split.discard(i)
             if not self.pending:

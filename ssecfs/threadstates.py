@@ -94,7 +94,6 @@ class ThreadStatePins:
             self._reap_locked()
 
     def _reap_locked(self) -> None:
-        """Delete the states of pinned threads that have exited (caller holds the GIL)."""
         for state, tid in list(self._pinned.items()):
             if _task_alive(tid):
                 continue
