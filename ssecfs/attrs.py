@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 from cachetools import LRUCache, TTLCache
 
+from .dirindex import INDEX_NAME, DirIndexes
 from .errors import KeyMismatch, NotFound, PermissionDenied
 from .store import ObjectInfo
 
@@ -118,6 +119,10 @@ class AttrOps:
         self._starts: TTLCache = TTLCache(maxsize=STARTS_MAX, ttl=max(config.attr_timeout, 0.001),
                                           getsizeof=lambda v: len(v[1]) + 64)
         self._head_pool = ThreadPoolExecutor(max_workers=HEAD_WORKERS, thread_name_prefix="head")
+        # Per-directory attribute indexes (dirindex.py): a cold `ls -l` without a HEAD per file.
+        self._use_index = config.dir_index
+        self.dirindex = DirIndexes(self.store, self._attr_of_info, self._head_pool,
+                                   writable=config.dir_index and not config.read_only)
 
     def _default_meta(self, mode: int) -> dict:
         t = _now()
@@ -153,17 +158,55 @@ class AttrOps:
                     uid=m["uid"], gid=m["gid"])
 
     def _invalidate(self, *paths: str) -> None:
+        """A change of ours to paths: void what the caches say of them, and have the
+        indexes of their directories written again."""
         with self._attr_lock:
             self._seq += 1
             for p in paths:
                 self._attrs.pop(p, None)
                 self._infos.pop(p, None)
                 self._starts.pop(p, None)
+        if self._use_index:
+            for p in paths:
+                if p != "/":
+                    self.dirindex.changed(self._dkey_name(self.key_of(p))[0])
+
+    @staticmethod
+    def _dkey_name(key: str) -> tuple[str, str]:
+        """An object key as (its directory's key, its name)."""
+        i = key.rfind("/")
+        return key[:i + 1], key[i + 1:]
+
+    def _observe(self, key: str, info: ObjectInfo) -> None:
+        """One answer of the server about key: material for its directory's index."""
+        if self._use_index:
+            self.dirindex.observe(*self._dkey_name(key), info)
+
+    def _seed_from_index(self, idx: dict, batch: list, seq0: int) -> list:
+        """Attributes of listed files from their directory's index (entries matching the
+        listing: dirindex.Entry.matches). Returns the items left for the HEAD prefetch."""
+        rest, seeds = [], []
+        for item in batch:
+            path, key, o = item
+            e = idx.get(self._dkey_name(key)[1])
+            if e is not None and e.matches(o):
+                seeds.append((path, Attr(e.mode, e.size, e.mtime, e.ctime, e.uid, e.gid)))
+            else:
+                rest.append(item)
+        with self._attr_lock:
+            if self._seq != seq0:
+                return batch       # a change of ours while listing: trust HEADs, not this
+            for path, a in seeds:
+                if not self._attrs.get(path, False):
+                    self._attrs[path] = a
+        return rest
 
     def getattr(self, path: str) -> Attr:
         if path == "/":
             return Attr(mode=stat.S_IFDIR | 0o755, size=0, mtime=self.mount_time,
                         ctime=self.mount_time, uid=self.uid, gid=self.gid, nlink=2)
+        if path.endswith("/" + INDEX_NAME):
+            raise NotFound(path)             # reserved for the directory index (hidden)
         st = self._state(path)
         if st is not None:
             with st.lock:
@@ -301,6 +344,7 @@ class AttrOps:
         try:
             info = self.store.head(key)
             self._cache_attr(path, self._attr_of_info(info), seq0, info)
+            self._observe(key, info)
         except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
             pass
         finally:
@@ -311,6 +355,7 @@ class AttrOps:
         key = self.key_of(path)
         try:
             info = self._head_keep_start(path, key)
+            self._observe(key, info)
             with self._attr_lock:
                 if self._seq == seq0:
                     self._infos[path] = info

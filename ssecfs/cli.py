@@ -29,7 +29,7 @@ O_VALUE = {"keyfile", "endpoint_url", "region", "profile", "ca_bundle", "cache_d
            "cache_size", "log_level", "log_file", "writeback_delay", "upload_workers",
            "attr_timeout", "fsync_timeout", "flush_timeout", "uid", "gid"}
 O_FLAG = {"ro": "read_only", "read_only": "read_only", "allow_other": "allow_other",
-          "foreground": "foreground", "force": "force"}
+          "foreground": "foreground", "force": "force", "no_dir_index": "no_dir_index"}
 # Options mount(8)/mount.fuse add or that only matter to mount(8): accepted and ignored.
 O_IGNORED = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
              "_netdev", "nofail", "user", "nouser", "users", "defaults", "atime", "noatime",
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     m.add_argument("--force", action="store_true",
                    help="mount even if no key of the ring opens any sampled object")
+    m.add_argument("--no-dir-index", action="store_true",
+                   help="neither read nor write the per-directory attribute indexes "
+                   "(DIR/.ssecfs-index objects that spare `ls -l` a HEAD per file)")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="options in mount(8) style (keyfile=..., endpoint_url=..., ro, ...)")
     m.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR",
@@ -176,6 +179,7 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
                   writeback_delay=num(args.writeback_delay, 2.0),
                   upload_workers=num(args.upload_workers, 8, int),
                   fsync_timeout=num(args.fsync_timeout, 0.0),
+                  dir_index=not getattr(args, "no_dir_index", False),
                   uid=num(getattr(args, "uid", None), None, int),
                   gid=num(getattr(args, "gid", None), None, int))
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(store, prefix))
@@ -219,7 +223,7 @@ def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
         if val:
             argv += [flag, val]
     for flag, on in (("--read-only", cfg.fs.read_only), ("--allow-other", cfg.allow_other),
-                     ("--force", cfg.force)):
+                     ("--force", cfg.force), ("--no-dir-index", not cfg.fs.dir_index)):
         if on:
             argv.append(flag)
     if cfg.fuse_options:

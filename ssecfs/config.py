@@ -31,6 +31,7 @@ class FsConfig:
     writeback_delay: float = 2.0
     upload_workers: int = 8
     fsync_timeout: float = 0.0       # 0: wait until durable, however long
+    dir_index: bool = True           # read and write per-directory attribute indexes
     uid: int | None = None
     gid: int | None = None
 

@@ -29,6 +29,7 @@ log = logging.getLogger("ssecfs")
 EXIT_MOUNTPOINT = 7
 EXIT_WRONG_KEY = 8
 FUSE_MAX_WRITE = 131072
+INDEX_FLUSH_TIMEOUT = 30          # unmount: seconds to wait for directory indexes
 
 
 # ---------------------------------------------------------------------------- logging
@@ -336,6 +337,9 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         if not ok:
             log.error("unmount: %d file(s) not uploaded before the timeout; they stay in the "
                       "cache (%s) and upload at the next mount", len(fs.dirty_files()), cfg.cache_dir)
+        elif not fs.dirindex.flush(timeout=INDEX_FLUSH_TIMEOUT):
+            log.warning("unmount: directory indexes not all written within %ds (only `ls -l` "
+                        "speed depends on them)", INDEX_FLUSH_TIMEOUT)
 
     from .fuse_adapter import FuseAdapter
     opts = dict(foreground=True, nothreads=False, big_writes=True, max_write=FUSE_MAX_WRITE,

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from .attrs import AttrOps, _now
 from .cache import CHUNK, Cache, CacheEntry
 from .config import FsConfig
-from .errors import (IsADirectory, KeyMismatch, NameTooLong, NotFound,
+from .dirindex import INDEX_NAME
+from .errors import (InvalidName, IsADirectory, KeyMismatch, NameTooLong, NotFound,
                      ReadOnly, Stale, TimedOut)
 from .namespace import NamespaceOps
 from .store import LOCKED, PLAINTEXT, Store
@@ -137,6 +138,8 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         for comp in rel.split("/"):
             if len(comp.encode("utf-8", "surrogateescape")) > NAME_MAX:
                 raise NameTooLong(path)
+            if comp == INDEX_NAME:
+                raise InvalidName(f"{path}: the name {INDEX_NAME} is reserved (directory index)")
         key = self.prefix + rel
         if len(key.encode("utf-8", "surrogateescape")) > KEY_MAX:
             raise NameTooLong(path)
@@ -713,6 +716,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
 
     def shutdown(self) -> None:
         self.wb.stop()
+        self.dirindex.stop()
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._head_pool.shutdown(wait=False, cancel_futures=True)
         self._copy_pool.shutdown(wait=False, cancel_futures=True)

@@ -12,6 +12,7 @@ from dataclasses import replace
 from .errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
                      NotFound, NotSupported, PermissionDenied)
 from .attrs import LISTING_CACHE_MAX, _now
+from .dirindex import HEAL_MIN, INDEX_NAME, MAX_ENTRIES
 from .store import OPEN
 
 log = logging.getLogger("ssecfs.fs")
@@ -47,22 +48,30 @@ class NamespaceOps:
                      and "/" not in p[len(pfx):]}
         with self._attr_lock:
             mark = self._name_changes.mark()
+            seq0 = self._seq
         yield "."
         yield ".."
         complete = False
+        index = None
+        unindexed = 0
         for page_no, page in enumerate(self.store.list_page_iter(dkey, delimiter="/")):
             batch = []
             for o in page.objects:
                 name = o.key[len(dkey):]
-                if not name or "/" in name:
-                    continue            # the directory's own marker
+                if not name or "/" in name or name == INDEX_NAME:
+                    continue            # the directory's own marker, its index
                 seen_local.add(name)
                 if len(seen_local) <= LISTING_CACHE_MAX:
                     batch.append((pfx + name, o.key, o))
+            if self._use_index and index is None and (len(batch) >= HEAL_MIN or page_no):
+                index = self.dirindex.load(dkey)       # one GET for the attrs of many files
+            if index is not None:
+                batch = self._seed_from_index(index, batch, seq0)
+                unindexed += len(batch)
             self._prefetch_attrs(path, batch, first=page_no == 0)
             for o in page.objects:
                 name = o.key[len(dkey):]
-                if name and "/" not in name:
+                if name and "/" not in name and name != INDEX_NAME:
                     yield name
             for p in page.prefixes:
                 name = p[len(dkey):].rstrip("/")
@@ -76,6 +85,8 @@ class NamespaceOps:
         if complete:
             self._set_children(path, (seen_local | local)
                                if len(seen_local) <= LISTING_CACHE_MAX else None)
+            if unindexed >= HEAL_MIN and len(seen_local) <= MAX_ENTRIES:
+                self.dirindex.changed(dkey, ours=False)   # index what the HEADs now see
         for name in sorted(local - seen_local):
             yield name
 
@@ -103,13 +114,16 @@ class NamespaceOps:
             dkey = self.dir_key(path)
             if self._has_pending_under(path):
                 raise NotEmpty(path)
-            for page in self.store.list_page_iter(dkey, delimiter=None, max_keys=2):
-                if any(o.key != dkey for o in page.objects):
+            ikey = dkey + INDEX_NAME
+            for page in self.store.list_page_iter(dkey, delimiter=None, max_keys=3):
+                if any(o.key not in (dkey, ikey) for o in page.objects):
                     raise NotEmpty(path)
-            try:
-                self.store.delete(dkey)
-            except NotFound:
-                pass
+            self.dirindex.forget(dkey)
+            for k in (ikey, dkey):
+                try:
+                    self.store.delete(k)
+                except NotFound:
+                    pass
             self._remember_dir_meta(path, None)
             self._invalidate(path)
             self._note_child(path, False)
@@ -258,6 +272,7 @@ class NamespaceOps:
         for st in local:
             self.wb.quiesce(st)
         try:
+            self.dirindex.forget(okey)
             copied = self._copy_tree(okey, nkey)
             for st in local:
                 self._move_state(st, opfx, npfx, okey, nkey, copied)
@@ -273,6 +288,8 @@ class NamespaceOps:
         self._remember_dir_meta(old, None)
         with self._attr_lock:
             self._dir_meta.update(moved)
+        if self._use_index:
+            self.dirindex.changed(nkey)
 
     def _copy_tree(self, okey: str, nkey: str) -> dict:
         """Copy every object under okey to nkey (in parallel), then delete the old ones.
@@ -285,6 +302,8 @@ class NamespaceOps:
             for page in self.store.list_page_iter(okey, delimiter=None):
                 for o in page.objects:
                     objs.append(o.key)
+                    if o.key.endswith("/" + INDEX_NAME):
+                        continue          # indexes are not carried over (copies are new versions)
                     futs[o.key] = self._copy_pool.submit(self._move_copy, o.key,
                                                          nkey + o.key[len(okey):], o.size)
                     if len(futs) >= 1000:

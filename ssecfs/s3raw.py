@@ -49,6 +49,7 @@ class RawResponse:
                          if k.lower().startswith("x-amz-meta-")},
             "SSECustomerAlgorithm": h.get("x-amz-server-side-encryption-customer-algorithm"),
             "SSECustomerKeyMD5": h.get("x-amz-server-side-encryption-customer-key-md5"),
+            "ResponseMetadata": {"HTTPHeaders": {"date": h.get("date")}},
         }
 
 

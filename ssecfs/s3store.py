@@ -11,6 +11,7 @@ Lock order: _hint_lock is a leaf lock (guards _key_hint only).
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import logging
 import os
@@ -68,6 +69,14 @@ def check_endpoint(url: str | None) -> None:
         raise UserError(
             f"refusing plain http:// to {parts.hostname}: SSE-C keys would cross the network "
             "unencrypted; use https://", EXIT_SECURITY)
+
+
+def _http_date(value: str | None) -> float | None:
+    """An HTTP date header as epoch seconds (None if absent or unreadable)."""
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() if value else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _header_safe(text: str) -> bool:
@@ -253,7 +262,9 @@ class S3Store:
         return ObjectInfo(key=key, size=int(resp.get("ContentLength", 0)),
                           etag=str(resp.get("ETag", "")).strip('"'),
                           mtime=lm.timestamp() if lm else 0.0,
-                          metadata=dict(resp.get("Metadata") or {}), access=access, key_fp=fp)
+                          metadata=dict(resp.get("Metadata") or {}), access=access, key_fp=fp,
+                          observed=_http_date(resp.get("ResponseMetadata", {})
+                                              .get("HTTPHeaders", {}).get("date")))
 
     # -- reads --------------------------------------------------------------------------------
     def head(self, key: str, denied: Key | None = None) -> ObjectInfo:
@@ -752,7 +763,6 @@ class S3Store:
 
     def server_time_skew(self) -> float | None:
         """Seconds the server's clock is ahead of ours (from the Date header), or None."""
-        import email.utils
         import time as _time
         try:
             t0 = _time.time()

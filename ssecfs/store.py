@@ -26,6 +26,7 @@ class ObjectInfo:
     access: str = OPEN
     key_fp: str | None = None
     start: bytes | None = None      # the object's first bytes, when a lookup fetched them
+    observed: float | None = None   # server date (`Date`) of the answer this info comes from
 
 
 @dataclass

@@ -126,7 +126,8 @@ class MemStore:
     def _info(key: str, obj: _Obj, access: str) -> ObjectInfo:
         return ObjectInfo(key=key, size=len(obj.data), etag=obj.etag, mtime=obj.mtime,
                           metadata=dict(obj.metadata) if access != LOCKED else {},
-                          access=access, key_fp=obj.key_fp if access == OPEN else None)
+                          access=access, key_fp=obj.key_fp if access == OPEN else None,
+                          observed=time.time())
 
     # -- the store contract -------------------------------------------------------------------
     def head(self, key: str) -> ObjectInfo:

@@ -1,0 +1,312 @@
+"""Per-directory attribute index: a cold `ls -l` of a directory answers from one GET instead
+of one HEAD per file.
+
+A file's mode, owner and times live in its object's metadata, which only a HEAD (or GET) with
+the key returns; a listing gives key, size, ETag and Last-Modified. The index is one object
+per directory, `DIR/.ssecfs-index` (SSE-C like every object), mapping each file's name to
+the attributes last seen for it together with the ETag, size and Last-Modified of the version
+they were seen on. A listed file whose ETag, size and Last-Modified equal its entry's gets the
+entry's attributes; any other file is asked with a HEAD, as without an index.
+
+Why that match is sound: an entry is made from ONE answer of the server (a HEAD or GET), so
+its attributes belong to the version with that ETag and Last-Modified. Another version with
+the same ETag and Last-Modified can exist (SeaweedFS keeps both on a metadata-only CopyObject,
+e.g. chmod by another client; Last-Modified has one-second steps), but only if it was
+written in the same second. An entry is therefore used only if the answer it came from is
+dated (server clock, `Date`) at least MATURE seconds after that Last-Modified: any version
+written in that second was written before the answer, and the answer showed the newest.
+
+Who writes it: a writable mount, for directories where it changed files (uploads, unlinks,
+renames), and for directories whose listing found many files without a usable entry (written
+by other tools). Built in the background once the directory has been quiet for QUIET
+seconds, and at unmount. Mounts writing the same index race harmlessly: each entry is checked
+on its own, a lost or stale index only costs HEADs. The name `.ssecfs-index` is reserved:
+the mount hides it and refuses to create it (docs/SEMANTICS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from cachetools import LRUCache
+
+from .errors import KeyMismatch, NotFound, PermissionDenied
+from .store import OPEN, ListedObject, ObjectInfo, Store
+
+log = logging.getLogger("ssecfs.dirindex")
+
+INDEX_NAME = ".ssecfs-index"
+FORMAT = 1
+MATURE = 2.0             # seconds between a version's Last-Modified and an answer we index
+QUIET = 2.5              # build once the directory had no change of ours for this long
+MAX_DELAY = 60.0         # ... or at the latest this long after the first change
+MAX_ENTRIES = 10_000     # larger directories get no index (bounded memory and object size)
+HEAL_MIN = 16            # a listing with this many files without an entry asks for a build
+MIN_FILES = 16           # smaller directories get no index (a few HEADs in parallel are cheap)
+LOAD_BYTES = 256 * 1024  # the first GET of an index asks this much (most are smaller)
+
+
+@dataclass(frozen=True)
+class Entry:
+    etag: str
+    lm: int              # Last-Modified of the version, whole seconds
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: float
+    ctime: float
+    seen: int            # server date of the answer the attributes come from, whole seconds
+
+    def matches(self, o: ListedObject) -> bool:
+        return (self.seen >= self.lm + MATURE and self.etag == o.etag and self.size == o.size
+                and self.lm == int(o.mtime))
+
+
+def entry_of(info: ObjectInfo, attr) -> Entry | None:
+    """An entry from one answer (info) and the attributes read from it, if indexable."""
+    if info.access != OPEN or not info.etag or info.observed is None or not info.mtime:
+        return None
+    return Entry(info.etag, int(info.mtime), info.size, attr.mode, attr.uid, attr.gid,
+                 attr.mtime, attr.ctime, int(info.observed))
+
+
+def encode(entries: dict[str, Entry]) -> bytes:
+    rows = {n: [e.etag, e.lm, e.size, e.mode, e.uid, e.gid, e.mtime, e.ctime, e.seen]
+            for n, e in sorted(entries.items())}
+    return json.dumps({"ssecfs-index": FORMAT, "entries": rows},
+                      separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> dict[str, Entry]:
+    """ValueError for anything but a well-formed index of our format."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not JSON ({e.__class__.__name__})") from None
+    if not isinstance(doc, dict) or doc.get("ssecfs-index") != FORMAT \
+            or not isinstance(doc.get("entries"), dict):
+        raise ValueError("not an index of format 1")
+    out = {}
+    for name, row in doc["entries"].items():
+        if not (isinstance(name, str) and name and "/" not in name and isinstance(row, list)
+                and len(row) == 9 and isinstance(row[0], str)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in
+                        (row[1], row[2], row[3], row[4], row[5], row[8]))
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                        for v in (row[6], row[7]))):
+            raise ValueError(f"bad entry for {name!r}")
+        out[name] = Entry(row[0], row[1], row[2], row[3], row[4], row[5], float(row[6]),
+                          float(row[7]), row[8])
+    return out
+
+
+class DirIndexes:
+    """Observations per directory, loading indexes for listings, and the background builder.
+
+    store: the object store; attr_of(info) -> Attr reads a HEAD answer as the filesystem does;
+    writable: False on a read-only mount (indexes are read, never written)."""
+
+    def __init__(self, store: Store, attr_of: Callable, head_pool: ThreadPoolExecutor,
+                 writable: bool):
+        self.store = store
+        self.attr_of = attr_of
+        self.pool = head_pool
+        self.writable = writable
+        self._lock = threading.Condition()
+        # directory -> {name: Entry}: answers seen by this mount, and loaded indexes
+        self._obs: LRUCache = LRUCache(maxsize=32)
+        self._stored: dict[str, bytes] = {}      # dkey -> bytes we know the index holds
+        self._due: dict[str, list] = {}          # dkey -> [quiet until, latest, dir]
+        self._building = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.builds = 0                          # indexes written (status, tests)
+
+    # -- what the filesystem tells us -----------------------------------------------------
+    def observe(self, dkey: str, name: str, info: ObjectInfo) -> None:
+        e = entry_of(info, self.attr_of(info))
+        if e is None:
+            return
+        with self._lock:
+            obs = self._obs.get(dkey)
+            if obs is None:
+                obs = self._obs[dkey] = {}
+            if name in obs or len(obs) < MAX_ENTRIES:
+                obs[name] = e
+
+    def changed(self, dkey: str, ours: bool = True) -> None:
+        """ours: a change of ours in the directory (its build HEADs every file without a
+        usable entry). Else a listing found many files without one: its build indexes only
+        what this mount has seen (a plain `ls` must not cost a HEAD per file)."""
+        if not self.writable:
+            return
+        now = time.monotonic()
+        with self._lock:
+            d = self._due.get(dkey)
+            if d is None:
+                self._due[dkey] = [now + QUIET, now + MAX_DELAY, ours]
+            else:
+                d[0] = now + QUIET
+                d[2] = d[2] or ours
+            if self._thread is None and not self._stop:
+                self._thread = threading.Thread(target=self._run, name="dirindex", daemon=True)
+                self._thread.start()
+            self._lock.notify_all()
+
+    def forget(self, dkey: str) -> None:
+        """The directory is gone (rmdir, renamed away)."""
+        with self._lock:
+            for k in [k for k in self._obs if k.startswith(dkey)]:
+                self._obs.pop(k, None)
+            for k in [k for k in self._due if k.startswith(dkey)]:
+                del self._due[k]
+            for k in [k for k in self._stored if k.startswith(dkey)]:
+                del self._stored[k]
+
+    # -- listing side ---------------------------------------------------------------------
+    def load(self, dkey: str) -> dict[str, Entry]:
+        """The stored index of a directory ({} if none or unreadable); its entries also join
+        this mount's observations (a later build reuses them instead of asking again)."""
+        key = dkey + INDEX_NAME
+        try:
+            info = self.store.head_with_start(key, LOAD_BYTES)
+            if info.access != OPEN:
+                return {}
+            data = info.start
+            if data is None or len(data) < info.size:
+                data = self.store.get_range(key, 0, info.size, info.key_fp, info.etag)
+            entries = decode(data)
+        except NotFound:
+            return {}
+        except (KeyMismatch, PermissionDenied):
+            log.info("index %r is under another key; not used", key)
+            return {}
+        except ValueError as e:
+            log.warning("index %r is malformed (%s); not used", key, e)
+            return {}
+        with self._lock:
+            self._stored[dkey] = data
+            obs = self._obs.get(dkey)
+            if obs is None:
+                obs = self._obs[dkey] = {}
+            for name, e in entries.items():
+                old = obs.get(name)
+                if (old is None and len(obs) < MAX_ENTRIES) or (old is not None
+                                                                 and old.seen < e.seen):
+                    obs[name] = e
+        return entries
+
+    # -- building -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop:
+                    now = time.monotonic()
+                    ready = [k for k, d in self._due.items() if now >= min(d[0], d[1])]
+                    if ready:
+                        break
+                    nxt = min((min(d[0], d[1]) for d in self._due.values()), default=now + 3600)
+                    self._lock.wait(max(0.05, nxt - now))
+                if self._stop:
+                    return
+                dkey = ready[0]
+                ask = self._due.pop(dkey)[2]
+                self._building += 1
+            try:
+                again = self.build(dkey, ask)
+            except Exception as e:  # noqa: BLE001 - an index is an optimisation: log, go on
+                log.warning("index of %r not written: %s", dkey, e)
+                again = False
+            with self._lock:
+                self._building -= 1
+                if again and dkey not in self._due:
+                    now = time.monotonic()
+                    self._due[dkey] = [now + MATURE, now + MATURE, ask]
+                self._lock.notify_all()
+
+    def build(self, dkey: str, ask: bool = True) -> bool:
+        """List the directory, HEAD the files without a usable observation (ask=False: no
+        HEADs, index what was seen), write the index if it changed. True: some files were
+        too new to index yet (build again later)."""
+        listed: list[ListedObject] = []
+        present = False
+        for page in self.store.list_page_iter(dkey, delimiter="/"):
+            for o in page.objects:
+                name = o.key[len(dkey):]
+                if name == INDEX_NAME:
+                    present = True
+                elif name and "/" not in name:
+                    listed.append(o)
+            if len(listed) > MAX_ENTRIES:
+                log.debug("index of %r: more than %d files, none kept", dkey, MAX_ENTRIES)
+                return False
+        with self._lock:
+            obs = dict(self._obs.get(dkey) or {})
+        keep: dict[str, Entry] = {}
+        todo: list[tuple[str, ListedObject]] = []
+        for o in listed:
+            name = o.key[len(dkey):]
+            e = obs.get(name)
+            if e is not None and e.matches(o):
+                keep[name] = e
+            elif ask:
+                todo.append((name, o))
+        again = False
+        futs = [(name, o, self.pool.submit(self.store.head, o.key)) for name, o in todo]
+        for name, o, fut in futs:
+            try:
+                info = fut.result()
+            except (NotFound, KeyMismatch, PermissionDenied):
+                continue                     # gone, or not ours to describe
+            self.observe(dkey, name, info)
+            e = entry_of(info, self.attr_of(info))
+            if e is not None and e.matches(o):
+                keep[name] = e
+            elif e is not None and e.etag == o.etag and e.seen < e.lm + MATURE:
+                again = True                 # too new: the answer may not be the last word
+        if len(keep) < MIN_FILES:
+            if present:
+                try:
+                    self.store.delete(dkey + INDEX_NAME)
+                except NotFound:
+                    pass
+            with self._lock:
+                self._stored.pop(dkey, None)
+            return again
+        data = encode(keep)
+        with self._lock:
+            same = present and self._stored.get(dkey) == data
+        if not same:
+            self.store.put(dkey + INDEX_NAME, data, {})
+            self.builds += 1
+            log.debug("index of %r written: %d of %d files", dkey, len(keep), len(listed))
+            with self._lock:
+                self._stored[dkey] = data
+        return again
+
+    def flush(self, timeout: float) -> bool:
+        """Build every index that is due now (unmount). Waits for versions to mature (at
+        most MATURE seconds). False if the timeout ran out first."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            for d in self._due.values():
+                d[0] = d[1] = min(d[1], time.monotonic())
+            self._lock.notify_all()
+            while self._due or self._building:
+                left = end - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return not self._due and not self._building
+                self._lock.wait(min(left, 0.2))
+        return True
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()

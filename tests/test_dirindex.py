@@ -1,0 +1,320 @@
+"""Per-directory attribute indexes (ssecfs/dirindex.py): a cold `ls -l` answers from one GET,
+and never from an entry that could describe another version of the file.
+
+Unit tests run over the SSE-C-enforcing in-memory store; the mount test at the end runs a
+real mount against SeaweedFS behind the counting proxy."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+import botocore.exceptions
+import pytest
+
+from helpers import sse, wait_until
+from memstore import MemStore
+from ssecfs import dirindex
+from ssecfs.dirindex import INDEX_NAME, MIN_FILES, Entry, decode, encode
+from ssecfs.errors import InvalidName, NotFound
+from ssecfs.store import ListedObject
+from test_fs_unit import make_fs, ring, settle, store, write_file  # noqa: F401 - fixtures
+
+N = MIN_FILES + 8
+
+
+def age(store: MemStore, seconds: float = 10) -> None:
+    """Make every object look written `seconds` ago: answers about them are then mature."""
+    for o in store._objects.values():
+        o.mtime -= seconds
+
+
+def heads_of_files(store: MemStore, since: int = 0) -> list[str]:
+    """Files in directories (not indexes, not the directories' own lookups) that were asked
+    with a HEAD or a GET since log position `since`."""
+    return [k for op, k in store.log[since:] if op in ("head", "get_range")
+            and "/" in k.rstrip("/") and not k.endswith(("/", INDEX_NAME))]
+
+
+def make_dir(fs, d: str = "/d", n: int = N) -> dict:
+    """n files in d, some with their own mode and times; returns name -> attr."""
+    fs.mkdir(d, 0o755)
+    for i in range(n):
+        write_file(fs, f"{d}/f{i:02d}", os.urandom(100 + i), mode=0o600 if i % 3 else 0o644)
+    fs.chmod(f"{d}/f01", 0o751)
+    fs.utimens(f"{d}/f02", 0, 1_600_000_000.25)
+    settle(fs)
+    return {f"f{i:02d}": fs.getattr(f"{d}/f{i:02d}") for i in range(n)}
+
+
+def listed_attrs(fs, d: str = "/d") -> dict:
+    names = [n for n in fs.readdir(d) if n not in (".", "..")]
+    return {n: fs.getattr(f"{d}/{n}") for n in names}
+
+
+def same(a, b) -> bool:
+    return (a.mode, a.size, a.mtime, a.uid, a.gid) == (b.mode, b.size, b.mtime, b.uid, b.gid)
+
+
+# ------------------------------------------------------------------------------ the format
+def test_encode_decode_round_trip_and_malformed_input_is_refused():
+    e = Entry("abc", 1700000000, 5, stat.S_IFREG | 0o600, 1, 2, 1.5, 2.0, 1700000003)
+    assert decode(encode({"x y": e})) == {"x y": e}
+    for bad in (b"", b"\xff\xfe", b"[]", b'{"ssecfs-index": 2, "entries": {}}',
+                b'{"ssecfs-index": 1, "entries": {"a/b": ["e",1,1,1,1,1,1,1,1]}}',
+                b'{"ssecfs-index": 1, "entries": {"a": ["e",1,1,1,1,1,1,1]}}',
+                b'{"ssecfs-index": 1, "entries": {"a": ["e","1",1,1,1,1,1,1,1]}}',
+                b'{"ssecfs-index": 1, "entries": {"a": ["e",true,1,1,1,1,1,1,1]}}'):
+        with pytest.raises(ValueError):
+            decode(bad)
+
+
+def test_an_entry_matches_only_its_version_and_only_when_seen_later():
+    e = Entry("etag", 1000, 7, 0o100644, 0, 0, 1.0, 1.0, 1002)
+    assert e.matches(ListedObject("k", 7, "etag", 1000.0))
+    assert e.matches(ListedObject("k", 7, "etag", 1000.9))           # same second
+    assert not e.matches(ListedObject("k", 7, "other", 1000.0))       # content changed
+    assert not e.matches(ListedObject("k", 8, "etag", 1000.0))
+    assert not e.matches(ListedObject("k", 7, "etag", 1001.0))        # rewritten later
+    # seen less than MATURE seconds after Last-Modified: another version with the same ETag
+    # and Last-Modified could still follow (same-second metadata change) -> never used
+    young = Entry("etag", 1000, 7, 0o100644, 0, 0, 1.0, 1.0, 1001)
+    assert not young.matches(ListedObject("k", 7, "etag", 1000.0))
+
+
+# ------------------------------------------------------------------------- over the store
+def test_a_cold_listing_takes_attributes_from_the_index_without_heads(make_fs, store):
+    fs1 = make_fs()
+    want = make_dir(fs1)
+    age(store)
+    assert fs1.dirindex.flush(10)
+    assert "d/" + INDEX_NAME in store.keys()
+    assert store.calls["put"] >= 1
+
+    fs2 = make_fs()                                   # cold: another mount, empty caches
+    mark = len(store.log)
+    got = listed_attrs(fs2)
+    assert set(got) == set(want), "the index object is hidden from listings"
+    assert heads_of_files(store, mark) == []
+    for n in want:
+        assert same(got[n], want[n]), n
+    assert stat.S_IMODE(got["f01"].mode) == 0o751 and got["f02"].mtime == 1_600_000_000.25
+
+
+def test_files_changed_by_others_are_asked_again(make_fs, store):
+    fs1 = make_fs()
+    make_dir(fs1)
+    age(store)
+    assert fs1.dirindex.flush(10)
+    # another client: new content for f03, a metadata-only change of f04 (new version,
+    # later Last-Modified), a new file; f05 deleted
+    store.put("d/f03", b"new content", {"mode": str(stat.S_IFREG | 0o640)})
+    o = store._objects["d/f04"]
+    o.metadata = {**o.metadata, "mode": str(stat.S_IFREG | 0o604)}
+    o.mtime += 5
+    store.put("d/new", b"n", {"mode": str(stat.S_IFREG | 0o606)})
+    store.delete("d/f05")
+
+    fs2 = make_fs()
+    mark = len(store.log)
+    got = listed_attrs(fs2)
+    assert sorted(heads_of_files(store, mark)) == ["d/f03", "d/f04", "d/new"]
+    assert "f05" not in got
+    assert (stat.S_IMODE(got["f03"].mode), got["f03"].size) == (0o640, 11)
+    assert stat.S_IMODE(got["f04"].mode) == 0o604
+    assert stat.S_IMODE(got["new"].mode) == 0o606
+
+
+def test_an_entry_seen_too_soon_is_not_used(make_fs, store, monkeypatch):
+    """Same ETag, same Last-Modified second, other metadata (SeaweedFS: a chmod by CopyObject
+    in the second of the write): an entry taken from an answer in that second must not be
+    trusted, whatever the index says."""
+    fs1 = make_fs()
+    want = make_dir(fs1)
+    age(store)
+    assert fs1.dirindex.flush(10)
+    data = store._objects["d/" + INDEX_NAME].data
+    entries = decode(data)
+    # rewrite f06's entry as if seen in its own second, with a mode the object does not have
+    e = entries["f06"]
+    entries["f06"] = Entry(e.etag, e.lm, e.size, stat.S_IFREG | 0o777, e.uid, e.gid,
+                           e.mtime, e.ctime, e.lm)
+    store.put("d/" + INDEX_NAME, encode(entries), {})
+    fs2 = make_fs()
+    mark = len(store.log)
+    got = listed_attrs(fs2)
+    assert heads_of_files(store, mark) == ["d/f06"]
+    assert same(got["f06"], want["f06"]) and stat.S_IMODE(got["f06"].mode) != 0o777
+
+
+def test_a_damaged_or_foreign_index_is_ignored(make_fs, store, ring, caplog):
+    fs1 = make_fs()
+    want = make_dir(fs1)
+    age(store)
+    assert fs1.dirindex.flush(10)
+    store.put("d/" + INDEX_NAME, b'{"ssecfs-index": 1, "entries": {"f00": [1]}}', {})
+    fs2 = make_fs()
+    mark = len(store.log)
+    got = listed_attrs(fs2)
+    assert len(heads_of_files(store, mark)) == N
+    assert all(same(got[n], want[n]) for n in want)
+    assert "malformed" in caplog.text
+
+
+def test_small_directories_get_no_index_and_a_shrinking_one_loses_it(make_fs, store):
+    fs = make_fs()
+    make_dir(fs, "/small", MIN_FILES - 1)
+    make_dir(fs, "/big", MIN_FILES + 2)
+    age(store)
+    assert fs.dirindex.flush(10)
+    assert "small/" + INDEX_NAME not in store.keys()
+    assert "big/" + INDEX_NAME in store.keys()
+    for i in range(3):
+        fs.unlink(f"/big/f{i:02d}")
+    assert fs.dirindex.flush(10)
+    assert "big/" + INDEX_NAME not in store.keys()
+
+
+def test_the_index_name_is_reserved_and_rmdir_and_rename_handle_it(make_fs, store,
+                                                                   monkeypatch):
+    monkeypatch.setattr(dirindex, "QUIET", 3600)     # indexes are written at flush() only
+    fs = make_fs()
+    make_dir(fs)
+    age(store)
+    assert fs.dirindex.flush(10)
+    with pytest.raises(NotFound):
+        fs.getattr("/d/" + INDEX_NAME)
+    for call in (lambda: fs.create("/d/" + INDEX_NAME, 0o644),
+                 lambda: fs.mkdir("/" + INDEX_NAME, 0o755),
+                 lambda: fs.rename("/d/f00", "/d/" + INDEX_NAME)):
+        with pytest.raises(InvalidName):
+            call()
+    fs.rename("/d", "/e")
+    assert not any(k.startswith("d/") for k in store.keys())
+    assert "e/" + INDEX_NAME not in store.keys()      # copies are new versions: not carried
+    age(store)
+    assert fs.dirindex.flush(10)
+    assert "e/" + INDEX_NAME in store.keys()          # written anew for the moved files
+    for n in [n for n in fs.readdir("/e") if n not in (".", "..")]:
+        fs.unlink("/e/" + n)
+    age(store)
+    assert fs.dirindex.flush(10)
+    fs.rmdir("/e")
+    assert not any(k.startswith("e/") for k in store.keys())
+
+
+def test_rmdir_removes_an_index_left_alone_in_a_directory(make_fs, store):
+    fs = make_fs()
+    fs.mkdir("/lone", 0o755)
+    settle(fs)
+    store.put("lone/" + INDEX_NAME, encode({}), {})
+    fs2 = make_fs()
+    assert [n for n in fs2.readdir("/lone") if n not in (".", "..")] == []
+    fs2.rmdir("/lone")
+    assert not any(k.startswith("lone/") for k in store.keys())
+
+
+def test_a_read_only_mount_reads_indexes_but_never_writes_one(make_fs, store):
+    fs1 = make_fs()
+    make_dir(fs1)
+    age(store)
+    assert fs1.dirindex.flush(10)
+    ro = make_fs(read_only=True)
+    mark = len(store.log)
+    listed_attrs(ro)
+    assert heads_of_files(store, mark) == []          # the index is read
+    store.delete("d/" + INDEX_NAME)
+    ro2 = make_fs(read_only=True)
+    listed_attrs(ro2)                    # many files without an entry: would ask for a build
+    assert not ro2.dirindex.writable
+    assert ro2.dirindex.flush(5)
+    assert "d/" + INDEX_NAME not in store.keys()
+    assert not any(op in ("put", "upload", "copy") for op, _k in store.log[mark:])
+
+
+def test_a_listing_of_files_written_by_others_heals_the_index(make_fs, store, monkeypatch):
+    monkeypatch.setattr(dirindex, "QUIET", 0.05)
+    for i in range(N):
+        store.put(f"o/f{i}", b"x" * i, {"mode": str(stat.S_IFREG | 0o640)})
+    age(store)
+    fs = make_fs()
+    listed_attrs(fs, "/o")               # HEADs (no index yet): their answers are kept
+    wait_until(lambda: "o/" + INDEX_NAME in store.keys(), 10, what="the healed index")
+    fs2 = make_fs()
+    mark = len(store.log)
+    got = listed_attrs(fs2, "/o")
+    assert heads_of_files(store, mark) == []
+    assert all(stat.S_IMODE(a.mode) == 0o640 for a in got.values())
+
+
+def test_disabled_indexes_are_neither_read_nor_written(make_fs, store):
+    fs1 = make_fs()
+    make_dir(fs1)
+    age(store)
+    assert fs1.dirindex.flush(10)
+    off = make_fs(dir_index=False)
+    mark = len(store.log)
+    listed_attrs(off)
+    assert len(heads_of_files(store, mark)) == N
+    assert not any(k.endswith(INDEX_NAME) for op, k in store.log[mark:])
+
+
+# -------------------------------------------------------------------- a real mount (SeaweedFS)
+def stats(root: str) -> dict:
+    out = {}
+    for n in sorted(os.listdir(root)):
+        st = os.lstat(os.path.join(root, n))
+        out[n] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_uid, st.st_gid)
+    return out
+
+
+def test_mount_writes_an_encrypted_index_and_a_cold_ls_l_needs_no_head(mounter, bucket, key, s3,
+                                                                      proxy):
+    keyfile, raw = key
+    m = mounter(bucket, keyfile, endpoint=proxy.url)
+    d = os.path.join(m.path, "d")
+    os.mkdir(d)
+    for i in range(N):
+        with open(os.path.join(d, f"f{i:02d}"), "wb") as f:
+            f.write(os.urandom(1000 + i))
+    os.chmod(os.path.join(d, "f01"), 0o600)
+    os.utime(os.path.join(d, "f02"), ns=(0, 1_500_000_000_123_456_789))
+    before = stats(d)
+    m.umount()                      # uploads, then writes the index (waits for it to mature)
+
+    ikey = "d/" + INDEX_NAME
+    body = s3.get_object(Bucket=bucket, Key=ikey, **sse(raw))["Body"].read()
+    assert set(decode(body)) == set(before)
+    with pytest.raises(botocore.exceptions.ClientError) as e:    # SSE-C like every object
+        s3.get_object(Bucket=bucket, Key=ikey)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+
+    m2 = mounter(bucket, keyfile, endpoint=proxy.url, name="mnt2")
+    mark = proxy.mark()
+    r = subprocess.run(["ls", "-l", "--full-time", os.path.join(m2.path, "d")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    asked = [q.key for q in proxy.requests(since=mark, bucket=bucket)
+             if q.op in ("HeadObject", "GetObject") and q.key.startswith("d/f")]
+    assert asked == [], f"cold ls -l asked for {len(asked)} files: {asked[:5]}"
+    assert stats(os.path.join(m2.path, "d")) == before
+    assert INDEX_NAME not in r.stdout
+
+    # another client changes a file's mode in place (same bytes, same ETag on SeaweedFS):
+    # a later Last-Modified, so the entry no longer matches and the mount asks again
+    meta = s3.head_object(Bucket=bucket, Key="d/f03", **sse(raw))["Metadata"]
+    s3.copy_object(Bucket=bucket, Key="d/f03", CopySource={"Bucket": bucket, "Key": "d/f03"},
+                   Metadata={**meta, "mode": str(stat.S_IFREG | 0o604)},
+                   MetadataDirective="REPLACE", **sse(raw),
+                   **{"CopySource" + k: v for k, v in sse(raw).items()})
+    m2.umount()
+    m3 = mounter(bucket, keyfile, endpoint=proxy.url, name="mnt3")
+    mark = proxy.mark()
+    now = stats(os.path.join(m3.path, "d"))
+    asked = [q.key for q in proxy.requests(since=mark, bucket=bucket)
+             if q.op in ("HeadObject", "GetObject") and q.key.startswith("d/f")]
+    assert asked == ["d/f03"]
+    assert stat.S_IMODE(now.pop("f03")[0]) == 0o604
+    before.pop("f03")
+    assert now == before
