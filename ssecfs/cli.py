@@ -267,13 +267,19 @@ def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
 
 
 def _pid_alive(pid: int) -> bool:
+    """A zombie is not alive: the daemon has exited and only waits for its reaper (the
+    daemon is reparented when `ssecfs mount` returns; some inits reap every few seconds)."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return not os.path.isdir("/proc/self")      # no /proc: trust kill(0)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

@@ -123,6 +123,7 @@ class DirIndexes:
         # directory -> {name: Entry}: answers seen by this mount, and loaded indexes
         self._obs: LRUCache = LRUCache(maxsize=32)
         self._stored: dict[str, bytes] = {}      # dkey -> bytes we know the index holds
+        self._loaded: LRUCache = LRUCache(maxsize=16)    # dkey -> (ETag, entries) last read
         self._due: dict[str, list] = {}          # dkey -> [quiet until, latest, dir]
         self._building = 0
         self._stop = False
@@ -169,8 +170,23 @@ class DirIndexes:
                 del self._due[k]
             for k in [k for k in self._stored if k.startswith(dkey)]:
                 del self._stored[k]
+            for k in [k for k in self._loaded if k.startswith(dkey)]:
+                self._loaded.pop(k, None)
 
     # -- listing side ---------------------------------------------------------------------
+    def for_listing(self, dkey: str, objects: list[ListedObject]) -> dict[str, Entry] | None:
+        """The index for a page of the directory's listing: read (or the copy read before, if
+        the listing shows the same ETag) when the page lists it; {} when the page shows there
+        is none (keys are listed in order and the page went past its name); None when the
+        page ends before its name (not known yet)."""
+        key = dkey + INDEX_NAME
+        for o in objects:
+            if o.key == key:
+                with self._lock:
+                    got = self._loaded.get(dkey)
+                return got[1] if got is not None and got[0] == o.etag else self.load(dkey)
+        return {} if not objects or objects[-1].key > key else None
+
     def load(self, dkey: str) -> dict[str, Entry]:
         """The stored index of a directory ({} if none or unreadable); its entries also join
         this mount's observations (a later build reuses them instead of asking again)."""
@@ -193,6 +209,7 @@ class DirIndexes:
             return {}
         with self._lock:
             self._stored[dkey] = data
+            self._loaded[dkey] = (info.etag, entries)
             obs = self._obs.get(dkey)
             if obs is None:
                 obs = self._obs[dkey] = {}

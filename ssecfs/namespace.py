@@ -63,11 +63,13 @@ class NamespaceOps:
                 seen_local.add(name)
                 if len(seen_local) <= LISTING_CACHE_MAX:
                     batch.append((pfx + name, o.key, o))
-            if self._use_index and index is None and (len(batch) >= HEAL_MIN or page_no):
-                index = self.dirindex.load(dkey)       # one GET for the attrs of many files
+            if self._use_index and index is None:
+                # one GET for the attrs of many files (none if the listing shows no index,
+                # or the same one as last time)
+                index = self.dirindex.for_listing(dkey, page.objects)
             if index is not None:
                 batch = self._seed_from_index(index, batch, seq0)
-                unindexed += len(batch)
+            unindexed += len(batch)
             self._prefetch_attrs(path, batch, first=page_no == 0)
             for o in page.objects:
                 name = o.key[len(dkey):]

@@ -102,6 +102,40 @@ def test_a_cold_listing_takes_attributes_from_the_index_without_heads(make_fs, s
     assert stat.S_IMODE(got["f01"].mode) == 0o751 and got["f02"].mtime == 1_600_000_000.25
 
 
+def test_the_listing_tells_whether_to_read_the_index(make_fs, store):
+    """No request for an index the listing does not show; none either for one already read
+    with the ETag the listing shows; read again once it changed."""
+    fs1 = make_fs()
+    make_dir(fs1, "/none")
+    fs1.dirindex.forget("none/")
+    want = make_dir(fs1)
+    age(store)
+    assert fs1.dirindex.flush(10)
+    store.delete("none/" + INDEX_NAME)
+    ikey = "d/" + INDEX_NAME
+
+    fs2 = make_fs(attr_timeout=0)
+    mark = len(store.log)
+    listed_attrs(fs2, "/none")
+    assert not any(k.endswith(INDEX_NAME) for _op, k in store.log[mark:])
+    got = listed_attrs(fs2)
+    assert [op for op, k in store.log[mark:] if k == ikey] == ["head"]      # read once
+    mark = len(store.log)
+    again = listed_attrs(fs2)                   # attr_timeout=0: nothing cached but the index
+    assert [k for _op, k in store.log[mark:] if k == ikey] == []
+    assert heads_of_files(store, mark) == []
+    assert all(same(again[n], want[n]) and same(got[n], want[n]) for n in want)
+    fs1.chmod("/d/f07", 0o700)
+    settle(fs1)
+    age(store)
+    assert fs1.dirindex.flush(10)
+    mark = len(store.log)
+    again = listed_attrs(fs2)
+    assert [op for op, k in store.log[mark:] if k == ikey] == ["head"]      # changed: read
+    assert heads_of_files(store, mark) == []
+    assert stat.S_IMODE(again["f07"].mode) == 0o700
+
+
 def test_files_changed_by_others_are_asked_again(make_fs, store):
     fs1 = make_fs()
     make_dir(fs1)

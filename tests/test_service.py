@@ -908,3 +908,22 @@ def test_mount_t_fuse_ssecfs_then_umount_and_fusermount(seaweed, s3, bucket, key
         wait_until(lambda: not _alive(pid), 90, what=f"daemon to finish uploading after {unmount[0]}")
         assert_all_in_bucket(s3, bucket, raw, files, "docs/")
         assert "unmounted" in log()
+
+
+def test_umount_counts_an_exited_unreaped_daemon_as_gone():
+    """`ssecfs umount` waits for the daemon's exit. The daemon is reparented once `ssecfs
+    mount` returns, and some inits reap late (seconds): a zombie has exited."""
+    live = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    try:
+        def state(pid):
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[-1].split()[0]
+        wait_until(lambda: state(dead.pid) == "Z", 10, what="the child to exit")
+        assert not cli._pid_alive(dead.pid)
+        assert cli._pid_alive(live.pid)
+    finally:
+        live.kill()
+        live.wait()
+        dead.wait()
+    assert not cli._pid_alive(dead.pid)
