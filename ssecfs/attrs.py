@@ -182,24 +182,22 @@ class AttrOps:
         if self._use_index:
             self.dirindex.observe(*self._dkey_name(key), info)
 
-    def _seed_from_index(self, idx: dict, batch: list, seq0: int) -> list:
+    def _seed_from_index(self, idx: dict, batch: list, seq0: int) -> int:
         """Attributes of listed files from their directory's index (entries matching the
-        listing: dirindex.Entry.matches). Returns the items left for the HEAD prefetch."""
-        rest, seeds = [], []
-        for item in batch:
-            path, key, o = item
+        listing: dirindex.Entry.matches), cached like a HEAD's answer (the HEAD prefetch
+        skips them while they last). Returns how many files had no usable entry."""
+        seeds = []
+        for path, key, o in batch:
             e = idx.get(self._dkey_name(key)[1])
             if e is not None and e.matches(o):
                 seeds.append((path, Attr(e.mode, e.size, e.mtime, e.ctime, e.uid, e.gid)))
-            else:
-                rest.append(item)
         with self._attr_lock:
             if self._seq != seq0:
-                return batch       # a change of ours while listing: trust HEADs, not this
+                return len(batch)   # a change of ours while listing: trust HEADs, not this
             for path, a in seeds:
                 if not self._attrs.get(path, False):
                     self._attrs[path] = a
-        return rest
+        return len(batch) - len(seeds)
 
     def getattr(self, path: str) -> Attr:
         if path == "/":

@@ -124,8 +124,15 @@ class DirIndexes:
         self._obs: LRUCache = LRUCache(maxsize=32)
         self._stored: dict[str, bytes] = {}      # dkey -> bytes we know the index holds
         self._loaded: LRUCache = LRUCache(maxsize=16)    # dkey -> (ETag, entries) last read
+        self._foreign: set[str] = set()          # dkeys whose index object is not ours to write
         self._due: dict[str, list] = {}          # dkey -> [quiet until, latest, dir]
         self._building = 0
+        # Changes of ours per directory, and directories forgotten (rmdir, rename): a build
+        # writes only if neither moved while it ran, so it never puts back the index of a
+        # directory just removed (which would make it reappear) nor one older than a change.
+        self._gens: dict[str, int] = {}
+        self._forgets = 0
+        self._write_lock = threading.Lock()      # the check and the write, against forget()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.builds = 0                          # indexes written (status, tests)
@@ -150,6 +157,8 @@ class DirIndexes:
             return
         now = time.monotonic()
         with self._lock:
+            if ours:
+                self._gens[dkey] = self._gens.get(dkey, 0) + 1
             d = self._due.get(dkey)
             if d is None:
                 self._due[dkey] = [now + QUIET, now + MAX_DELAY, ours]
@@ -162,8 +171,10 @@ class DirIndexes:
             self._lock.notify_all()
 
     def forget(self, dkey: str) -> None:
-        """The directory is gone (rmdir, renamed away)."""
-        with self._lock:
+        """The directory is gone (rmdir, renamed away). Returns after any index write in
+        progress: the caller deletes the index after this."""
+        with self._write_lock, self._lock:
+            self._forgets += 1
             for k in [k for k in self._obs if k.startswith(dkey)]:
                 self._obs.pop(k, None)
             for k in [k for k in self._due if k.startswith(dkey)]:
@@ -172,6 +183,7 @@ class DirIndexes:
                 del self._stored[k]
             for k in [k for k in self._loaded if k.startswith(dkey)]:
                 self._loaded.pop(k, None)
+            self._foreign = {k for k in self._foreign if not k.startswith(dkey)}
 
     # -- listing side ---------------------------------------------------------------------
     def for_listing(self, dkey: str, objects: list[ListedObject]) -> dict[str, Entry] | None:
@@ -194,7 +206,7 @@ class DirIndexes:
         try:
             info = self.store.head_with_start(key, LOAD_BYTES)
             if info.access != OPEN:
-                return {}
+                raise KeyMismatch(key)               # plaintext, or a key not in our ring
             data = info.start
             if data is None or len(data) < info.size:
                 data = self.store.get_range(key, 0, info.size, info.key_fp, info.etag)
@@ -202,12 +214,17 @@ class DirIndexes:
         except NotFound:
             return {}
         except (KeyMismatch, PermissionDenied):
-            log.info("index %r is under another key; not used", key)
+            log.info("index %r is under another key; not used, not overwritten", key)
+            with self._lock:
+                self._foreign.add(dkey)
             return {}
         except ValueError as e:
-            log.warning("index %r is malformed (%s); not used", key, e)
+            log.warning("%r is not an index of ours (%s); not used, not overwritten", key, e)
+            with self._lock:
+                self._foreign.add(dkey)
             return {}
         with self._lock:
+            self._foreign.discard(dkey)
             self._stored[dkey] = data
             self._loaded[dkey] = (info.etag, entries)
             obs = self._obs.get(dkey)
@@ -243,6 +260,8 @@ class DirIndexes:
                 again = False
             with self._lock:
                 self._building -= 1
+                if dkey not in self._due:
+                    self._gens.pop(dkey, None)
                 if again and dkey not in self._due:
                     now = time.monotonic()
                     self._due[dkey] = [now + MATURE, now + MATURE, ask]
@@ -252,6 +271,8 @@ class DirIndexes:
         """List the directory, HEAD the files without a usable observation (ask=False: no
         HEADs, index what was seen), write the index if it changed. True: some files were
         too new to index yet (build again later)."""
+        with self._lock:
+            start = (self._forgets, self._gens.get(dkey, 0))
         listed: list[ListedObject] = []
         present = False
         for page in self.store.list_page_iter(dkey, delimiter="/"):
@@ -264,7 +285,11 @@ class DirIndexes:
             if len(listed) > MAX_ENTRIES:
                 log.debug("index of %r: more than %d files, none kept", dkey, MAX_ENTRIES)
                 return False
+        if present and dkey not in self._stored:
+            self.load(dkey)          # its entries spare HEADs; and is it ours to overwrite?
         with self._lock:
+            if dkey in self._foreign:
+                return False         # a file of that name from another tool, or another key
             obs = dict(self._obs.get(dkey) or {})
         keep: dict[str, Entry] = {}
         todo: list[tuple[str, ListedObject]] = []
@@ -288,24 +313,28 @@ class DirIndexes:
                 keep[name] = e
             elif e is not None and e.etag == o.etag and e.seen < e.lm + MATURE:
                 again = True                 # too new: the answer may not be the last word
-        if len(keep) < MIN_FILES:
-            if present:
+        data = encode(keep) if len(keep) >= MIN_FILES else None
+        with self._write_lock:
+            with self._lock:
+                if (self._forgets, self._gens.get(dkey, 0)) != start:
+                    return again        # changed meanwhile: the next build (due) decides
+                same = present == (data is not None) and self._stored.get(dkey) == data
+            if same:
+                return again
+            if data is None:
                 try:
                     self.store.delete(dkey + INDEX_NAME)
                 except NotFound:
                     pass
+            else:
+                self.store.put(dkey + INDEX_NAME, data, {})
+                self.builds += 1
+                log.debug("index of %r written: %d of %d files", dkey, len(keep), len(listed))
             with self._lock:
-                self._stored.pop(dkey, None)
-            return again
-        data = encode(keep)
-        with self._lock:
-            same = present and self._stored.get(dkey) == data
-        if not same:
-            self.store.put(dkey + INDEX_NAME, data, {})
-            self.builds += 1
-            log.debug("index of %r written: %d of %d files", dkey, len(keep), len(listed))
-            with self._lock:
-                self._stored[dkey] = data
+                if data is None:
+                    self._stored.pop(dkey, None)
+                else:
+                    self._stored[dkey] = data
         return again
 
     def flush(self, timeout: float) -> bool:

@@ -67,9 +67,8 @@ class NamespaceOps:
                 # one GET for the attrs of many files (none if the listing shows no index,
                 # or the same one as last time)
                 index = self.dirindex.for_listing(dkey, page.objects)
-            if index is not None:
-                batch = self._seed_from_index(index, batch, seq0)
-            unindexed += len(batch)
+            unindexed += (self._seed_from_index(index, batch, seq0) if index is not None
+                          else len(batch))
             self._prefetch_attrs(path, batch, first=page_no == 0)
             for o in page.objects:
                 name = o.key[len(dkey):]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import threading
 
 import botocore.exceptions
 import pytest
@@ -51,6 +52,13 @@ def make_dir(fs, d: str = "/d", n: int = N) -> dict:
 def listed_attrs(fs, d: str = "/d") -> dict:
     names = [n for n in fs.readdir(d) if n not in (".", "..")]
     return {n: fs.getattr(f"{d}/{n}") for n in names}
+
+
+def expire_attrs(fs) -> None:
+    """As if the attribute timeout had passed (the caches of lookups and listings)."""
+    with fs._attr_lock:
+        for c in (fs._attrs, fs._infos, fs._starts, fs._listings):
+            c.clear()
 
 
 def same(a, b) -> bool:
@@ -114,14 +122,15 @@ def test_the_listing_tells_whether_to_read_the_index(make_fs, store):
     store.delete("none/" + INDEX_NAME)
     ikey = "d/" + INDEX_NAME
 
-    fs2 = make_fs(attr_timeout=0)
+    fs2 = make_fs()
     mark = len(store.log)
     listed_attrs(fs2, "/none")
     assert not any(k.endswith(INDEX_NAME) for _op, k in store.log[mark:])
     got = listed_attrs(fs2)
     assert [op for op, k in store.log[mark:] if k == ikey] == ["head"]      # read once
     mark = len(store.log)
-    again = listed_attrs(fs2)                   # attr_timeout=0: nothing cached but the index
+    expire_attrs(fs2)
+    again = listed_attrs(fs2)
     assert [k for _op, k in store.log[mark:] if k == ikey] == []
     assert heads_of_files(store, mark) == []
     assert all(same(again[n], want[n]) and same(got[n], want[n]) for n in want)
@@ -130,6 +139,7 @@ def test_the_listing_tells_whether_to_read_the_index(make_fs, store):
     age(store)
     assert fs1.dirindex.flush(10)
     mark = len(store.log)
+    expire_attrs(fs2)
     again = listed_attrs(fs2)
     assert [op for op, k in store.log[mark:] if k == ikey] == ["head"]      # changed: read
     assert heads_of_files(store, mark) == []
@@ -193,7 +203,41 @@ def test_a_damaged_or_foreign_index_is_ignored(make_fs, store, ring, caplog):
     got = listed_attrs(fs2)
     assert len(heads_of_files(store, mark)) == N
     assert all(same(got[n], want[n]) for n in want)
-    assert "malformed" in caplog.text
+    assert "not an index of ours" in caplog.text
+
+
+def test_an_object_of_that_name_that_is_no_index_of_ours_is_never_overwritten(make_fs, store,
+                                                                            caplog, monkeypatch):
+    monkeypatch.setattr(dirindex, "QUIET", 3600)     # indexes are written at flush() only
+    fs = make_fs()
+    make_dir(fs, "/e")
+    want = make_dir(fs)
+    store.put("d/" + INDEX_NAME, b"a user's file, put there by another tool\n", {})
+    store.put("e/" + INDEX_NAME, encode({}), {})
+    e = store._objects["e/" + INDEX_NAME]
+    e.key_fp = "another key"                         # written by a mount with another key
+    age(store)
+    assert fs.dirindex.flush(10)
+    assert store._objects["d/" + INDEX_NAME].data == b"a user's file, put there by another tool\n"
+    assert store._objects["e/" + INDEX_NAME] is e
+    assert "not an index of ours" in caplog.text
+    got = listed_attrs(make_fs())                    # listings still work (with HEADs)
+    assert all(same(got[n], want[n]) for n in want)
+
+
+def test_a_build_after_a_remount_reuses_the_stored_entries(make_fs, store):
+    fs1 = make_fs()
+    make_dir(fs1)
+    age(store)
+    assert fs1.dirindex.flush(10)
+    fs2 = make_fs()                                  # no observations of its own
+    write_file(fs2, "/d/f00", b"changed")
+    settle(fs2)
+    store._objects["d/f00"].mtime -= 10              # (the others keep their Last-Modified)
+    mark = len(store.log)
+    assert fs2.dirindex.flush(10)
+    assert heads_of_files(store, mark) == ["d/f00"]  # only the file it changed
+    assert decode(store._objects["d/" + INDEX_NAME].data)["f00"].size == len(b"changed")
 
 
 def test_small_directories_get_no_index_and_a_shrinking_one_loses_it(make_fs, store):
@@ -236,6 +280,35 @@ def test_the_index_name_is_reserved_and_rmdir_and_rename_handle_it(make_fs, stor
     assert fs.dirindex.flush(10)
     fs.rmdir("/e")
     assert not any(k.startswith("e/") for k in store.keys())
+
+
+def test_a_build_never_puts_back_the_index_of_a_directory_removed_meanwhile(make_fs, store,
+                                                                          monkeypatch):
+    monkeypatch.setattr(dirindex, "QUIET", 3600)     # no build but the one started here
+    fs1 = make_fs()
+    make_dir(fs1)
+    age(store)
+    fs = make_fs()                   # no observations: its build HEADs every file
+    go, inside = threading.Event(), threading.Event()
+
+    def hold(key, *args):
+        if key.startswith("d/f"):
+            inside.set()
+            assert go.wait(10)
+    store.before["head"] = hold
+    builder = threading.Thread(target=fs.dirindex.build, args=("d/",))
+    builder.start()
+    try:
+        assert inside.wait(10), "the build did not start its HEADs"
+        del store.before["head"]
+        for n in [n for n in fs.readdir("/d") if n not in (".", "..")]:
+            fs.unlink("/d/" + n)
+        fs.rmdir("/d")
+    finally:
+        go.set()
+        builder.join(10)
+    assert not builder.is_alive()
+    assert not any(k.startswith("d/") for k in store.keys()), store.keys()
 
 
 def test_rmdir_removes_an_index_left_alone_in_a_directory(make_fs, store):
