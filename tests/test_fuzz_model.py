@@ -61,6 +61,7 @@ BOX = {"deadline": float("inf"), "failed": False}
 
 # ---------------------------------------------------------------------------- strategies
 LEAVES = ["a", "b", "c", "d", "e"]
+FILLERS = 20                # files of a "big" example directory (>= dirindex.MIN_FILES)
 PARENTS = ["", "", "", "d", "e", "d/e", "e/d"]          # top level more often
 paths = st.builds(lambda parent, leaf: f"{parent}/{leaf}" if parent else leaf,
                   st.sampled_from(PARENTS), st.sampled_from(LEAVES))
@@ -297,10 +298,11 @@ class FuzzMachine(RuleBasedStateMachine):
             self._close(h)
 
     # -- setup / teardown ---------------------------------------------------------------------
-    @initialize(seed=st.sampled_from(["empty", "tree"]), data=blobs)
+    @initialize(seed=st.sampled_from(["empty", "tree", "big"]), data=blobs)
     def setup_dirs(self, seed, data):
         """A fresh directory per example; "tree" starts it with d/, e/, a, d/b (so that more
-        operations meet existing entries)."""
+        operations meet existing entries); "big" adds FILLERS files beside them, enough for
+        the directory to get an attribute index (docs/SEMANTICS.md) at the next remount."""
         if not BOX["failed"] and time.monotonic() > BOX["deadline"]:
             # Stop the whole run here (the test catches it and passes). Changing which rules
             # may run instead would make hypothesis see other draws for the same choices
@@ -314,10 +316,11 @@ class FuzzMachine(RuleBasedStateMachine):
         self.mnt = os.path.join(self.m.path, name)
         for root in (self.local, self.mnt):
             os.mkdir(root)
-            if seed == "tree":
+            if seed in ("tree", "big"):
                 os.mkdir(os.path.join(root, "d"))
                 os.mkdir(os.path.join(root, "e"))
-                for f in ("a", "d/b"):
+                fillers = [f"f{i:02d}" for i in range(FILLERS)] if seed == "big" else []
+                for f in ("a", "d/b", *fillers):
                     with open(os.path.join(root, f), "wb") as fh:
                         fh.write(data.data)
 
