@@ -26,6 +26,7 @@ the mount hides it and refuses to create it (docs/SEMANTICS.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -50,6 +51,7 @@ MAX_ENTRIES = 10_000     # larger directories get no index (bounded memory and o
 HEAL_MIN = 16            # a listing with this many files without an entry asks for a build
 MIN_FILES = 16           # smaller directories get no index (a few HEADs in parallel are cheap)
 LOAD_BYTES = 256 * 1024  # the first GET of an index asks this much (most are smaller)
+OBS_DIRS = 8             # directories whose entries are kept in memory (LRU)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,10 @@ def decode(data: bytes) -> dict[str, Entry]:
     return out
 
 
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 class DirIndexes:
     """Observations per directory, loading indexes for listings, and the background builder.
 
@@ -120,12 +126,13 @@ class DirIndexes:
         self.pool = head_pool
         self.writable = writable
         self._lock = threading.Condition()
-        # directory -> {name: Entry}: answers seen by this mount, and loaded indexes
-        self._obs: LRUCache = LRUCache(maxsize=32)
-        self._stored: dict[str, bytes] = {}      # dkey -> bytes we know the index holds
-        self._loaded: LRUCache = LRUCache(maxsize=16)    # dkey -> (ETag, entries) last read
+        # directory -> {name: Entry}: answers seen by this mount, and loaded indexes. Bounded:
+        # at most OBS_DIRS directories of at most MAX_ENTRIES entries (~2.5 MB each).
+        self._obs: LRUCache = LRUCache(maxsize=OBS_DIRS)
+        self._stored: LRUCache = LRUCache(maxsize=10_000)   # dkey -> digest of what it holds
+        self._loaded: LRUCache = LRUCache(maxsize=OBS_DIRS)  # dkey -> (ETag, entries) last read
         self._foreign: set[str] = set()          # dkeys whose index object is not ours to write
-        self._due: dict[str, list] = {}          # dkey -> [quiet until, latest, dir]
+        self._due: dict[str, list] = {}          # dkey -> [quiet until, latest, ours]
         self._building = 0
         # Changes of ours per directory, and directories forgotten (rmdir, rename): a build
         # writes only if neither moved while it ran, so it never puts back the index of a
@@ -225,7 +232,7 @@ class DirIndexes:
             return {}
         with self._lock:
             self._foreign.discard(dkey)
-            self._stored[dkey] = data
+            self._stored[dkey] = _digest(data)
             self._loaded[dkey] = (info.etag, entries)
             obs = self._obs.get(dkey)
             if obs is None:
@@ -285,7 +292,9 @@ class DirIndexes:
             if len(listed) > MAX_ENTRIES:
                 log.debug("index of %r: more than %d files, none kept", dkey, MAX_ENTRIES)
                 return False
-        if present and dkey not in self._stored:
+        with self._lock:
+            known = dkey in self._stored and dkey in self._obs
+        if present and not known:
             self.load(dkey)          # its entries spare HEADs; and is it ours to overwrite?
         with self._lock:
             if dkey in self._foreign:
@@ -318,7 +327,8 @@ class DirIndexes:
             with self._lock:
                 if (self._forgets, self._gens.get(dkey, 0)) != start:
                     return again        # changed meanwhile: the next build (due) decides
-                same = present == (data is not None) and self._stored.get(dkey) == data
+                same = present == (data is not None) and self._stored.get(dkey) == (
+                    _digest(data) if data is not None else None)
             if same:
                 return again
             if data is None:
@@ -334,7 +344,7 @@ class DirIndexes:
                 if data is None:
                     self._stored.pop(dkey, None)
                 else:
-                    self._stored[dkey] = data
+                    self._stored[dkey] = _digest(data)
         return again
 
     def flush(self, timeout: float) -> bool:
