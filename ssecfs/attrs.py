@@ -177,10 +177,11 @@ class AttrOps:
         i = key.rfind("/")
         return key[:i + 1], key[i + 1:]
 
-    def _observe(self, key: str, info: ObjectInfo) -> None:
-        """One answer of the server about key: material for its directory's index."""
+    def _observe(self, key: str, info: ObjectInfo, attr: Attr) -> None:
+        """One answer of the server about key (and the attributes read from it): material
+        for its directory's index."""
         if self._use_index:
-            self.dirindex.observe(*self._dkey_name(key), info)
+            self.dirindex.observe(*self._dkey_name(key), info, attr)
 
     def _seed_from_index(self, idx: dict, batch: list, seq0: int) -> int:
         """Attributes of listed files from their directory's index (entries matching the
@@ -341,8 +342,9 @@ class AttrOps:
     def _prefetch_one(self, path: str, key: str, seq0: int) -> None:
         try:
             info = self.store.head(key)
-            self._cache_attr(path, self._attr_of_info(info), seq0, info)
-            self._observe(key, info)
+            attr = self._attr_of_info(info)
+            self._cache_attr(path, attr, seq0, info)
+            self._observe(key, info, attr)
         except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
             pass
         finally:
@@ -353,13 +355,14 @@ class AttrOps:
         key = self.key_of(path)
         try:
             info = self._head_keep_start(path, key)
-            self._observe(key, info)
+            attr = self._attr_of_info(info)
+            self._observe(key, info, attr)
             with self._attr_lock:
                 if self._seq == seq0:
                     self._infos[path] = info
                 else:
                     self._starts.pop(path, None)
-            return self._attr_of_info(info)
+            return attr
         except NotFound:
             pass
         return self._dir_attr(path)

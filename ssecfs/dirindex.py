@@ -145,16 +145,21 @@ class DirIndexes:
         self.builds = 0                          # indexes written (status, tests)
 
     # -- what the filesystem tells us -----------------------------------------------------
-    def observe(self, dkey: str, name: str, info: ObjectInfo) -> None:
-        e = entry_of(info, self.attr_of(info))
+    def observe(self, dkey: str, name: str, info: ObjectInfo, attr=None) -> Entry | None:
+        """One answer of the server about a file; attr: what the filesystem read from it
+        (read here if not given). Returns the entry it makes, if it can make one."""
+        if info.access != OPEN or info.observed is None:
+            return None
+        e = entry_of(info, attr if attr is not None else self.attr_of(info))
         if e is None:
-            return
+            return None
         with self._lock:
             obs = self._obs.get(dkey)
             if obs is None:
                 obs = self._obs[dkey] = {}
             if name in obs or len(obs) < MAX_ENTRIES:
                 obs[name] = e
+        return e
 
     def changed(self, dkey: str, ours: bool = True) -> None:
         """ours: a change of ours in the directory (its build HEADs every file without a
@@ -316,8 +321,7 @@ class DirIndexes:
                 info = fut.result()
             except (NotFound, KeyMismatch, PermissionDenied):
                 continue                     # gone, or not ours to describe
-            self.observe(dkey, name, info)
-            e = entry_of(info, self.attr_of(info))
+            e = self.observe(dkey, name, info)
             if e is not None and e.matches(o):
                 keep[name] = e
             elif e is not None and e.etag == o.etag and e.seen < e.lm + MATURE:

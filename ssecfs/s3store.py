@@ -770,8 +770,5 @@ class S3Store:
             t1 = _time.time()
         except Exception:  # noqa: BLE001
             return None
-        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        if not date:
-            return None
-        server = email.utils.parsedate_to_datetime(date).timestamp()
-        return server - (t0 + t1) / 2
+        server = _http_date(resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date"))
+        return None if server is None else server - (t0 + t1) / 2
