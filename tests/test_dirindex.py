@@ -49,6 +49,16 @@ def make_dir(fs, d: str = "/d", n: int = N) -> dict:
     return {f"f{i:02d}": fs.getattr(f"{d}/f{i:02d}") for i in range(n)}
 
 
+def indexed_dir(make_fs, store) -> tuple:
+    """A mount that made /d (make_dir) and wrote its index, the versions old enough to be
+    indexed. Returns (that mount, name -> attr)."""
+    fs = make_fs()
+    want = make_dir(fs)
+    age(store)
+    assert fs.dirindex.flush(10)
+    return fs, want
+
+
 def listed_attrs(fs, d: str = "/d") -> dict:
     names = [n for n in fs.readdir(d) if n not in (".", "..")]
     return {n: fs.getattr(f"{d}/{n}") for n in names}
@@ -93,10 +103,7 @@ def test_an_entry_matches_only_its_version_and_only_when_seen_later():
 
 # ------------------------------------------------------------------------- over the store
 def test_a_cold_listing_takes_attributes_from_the_index_without_heads(make_fs, store):
-    fs1 = make_fs()
-    want = make_dir(fs1)
-    age(store)
-    assert fs1.dirindex.flush(10)
+    _, want = indexed_dir(make_fs, store)
     assert "d/" + INDEX_NAME in store.keys()
     assert store.calls["put"] >= 1
 
@@ -147,10 +154,7 @@ def test_the_listing_tells_whether_to_read_the_index(make_fs, store):
 
 
 def test_files_changed_by_others_are_asked_again(make_fs, store):
-    fs1 = make_fs()
-    make_dir(fs1)
-    age(store)
-    assert fs1.dirindex.flush(10)
+    indexed_dir(make_fs, store)
     # another client: new content for f03, a metadata-only change of f04 (new version,
     # later Last-Modified), a new file; f05 deleted
     store.put("d/f03", b"new content", {"mode": str(stat.S_IFREG | 0o640)})
@@ -174,10 +178,7 @@ def test_an_entry_seen_too_soon_is_not_used(make_fs, store, monkeypatch):
     """Same ETag, same Last-Modified second, other metadata (SeaweedFS: a chmod by CopyObject
     in the second of the write): an entry taken from an answer in that second must not be
     trusted, whatever the index says."""
-    fs1 = make_fs()
-    want = make_dir(fs1)
-    age(store)
-    assert fs1.dirindex.flush(10)
+    _, want = indexed_dir(make_fs, store)
     data = store._objects["d/" + INDEX_NAME].data
     entries = decode(data)
     # rewrite f06's entry as if seen in its own second, with a mode the object does not have
@@ -193,10 +194,7 @@ def test_an_entry_seen_too_soon_is_not_used(make_fs, store, monkeypatch):
 
 
 def test_a_damaged_or_foreign_index_is_ignored(make_fs, store, ring, caplog):
-    fs1 = make_fs()
-    want = make_dir(fs1)
-    age(store)
-    assert fs1.dirindex.flush(10)
+    _, want = indexed_dir(make_fs, store)
     store.put("d/" + INDEX_NAME, b'{"ssecfs-index": 1, "entries": {"f00": [1]}}', {})
     fs2 = make_fs()
     mark = len(store.log)
@@ -226,10 +224,7 @@ def test_an_object_of_that_name_that_is_no_index_of_ours_is_never_overwritten(ma
 
 
 def test_a_build_after_a_remount_reuses_the_stored_entries(make_fs, store):
-    fs1 = make_fs()
-    make_dir(fs1)
-    age(store)
-    assert fs1.dirindex.flush(10)
+    indexed_dir(make_fs, store)
     fs2 = make_fs()                                  # no observations of its own
     write_file(fs2, "/d/f00", b"changed")
     settle(fs2)
@@ -323,10 +318,7 @@ def test_rmdir_removes_an_index_left_alone_in_a_directory(make_fs, store):
 
 
 def test_a_read_only_mount_reads_indexes_but_never_writes_one(make_fs, store):
-    fs1 = make_fs()
-    make_dir(fs1)
-    age(store)
-    assert fs1.dirindex.flush(10)
+    indexed_dir(make_fs, store)
     ro = make_fs(read_only=True)
     mark = len(store.log)
     listed_attrs(ro)
@@ -356,10 +348,7 @@ def test_a_listing_of_files_written_by_others_heals_the_index(make_fs, store, mo
 
 
 def test_disabled_indexes_are_neither_read_nor_written(make_fs, store):
-    fs1 = make_fs()
-    make_dir(fs1)
-    age(store)
-    assert fs1.dirindex.flush(10)
+    indexed_dir(make_fs, store)
     off = make_fs(dir_index=False)
     mark = len(store.log)
     listed_attrs(off)
