@@ -142,7 +142,6 @@ class DirIndexes:
         self._write_lock = threading.Lock()      # the check and the write, against forget()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.builds = 0                          # indexes written (status, tests)
 
     # -- what the filesystem tells us -----------------------------------------------------
     def observe(self, dkey: str, name: str, info: ObjectInfo, attr=None) -> Entry | None:
@@ -327,12 +326,12 @@ class DirIndexes:
             elif e is not None and e.etag == o.etag and e.seen < e.lm + MATURE:
                 again = True                 # too new: the answer may not be the last word
         data = encode(keep) if len(keep) >= MIN_FILES else None
+        digest = _digest(data) if data is not None else None
         with self._write_lock:
             with self._lock:
                 if (self._forgets, self._gens.get(dkey, 0)) != start:
                     return again        # changed meanwhile: the next build (due) decides
-                same = present == (data is not None) and self._stored.get(dkey) == (
-                    _digest(data) if data is not None else None)
+                same = present == (data is not None) and self._stored.get(dkey) == digest
             if same:
                 return again
             if data is None:
@@ -342,13 +341,12 @@ class DirIndexes:
                     pass
             else:
                 self.store.put(dkey + INDEX_NAME, data, {})
-                self.builds += 1
                 log.debug("index of %r written: %d of %d files", dkey, len(keep), len(listed))
             with self._lock:
-                if data is None:
+                if digest is None:
                     self._stored.pop(dkey, None)
                 else:
-                    self._stored[dkey] = _digest(data)
+                    self._stored[dkey] = digest
         return again
 
     def flush(self, timeout: float) -> bool:
