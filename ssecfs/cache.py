@@ -1,11 +1,17 @@
 """Encrypted on-disk chunk cache.
 
-Layout (format version 2, see docs/CACHE.md):
+Layout (format version 3, see docs/CACHE.md):
     CACHE_DIR/                      mode 0700, flock'ed by the daemon that uses it (LOCK)
-        VERSION                     "ssecfs-cache 2"
-        entries/ID.data             chunk slots; slot i at offset i * SLOT
-        entries/ID.meta             sealed journal record (JSON) of the entry's state
-A slot holds its chunk in one of two forms:
+        VERSION                     "ssecfs-cache 3"
+        entries/ID.data             two record slots (at 0 and RSLOT), then chunk slots:
+                                    chunk i at BASE + i * SLOT
+A record slot holds the entry's journal record (JSON, sealed):
+  "SSR3" | key fingerprint (24 ASCII bytes) | u64 sequence | u32 length | sealed record
+written alternately to slot seq % 2, so that a write torn by a crash leaves the previous
+record whole; the valid record with the highest sequence is the entry's state. Format 2
+entries (chunk i at i * SLOT, the record in a file ID.meta beside) are still read and
+uploaded as they are; new entries are written in format 3.
+A chunk slot holds its chunk in one of two forms:
   "SSC1" | u32 plaintext length | nonce | AES-GCM(chunk) | tag            (whole)
   "SSC2" | u32 plaintext length | write id (8 random bytes) | sub-block 0 | sub-block 1 | ...
 where sub-block j = nonce | AES-GCM(plaintext[j*SUB:(j+1)*SUB]) | tag, sealed with associated
@@ -64,8 +70,12 @@ def _cost(length: int) -> int:
     return (SUBS_AT + sealed_len(length) + 4095) // 4096 * 4096
 SEALER_THREADS = 2
 MAX_PENDING = 256                    # chunks (32 MiB) of plaintext waiting to be sealed
-VERSION_TEXT = "ssecfs-cache 2\n"
-OLD_VERSION_TEXTS = ("ssecfs-cache 1\n",)    # read, then the VERSION file is rewritten
+VERSION_TEXT = "ssecfs-cache 3\n"
+OLD_VERSION_TEXTS = ("ssecfs-cache 1\n", "ssecfs-cache 2\n")   # read; VERSION rewritten
+RSLOT = 64 * 1024               # one record slot (a record is a few hundred bytes: sparse)
+BASE = 2 * RSLOT                # where a format 3 entry's chunk slots start
+RHEADER = struct.Struct(">4s24sQI")   # magic, key fingerprint, sequence, sealed length
+RMAGIC = b"SSR3"
 EXIT_CACHE = 6
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -111,8 +121,14 @@ def _oserror_to_domain(e: OSError) -> Exception:
 class CacheEntry:
     """The cached content of one file version: chunk slots plus a sealed state record."""
 
-    def __init__(self, cache: "Cache", entry_id: str, key_fp: str | None = None):
+    def __init__(self, cache: "Cache", entry_id: str, key_fp: str | None = None,
+                 legacy: bool = False):
         self.cache = cache
+        # legacy: a format 2 entry found at recovery (record in ID.meta, chunks from 0)
+        self.legacy = legacy
+        self.base = 0 if legacy else BASE
+        self._seq = -1                        # sequence of the last record written or read
+        self._named = legacy                  # the data file's name is durable (dir fsynced)
         self.key_fp = key_fp or cache.key_fp        # which ring key's cache key seals it
         self.sealer = cache.sealers[self.key_fp]
         self.id = entry_id
@@ -139,14 +155,13 @@ class CacheEntry:
     def data_path(self) -> str:
         return os.path.join(self.cache.entries_dir, self.id + ".data")
 
-    @property
-    def meta_path(self) -> str:
-        return os.path.join(self.cache.entries_dir, self.id + ".meta")
-
     def _fdl(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
         return self._fd
+
+    def _off(self, index: int) -> int:
+        return self.base + index * SLOT
 
     # -- chunks -------------------------------------------------------------------------------
     def has(self, index: int) -> bool:
@@ -160,7 +175,7 @@ class CacheEntry:
             data = self.pending.get(index)
             if data is not None:
                 return bytes(data)      # a view into a fetched buffer: callers get bytes
-            raw = os.pread(self._fdl(), SLOT, index * SLOT)
+            raw = os.pread(self._fdl(), SLOT, self._off(index))
         magic, length = HEADER.unpack_from(raw) if len(raw) >= HEADER.size else (b"", 0)
         if magic not in (MAGIC, MAGIC_V1) or length > CHUNK:
             log.error("cache entry %s chunk %d: bad slot header (corrupt or torn); not served",
@@ -202,7 +217,7 @@ class CacheEntry:
                     return b""
                 first, last = lo // SUB, (hi - 1) // SUB
                 size = sealed_len(min(length, (last + 1) * SUB)) - first * SUB_SEALED
-                raw = os.pread(self._fdl(), size, index * SLOT + SUBS_AT + first * SUB_SEALED)
+                raw = os.pread(self._fdl(), size, self._off(index) + SUBS_AT + first * SUB_SEALED)
         if wid is None:
             data = self.read_chunk(index)        # sealed whole (or a bad header: reported)
             if data is None:
@@ -301,7 +316,7 @@ class CacheEntry:
                     self._drained.notify_all()
                 return
             try:
-                if os.pwritev(self._fdl(), slot, index * SLOT) != sum(map(len, slot)):
+                if os.pwritev(self._fdl(), slot, self._off(index)) != sum(map(len, slot)):
                     # a short write (disk full mid-slot) is not success: keep the data in
                     # memory and report ENOSPC, never a torn slot taken as written
                     raise OSError(errno.ENOSPC, "short write to the cache")
@@ -355,17 +370,12 @@ class CacheEntry:
             if not self.pending:
                 self._drained.notify_all()
             if self._fd is not None or os.path.exists(self.data_path):
-                os.ftruncate(self._fdl(), first * SLOT)
+                os.ftruncate(self._fdl(), self._off(first))
         self.cache._forget(self, gone, freed)
 
     def sync(self) -> None:
-        # seal what is still waiting here rather than wait for a sealer thread to get to it
-        # (close of a small file: one thread hop less); a job already running is harmless,
-        # _seal_one writes each version of a chunk once
-        with self.io_lock:
-            waiting = list(self.pending)
-        for index in waiting:
-            self._seal_one(index)
+        """Every chunk written so far is on disk when it returns."""
+        self._seal_waiting()
         self.drain()
         fd = self._synced_fd()
         if fd is not None:
@@ -399,22 +409,119 @@ class CacheEntry:
                     self._drained.notify_all()
                 return _cost(length)
             fd = self._fdl()
-            if not _punch_hole(fd, index * SLOT, SLOT):
-                os.pwrite(fd, b"\0" * HEADER.size, index * SLOT)
+            if not _punch_hole(fd, self._off(index), SLOT):
+                os.pwrite(fd, b"\0" * HEADER.size, self._off(index))
             if not self.present and not self.dirty:
                 # fully evicted: nothing of it needs to stay on disk
                 os.close(fd)
                 self._fd = None
-                for p in (self.data_path, self.meta_path):
-                    try:
-                        os.unlink(p)
-                    except FileNotFoundError:
-                        pass
+                self.cache._remove_files(self)
             return _cost(length)
 
     # -- journal record -----------------------------------------------------------------------
     def save_state(self, state: dict, sync: bool = True) -> None:
-        """Atomically replace the sealed state record (write temp, fsync, rename)."""
+        """Write the entry's journal record. sync=True: when it returns, the record and every
+        chunk written before it are on disk (the chunks still waiting to be sealed are sealed
+        first; then one fdatasync of the data file, and for a new entry one fsync of
+        `entries/`, so that its name survives a power cut too)."""
+        if self.legacy:
+            if sync:
+                self.sync()
+            self._save_legacy(state, sync)
+            return
+        if sync:
+            self._seal_waiting()
+            self.drain()
+        seq = self._seq + 1
+        blob = self.sealer.seal(json.dumps(state).encode(), self._record_aad(seq))
+        record = RHEADER.pack(RMAGIC, self.key_fp.encode(), seq, len(blob)) + blob
+        if len(record) > RSLOT:
+            raise OSError(errno.ENAMETOOLONG, "journal record too long (path or key)")
+        try:
+            with self.io_lock:
+                if os.pwrite(self._fdl(), record, (seq % 2) * RSLOT) != len(record):
+                    raise OSError(errno.ENOSPC, "short write to the cache")
+                self._seq = seq
+            if sync:
+                fd = self._synced_fd()
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                if not self._named:
+                    self.cache.sync_entries_dir()
+                    self._named = True
+        except OSError as e:
+            raise _oserror_to_domain(e) from None
+
+    def drop_state(self) -> None:
+        """The entry is clean (uploaded): a record that says so replaces the dirty one, without
+        a flush (a crash that loses it leaves the dirty record: uploaded once more). Recovery
+        removes a clean entry."""
+        if self.legacy:
+            try:
+                os.unlink(self.meta_path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise _oserror_to_domain(e) from None
+            return
+        self.save_state({"dirty": False}, sync=False)
+
+    def _record_aad(self, seq: int) -> bytes:
+        return record_aad(b"meta" + struct.pack(">Q", seq), self.bid)
+
+    def _seal_waiting(self) -> None:
+        # seal what is still waiting here rather than wait for a sealer thread to get to it
+        # (close of a small file: one thread hop less); a job already running is harmless,
+        # _seal_one writes each version of a chunk once
+        with self.io_lock:
+            waiting = list(self.pending)
+        for index in waiting:
+            self._seal_one(index)
+
+    @staticmethod
+    def read_records(data_path: str) -> list[tuple[int, str, bytes]]:
+        """The record slots of a format 3 data file that carry a record header, newest
+        first: (sequence, key fingerprint, sealed record). Not authenticated yet."""
+        found = []
+        with open(data_path, "rb") as f:
+            for slot in range(2):
+                f.seek(slot * RSLOT)
+                raw = f.read(RSLOT)
+                if len(raw) < RHEADER.size:
+                    continue
+                magic, fp, seq, n = RHEADER.unpack_from(raw)
+                if magic == RMAGIC and n <= RSLOT - RHEADER.size and seq % 2 == slot:
+                    found.append((seq, fp.decode("ascii", "replace"),
+                                  raw[RHEADER.size:RHEADER.size + n]))
+        return sorted(found, reverse=True)
+
+    def load_state(self) -> dict:
+        """The newest record that authenticates (the previous one if the newest was torn by a
+        crash); it becomes the entry's current record (the next goes to the other slot)."""
+        if self.legacy:
+            return self.load_legacy()
+        for seq, fp, blob in self.read_records(self.data_path):
+            if fp != self.key_fp:
+                continue
+            try:
+                state = json.loads(self.sealer.open(blob, self._record_aad(seq)))
+            except (IntegrityError, ValueError):
+                log.warning("cache entry %s: record %d does not authenticate (torn?); trying "
+                            "the previous one", self.id[:8], seq)
+                continue
+            self._seq = seq
+            return state
+        raise IntegrityError(f"cache entry {self.id[:8]}: no record authenticates")
+
+    # -- format 2 records (a file ID.meta beside the data) ----------------------------------------
+    @property
+    def meta_path(self) -> str:
+        return os.path.join(self.cache.entries_dir, self.id + ".meta")
+
+    def _save_legacy(self, state: dict, sync: bool) -> None:
+        """Atomically replace ID.meta (write temp, fsync, rename, fsync of entries/)."""
         blob = self.sealer.seal(json.dumps(state).encode(), record_aad(b"meta", self.bid))
         tmp = self.meta_path + ".tmp"
         try:
@@ -427,30 +534,18 @@ class CacheEntry:
                 os.close(fd)
             os.replace(tmp, self.meta_path)
             if sync:
-                # the rename (and the data file's name, made in the same directory) must
-                # survive a power cut too: a record that is not there reads as "clean"
                 self.cache.sync_entries_dir()
-        except OSError as e:
-            raise _oserror_to_domain(e) from None
-
-    def drop_state(self) -> None:
-        """The entry is clean (uploaded): remove its record rather than rewrite it. Recovery
-        treats an entry without a record like a clean one (removed), and an unlink costs no
-        data flush where a rename over the old record does (ext4 auto_da_alloc)."""
-        try:
-            os.unlink(self.meta_path)
-        except FileNotFoundError:
-            pass
         except OSError as e:
             raise _oserror_to_domain(e) from None
 
     @staticmethod
     def read_key_fp(meta_path: str) -> str:
-        """The (non-secret) fingerprint of the key that sealed an entry: its record's first line."""
+        """The (non-secret) fingerprint of the key that sealed a format 2 entry: its record's
+        first line."""
         with open(meta_path, "rb") as f:
             return f.readline().strip().decode("ascii", "replace")
 
-    def load_state(self) -> dict:
+    def load_legacy(self) -> dict:
         with open(self.meta_path, "rb") as f:
             f.readline()
             blob = f.read()
@@ -463,8 +558,8 @@ class CacheEntry:
                 size = os.fstat(self._fdl()).st_size
             except OSError:
                 return
-            for i in range((size + SLOT - 1) // SLOT):
-                hdr = os.pread(self._fd, SUBS_AT, i * SLOT)
+            for i in range(max(0, size - self.base + SLOT - 1) // SLOT):
+                hdr = os.pread(self._fd, SUBS_AT, self._off(i))
                 if len(hdr) >= HEADER.size:
                     magic, length = HEADER.unpack_from(hdr)
                     if magic in (MAGIC, MAGIC_V1) and 0 < length <= CHUNK:
@@ -517,8 +612,8 @@ class Cache:
             raise UserError(f"cache dir {self.dir} is in use by another ssecfs daemon",
                             EXIT_CACHE) from None
         if version != VERSION_TEXT:
-            # new, or format 1 (whose slots stay readable): from now on an older ssecfs
-            # refuses this directory rather than fail on the slots written in format 2
+            # new, or format 1 or 2 (whose entries stay readable): from now on an older
+            # ssecfs refuses this directory rather than miss the records of format 3
             tmp = vpath + ".tmp"
             with open(tmp, "w") as f:
                 f.write(VERSION_TEXT)
@@ -578,26 +673,18 @@ class Cache:
         half-created ones. Entries whose record does not authenticate (another key, or torn)
         are left on disk and reported, never deleted: they may hold the only copy of data."""
         dirty, bad = [], []
-        ids = {n.split(".")[0] for n in os.listdir(self.entries_dir)}
-        for eid in sorted(ids):
+        names = set(os.listdir(self.entries_dir))
+        for eid in sorted({n.split(".")[0] for n in names}):
             if len(eid) != 32:
                 continue
-            meta_path = os.path.join(self.entries_dir, eid + ".meta")
-            if not os.path.exists(meta_path):
-                for p in (meta_path[:-5] + ".data", meta_path + ".tmp"):
-                    if os.path.exists(p):
-                        os.unlink(p)
-                continue
             try:
-                fp = CacheEntry.read_key_fp(meta_path)
-                if fp not in self.sealers:
-                    raise IntegrityError("sealed under a key that is not in the ring")
-                e = CacheEntry(self, eid, fp)
-                state = e.load_state()
+                e, state = self._recover_one(eid, names)
             except (IntegrityError, ValueError, OSError):
                 bad.append(eid)
                 log.error("cache entry %s: journal record does not authenticate with this key "
                           "(another key, or torn); left untouched", eid[:8])
+                continue
+            if e is None:
                 continue
             if not state.get("dirty"):
                 self._remove_files(e)
@@ -612,8 +699,34 @@ class Cache:
             dirty.append((e, state))
         return dirty, bad
 
+    def _recover_one(self, eid: str, names: set) -> tuple[CacheEntry | None, dict]:
+        """The entry `eid` and its newest authentic record; (None, {}) for an entry without a
+        record (never closed, or half-created), whose files are removed."""
+        if eid + ".meta" in names:                        # format 2
+            fp = CacheEntry.read_key_fp(os.path.join(self.entries_dir, eid + ".meta"))
+            if fp not in self.sealers:
+                raise IntegrityError("sealed under a key that is not in the ring")
+            e = CacheEntry(self, eid, fp, legacy=True)
+            return e, e.load_legacy()
+        records = []
+        if eid + ".data" in names:
+            records = CacheEntry.read_records(os.path.join(self.entries_dir, eid + ".data"))
+        if not records:
+            e = CacheEntry(self, eid, legacy=eid + ".meta.tmp" in names)
+            self._remove_files(e)
+            return None, {}
+        ours = [fp for _, fp, _ in records if fp in self.sealers]
+        if not ours:
+            raise IntegrityError("sealed under a key that is not in the ring")
+        e = CacheEntry(self, eid, ours[0])
+        e._named = True
+        return e, e.load_state()
+
     def _remove_files(self, e: CacheEntry) -> None:
-        for p in (e.data_path, e.meta_path, e.meta_path + ".tmp"):
+        paths = [e.data_path]
+        if e.legacy:
+            paths += [e.meta_path, e.meta_path + ".tmp"]
+        for p in paths:
             try:
                 os.unlink(p)
             except FileNotFoundError:

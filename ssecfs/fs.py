@@ -544,8 +544,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             if st.journaled_gen != st.generation:
                 entry = self._ensure_entry(st)
                 try:
-                    entry.sync()
-                    entry.save_state(st.journal())
+                    entry.save_state(st.journal())     # with the data: durable
                 except Exception:
                     # the caller hears of it (ENOSPC at close); the upload is still queued:
                     # what could not be written to disk is still in memory

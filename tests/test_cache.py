@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from helpers import marker_blob, scan_dir_for
-from ssecfs.cache import CHUNK, HEADER, MAGIC, MAGIC_V1, SLOT, SUBS_AT, VERSION_TEXT, Cache
+from ssecfs.cache import (BASE, CHUNK, HEADER, MAGIC, MAGIC_V1, RHEADER, RSLOT, SLOT, SUBS_AT,
+                          VERSION_TEXT, Cache, CacheEntry)
 from ssecfs.cache import _cost
 from ssecfs.crypto import SUB, SUB_SEALED, Sealer, chunk_aad, sub_aad
 from ssecfs.errors import IntegrityError, NoSpace, UserError
@@ -53,7 +54,8 @@ def cache(cache_dir, keys):
 
 
 def slot_offset(index: int) -> int:
-    return index * SLOT
+    """Where chunk `index` of a (format 3) entry lives in its data file."""
+    return BASE + index * SLOT
 
 
 # ------------------------------------------------------------------------- chunks
@@ -128,17 +130,17 @@ def test_tampered_slot_header_fails(cache, split):
         write_split(e, 0, data)
     magic, other = (MAGIC, MAGIC_V1) if split else (MAGIC_V1, MAGIC)
     with open(e.data_path, "r+b") as f:
-        f.seek(0)
+        f.seek(slot_offset(0))
         f.write(HEADER.pack(magic, 4999))            # claims one byte less
     with pytest.raises(IntegrityError):
         e.read_chunk(0)
     with open(e.data_path, "r+b") as f:
-        f.seek(0)
+        f.seek(slot_offset(0))
         f.write(HEADER.pack(other, 5000))            # claims the other form
     with pytest.raises(IntegrityError):
         e.read_chunk(0)
     with open(e.data_path, "r+b") as f:
-        f.seek(0)
+        f.seek(slot_offset(0))
         f.write(HEADER.pack(b"XXXX", 5000))          # bad magic
     with pytest.raises(IntegrityError):
         e.read_chunk(0)
@@ -151,7 +153,7 @@ WINDOWS = [(0, 4096), (4096, 8192), (SUB - 1, SUB + 1), (SUB, 2 * SUB), (100, 3 
 
 def slot_magic(e, index: int) -> bytes:
     with open(e.data_path, "rb") as f:
-        f.seek(index * SLOT)
+        f.seek(e.base + index * SLOT)
         return f.read(4)
 
 
@@ -245,6 +247,7 @@ def test_slot_is_sealed_in_sub_blocks(cache, keys):
     data = os.urandom(length)
     write_split(e, 0, data)
     with open(e.data_path, "rb") as f:
+        f.seek(slot_offset(0))
         raw = f.read()
     assert len(raw) == SUBS_AT + 3 * SUB_SEALED + 100 + 28
     assert HEADER.unpack_from(raw) == (MAGIC, length)
@@ -284,10 +287,10 @@ def test_swapped_sub_blocks_fail(cache):
     e = cache.new_entry()
     write_split(e, 0, os.urandom(CHUNK))
     with open(e.data_path, "r+b") as f:
-        f.seek(SUBS_AT)
+        f.seek(slot_offset(0) + SUBS_AT)
         a = f.read(SUB_SEALED)
         b = f.read(SUB_SEALED)
-        f.seek(SUBS_AT)
+        f.seek(slot_offset(0) + SUBS_AT)
         f.write(b + a)
     with pytest.raises(IntegrityError):
         e.read_range(0, 0, 100)
@@ -304,11 +307,12 @@ def test_slot_torn_between_two_writes_fails(cache):
     old_data, new_data = os.urandom(CHUNK), os.urandom(CHUNK)
     write_split(e, 0, old_data)
     with open(e.data_path, "rb") as f:
+        f.seek(slot_offset(0))
         old_slot = f.read(SLOT)
     write_split(e, 0, new_data)
     assert e.read_chunk(0) == new_data
     with open(e.data_path, "r+b") as f:
-        f.seek(SUBS_AT + 2 * SUB_SEALED)
+        f.seek(slot_offset(0) + SUBS_AT + 2 * SUB_SEALED)
         f.write(old_slot[SUBS_AT + 2 * SUB_SEALED:])     # the old write's last two sub-blocks
     assert e.read_range(0, 0, 2 * SUB) == new_data[:2 * SUB]
     with pytest.raises(IntegrityError):
@@ -321,6 +325,7 @@ def test_slot_torn_between_two_writes_fails(cache):
     with pytest.raises(IntegrityError):
         e.read_range(0, 2 * SUB, 2 * SUB + 4096)
     with open(e.data_path, "r+b") as f:
+        f.seek(slot_offset(0))
         f.write(old_slot[:SUBS_AT])                      # and now the old header: its first
     rescan(e)                                            # two sub-blocks are the new write's
     with pytest.raises(IntegrityError):
@@ -340,7 +345,7 @@ def rescan(e) -> None:
 def test_slot_cut_short_fails(cache):
     e = cache.new_entry()
     write_split(e, 0, os.urandom(CHUNK))
-    os.truncate(e.data_path, SUBS_AT + 3 * SUB_SEALED + 1000)
+    os.truncate(e.data_path, slot_offset(0) + SUBS_AT + 3 * SUB_SEALED + 1000)
     assert len(e.read_range(0, 0, SUB)) == SUB
     with pytest.raises(IntegrityError):
         e.read_range(0, CHUNK - 10, CHUNK)
@@ -355,7 +360,7 @@ def test_slot_cut_at_a_sub_block_boundary_fails(cache, subs_left):
     e = cache.new_entry()
     data = os.urandom(CHUNK)
     write_split(e, 0, data)
-    os.truncate(e.data_path, SUBS_AT + subs_left * SUB_SEALED)
+    os.truncate(e.data_path, slot_offset(0) + SUBS_AT + subs_left * SUB_SEALED)
     for lo, hi in [(subs_left * SUB, subs_left * SUB + 1), (0, CHUNK),
                    (max(0, subs_left - 1) * SUB, CHUNK)]:
         with pytest.raises(IntegrityError):
@@ -370,8 +375,9 @@ def write_format1_cache(cache_dir, keys, chunks: dict[int, bytes]) -> str:
     """A cache directory as ssecfs before format 2 left it: VERSION 1, one dirty entry whose
     slots hold each chunk sealed as one blob. Returns the entry id."""
     c = make_cache(cache_dir, keys)
-    e = c.new_entry()
+    e = CacheEntry(c, os.urandom(16).hex(), legacy=True)     # record in ID.meta
     e.save_state({"dirty": True, "path": "/old", "size": 0})
+    assert os.path.exists(e.meta_path)
     e.close_fd()
     c.close()
     sealer = keys.sealers(0)[keys.fp(0)]
@@ -400,12 +406,26 @@ def test_format1_slots_stay_readable(cache_dir, keys):
         for lo, hi in WINDOWS:
             assert e.read_range(0, lo, hi) == chunks[0][lo:hi]
             assert e.read_range(3, lo, hi) == chunks[3][lo:hi]
-        # rewritten: format 2 from then on
+        # rewritten: format 2 slots from then on, in the entry's own layout (chunk i at
+        # i * SLOT, record in ID.meta) until it is uploaded and removed
         e.write_chunk(3, b"new")
-        e.sync()
+        e.save_state({"dirty": True, "path": "/old", "size": 3 * CHUNK + 3})
         assert e.read_range(3, 0, 10) == b"new" and e.read_range(0, 10, 20) == chunks[0][10:20]
         assert slot_magic(e, 3) == MAGIC_V1       # written chunks are sealed whole
         e.close_fd()
+    finally:
+        c.close()
+    c = make_cache(cache_dir, keys)
+    try:
+        (e, state), = c.recover()[0]
+        assert e.legacy and state["size"] == 3 * CHUNK + 3 and e.read_chunk(3) == b"new"
+        e.drop_state()                            # uploaded: the record goes
+        e.close_fd()
+    finally:
+        c.close()
+    c = make_cache(cache_dir, keys)
+    try:
+        assert c.recover() == ([], []) and os.listdir(c.entries_dir) == []
     finally:
         c.close()
 
@@ -413,7 +433,7 @@ def test_format1_slots_stay_readable(cache_dir, keys):
 def test_unknown_cache_version_refused(cache_dir, keys):
     make_cache(cache_dir, keys).close()
     with open(os.path.join(cache_dir, "VERSION"), "w") as f:
-        f.write("ssecfs-cache 3\n")
+        f.write("ssecfs-cache 4\n")
     with pytest.raises(UserError, match="unknown cache format"):
         make_cache(cache_dir, keys)
 
@@ -426,12 +446,14 @@ def test_slot_moved_to_another_index_or_entry_fails(cache):
     for e in (a, b):
         e.sync()
     with open(a.data_path, "r+b") as f:
+        f.seek(slot_offset(0))
         slot0 = f.read(SLOT)
         f.seek(slot_offset(1))
         f.write(slot0)                                # chunk 0's slot at index 1
     with pytest.raises(IntegrityError):
         a.read_chunk(1)
     with open(b.data_path, "r+b") as f:
+        f.seek(slot_offset(0))
         f.write(slot0)                                # a's chunk 0 into b's chunk 0
     with pytest.raises(IntegrityError):
         b.read_chunk(0)
@@ -440,13 +462,36 @@ def test_slot_moved_to_another_index_or_entry_fails(cache):
 def test_tampered_journal_record_fails(cache):
     e = cache.new_entry()
     e.save_state({"dirty": True, "size": 1})
-    with open(e.meta_path, "r+b") as f:
-        data = bytearray(f.read())
-        data[-5] ^= 1
-        f.seek(0)
-        f.write(data)
+    corrupt(e.data_path, RHEADER.size + 5)
     with pytest.raises(IntegrityError):
         e.load_state()
+
+
+def test_records_alternate_and_a_torn_newest_falls_back_to_the_previous(cache_dir, keys):
+    """Records go to slot seq % 2 in turn, so a crash in the middle of writing one leaves the
+    previous one whole; recovery takes the newest that authenticates, and the next record
+    goes over the torn one, never over the one recovered."""
+    c = make_cache(cache_dir, keys)
+    e = c.new_entry()
+    e.write_chunk(0, b"data")
+    for gen in range(1, 4):
+        e.save_state({"dirty": True, "generation": gen})
+    assert [seq for seq, _, _ in CacheEntry.read_records(e.data_path)] == [2, 1]
+    assert e.load_state()["generation"] == 3
+    e.close_fd()
+    c.close()
+    corrupt(e.data_path, 0 * RSLOT + RHEADER.size + 3)     # seq 2 (generation 3) torn
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, state), = c.recover()[0]
+        assert state["generation"] == 2 and r.read_chunk(0) == b"data"
+        r.save_state({"dirty": True, "generation": 4})      # seq 2 again: over the torn one
+        assert r.load_state()["generation"] == 4
+        corrupt(r.data_path, 0 * RSLOT + RHEADER.size + 3)
+        assert r.load_state()["generation"] == 2            # the one kept whole
+        r.close_fd()
+    finally:
+        c.close()
 
 
 # ------------------------------------------------------------------------- directory, lock
@@ -458,8 +503,8 @@ def test_cache_dir_created_0700(cache_dir, keys):
         e = c.new_entry()
         e.write_chunk(0, b"x" * 10)
         e.save_state({"dirty": True})
-        for p in (e.data_path, e.meta_path):
-            assert stat.S_IMODE(os.stat(p).st_mode) & 0o077 == 0
+        assert os.listdir(c.entries_dir) == [e.id + ".data"]      # one file per entry
+        assert stat.S_IMODE(os.stat(e.data_path).st_mode) & 0o077 == 0
     finally:
         c.close()
 
@@ -518,7 +563,7 @@ def test_recover(cache_dir, keys):
     clean.write_chunk(0, b"clean data", dirty=False)
     clean.save_state({"v": 1, "dirty": False, "path": "/b"})
     half = c.new_entry()
-    half.write_chunk(0, b"never journaled")          # no .meta: a half-created entry
+    half.write_chunk(0, b"never journaled")          # no record: a half-created entry
     for e in (dirty, clean, half):
         e.sync()
     c.close()                                        # (a crash would also drop the lock)
@@ -538,11 +583,11 @@ def test_recover(cache_dir, keys):
         used = _cost(CHUNK) + _cost(777)
         assert st["cache_used_bytes"] == used and st["cache_dirty_bytes"] == used
         # clean and half-created entries are removed
-        for p in (clean.data_path, clean.meta_path, half.data_path):
+        for p in (clean.data_path, half.data_path):
             assert not os.path.exists(p), p
         # the entry under a key not in the ring is kept and reported
         assert bad == [other.id]
-        assert os.path.exists(other.data_path) and os.path.exists(other.meta_path)
+        assert os.path.exists(other.data_path)
     finally:
         c2.close()
 
@@ -566,14 +611,14 @@ def test_recover_torn_record_kept_and_reported(cache_dir, keys):
     e.save_state({"dirty": True, "path": "/t"})
     e.sync()
     c.close()
-    with open(e.meta_path, "r+b") as f:
-        size = os.fstat(f.fileno()).st_size
-        f.truncate(size - 10)                        # torn record
+    with open(e.data_path, "r+b") as f:             # the only record, torn
+        f.seek(RHEADER.size)
+        f.write(bytes(10))
     c2 = make_cache(cache_dir, keys)
     try:
         entries, bad = c2.recover()
         assert entries == [] and bad == [e.id]
-        assert os.path.exists(e.meta_path) and os.path.exists(e.data_path)
+        assert os.path.exists(e.data_path)
     finally:
         c2.close()
 
@@ -678,7 +723,7 @@ def test_drop_chunks_from_frees_accounting(cache_dir, keys):
         assert e.read_chunk(2) is None and e.read_chunk(3) is None
         assert e.read_chunk(1) is not None
         e.drain()           # the sealer threads may not have written (made) the file yet
-        assert os.path.getsize(e.data_path) <= 2 * SLOT
+        assert os.path.getsize(e.data_path) <= slot_offset(2)
         e.drop_chunks_from(0)
         assert c.stats()["cache_used_bytes"] == 0 and c.stats()["cache_dirty_bytes"] == 0
         # a clean entry: dropped chunks leave the LRU too (no double free on eviction)
@@ -702,7 +747,7 @@ def test_discard_removes_files_and_accounting(cache):
     e.write_chunk(0, os.urandom(100))
     e.save_state({"dirty": True})
     cache.discard(e)
-    assert not os.path.exists(e.data_path) and not os.path.exists(e.meta_path)
+    assert os.listdir(cache.entries_dir) == []
     s = cache.stats()
     assert s["cache_used_bytes"] == 0 and s["cache_dirty_bytes"] == 0 and s["cache_entries"] == 0
 
@@ -770,12 +815,14 @@ def test_state_record_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
     import ssecfs.cache as cachemod
     e = cache.new_entry()
     e.save_state({"v": 1})
-    real = os.write
-    monkeypatch.setattr(cachemod.os, "write", lambda fd, b: real(fd, bytes(b)[:10]) if len(b) > 10 else 0)
+    real = os.pwrite
+    monkeypatch.setattr(cachemod.os, "pwrite", lambda fd, b, off: real(fd, bytes(b)[:10], off))
     with pytest.raises(NoSpace):
         e.save_state({"v": 2, "pad": "x" * 1000})
-    monkeypatch.setattr(cachemod.os, "write", real)
+    monkeypatch.setattr(cachemod.os, "pwrite", real)
     assert e.load_state() == {"v": 1}
+    e.save_state({"v": 3})                   # the next record goes to the torn slot again
+    assert e.load_state() == {"v": 3}
 
 
 def test_chunk_written_while_the_cache_closes_is_sealed_not_left_pending(cache_dir, keys):
@@ -849,12 +896,13 @@ def test_sync_does_not_block_readers_of_the_entry(cache, monkeypatch):
     assert not t.is_alive()
 
 
-def test_state_record_rename_is_made_durable(cache, monkeypatch):
-    """A record becomes durable in three steps: the temp file's fsync, the rename, and an
-    fsync of the entries directory after the rename (without it a power cut can lose the
-    rename, and an entry without a record is taken for clean and removed)."""
+def test_state_record_is_made_durable_with_the_data(cache, monkeypatch):
+    """close() makes a file durable with one fdatasync of its data file (chunks and record
+    together), and for a new entry one fsync of the entries directory (its name must survive
+    a power cut too: an entry without a record is taken for clean and removed). A record
+    written after an upload (sync=False) costs no flush at all."""
     events = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
     entries_ino = os.stat(cache.entries_dir).st_ino
 
     def fsync(fd):
@@ -863,16 +911,20 @@ def test_state_record_rename_is_made_durable(cache, monkeypatch):
                       else "fsync file")
         real_fsync(fd)
 
-    def replace(a, b):
-        events.append("rename")
-        real_replace(a, b)
+    def fdatasync(fd):
+        events.append("fdatasync")
+        real_fdatasync(fd)
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
     e = cache.new_entry()
     e.write_chunk(0, b"x" * 100)
-    e.sync()
     e.save_state({"size": 100})
-    assert events == ["fsync file", "rename", "fsync dir"]
+    assert events == ["fdatasync", "fsync dir"] and not e.pending
     events.clear()
-    e.save_state({"size": 100}, sync=False)
-    assert events == ["rename"]
+    e.write_chunk(1, b"y" * 100)
+    e.save_state({"size": CHUNK + 100})
+    assert events == ["fdatasync"]
+    events.clear()
+    e.save_state({"size": CHUNK + 100}, sync=False)
+    e.drop_state()
+    assert events == [] and e.load_state() == {"dirty": False}
