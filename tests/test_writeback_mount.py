@@ -20,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from helpers import run_ssecfs, sse, wait_until
+from ssecfs.cache import BASE, SLOT
 
 pytestmark = pytest.mark.mount
 
@@ -464,11 +465,9 @@ def test_corrupt_cache_chunk_is_never_served(mounter, bucket, key, s3):
     entries = os.path.join(m.cache_dir, "entries")
     datas = [os.path.join(entries, n) for n in os.listdir(entries) if n.endswith(".data")]
     newest = max(datas, key=os.path.getmtime)
-    size = os.path.getsize(newest)
-    assert size > 0
-    # In the middle of the file, and of a 128 KiB slot: inside a sealed chunk's ciphertext
-    # (the slot headers sit at multiples of the slot size).
-    off = size // 2 + 64 * 1024
+    assert os.path.getsize(newest) > BASE + 4 * SLOT
+    # In the middle of chunk 4's slot: inside its sealed ciphertext (docs/CACHE.md layout)
+    off = BASE + 4 * SLOT + 64 * 1024
     with open(newest, "r+b") as f:
         f.seek(off)
         chunk = f.read(16)
