@@ -93,6 +93,8 @@ class FileState:
         self.stream = None                # PartStream: parts sent while written (stream.py)
         self.no_stream = False            # metadata set explicitly: upload whole
         self.seq_end = 0                  # data written contiguously from offset 0 up to here
+        self.urgent = False               # an fsync or unmount waits: upload even mid-stream
+        self.deferred = False             # an upload skipped mid-stream: release schedules it
         self.error: str | None = None
 
     def __repr__(self) -> str:
@@ -537,6 +539,8 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         with st.lock:
             if not st.dirty or st.deleted:
                 return
+            if delay == 0:
+                st.urgent = True      # fsync, unmount: see _upload
             if delay is None and st.stream is not None:
                 # mostly sent already: complete it soon (still late enough for the chmod /
                 # utime that cp -p and rsync do right after close)
@@ -551,8 +555,9 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                     self.wb.schedule(st, delay)
                     raise
                 st.journaled_gen = st.generation
-            elif delay is None:
+            elif delay is None and not st.deferred:
                 return          # already journaled and queued (close after flush)
+            st.deferred = False
         self.wb.schedule(st, delay)
 
     def fsync(self, fh: int) -> None:
@@ -575,10 +580,13 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                 st = self._handles.pop(fh, None)
             if st is None:
                 return
-        self._persist_and_schedule(st)
         with st.lock:
-            st.opens -= 1
-            self._maybe_forget(st)
+            st.opens -= 1         # first: an upload that starts from here sees it closed
+        try:
+            self._persist_and_schedule(st)
+        finally:
+            with st.lock:
+                self._maybe_forget(st)
 
     def _maybe_forget(self, st: FileState) -> None:
         """Caller holds st.lock. Drop a closed, clean file from the table."""
@@ -601,6 +609,17 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         with st.lock:
             if st.deleted or not st.dirty:
                 return
+            if st.stream is not None and st.opens > 0 and not st.urgent:
+                # Still open and being written as a multipart stream: a close() of another
+                # descriptor of it queued this upload (`dd` and shell redirections close the
+                # descriptor they dup'ed onto stdout first). Uploading now would complete the
+                # stream at a partial size and send every later part again; the last close
+                # (release) queues it again.
+                st.deferred = True
+                log.info("%s: still being written: its upload waits for the last close",
+                         st.path)
+                return
+            st.urgent = False
             gen, key, size = st.generation, st.key, st.size
             meta = self._meta_headers(st.meta)
             remote = st.remote

@@ -1035,6 +1035,39 @@ def test_big_sequential_file_is_uploaded_while_written(make_fs, store):
     assert store.uploads_open() == 0
 
 
+def test_close_of_a_duplicate_descriptor_does_not_cut_the_stream(make_fs, store):
+    """`dd of=F` and `cmd > F` close the descriptor they dup'ed onto stdout before writing:
+    that close() queues an upload that comes due while the file is still being written. It
+    must not complete the multipart stream at a partial size (every later part would then be
+    sent again): the upload waits for the last close, and each part goes out once."""
+    fs = make_fs(writeback_delay=0.2)
+    data = os.urandom(5 * STREAM_PART + 777)
+    fh = fs.create("/dd.bin", 0o644)
+    fs.flush(fh)                                         # close() of the dup'ed descriptor
+    st = fs.handle(fh)
+    write_pieces(fs, fh, data[:4 * STREAM_PART])
+    wait_until(lambda: st.deferred, what="the upload queued by the first close to be deferred")
+    assert store.calls["mpu_complete"] == 0 and store.calls["upload"] == 0
+    write_pieces(fs, fh, data[4 * STREAM_PART:], 4 * STREAM_PART)
+    fs.flush(fh)
+    fs.release(fh)
+    settle(fs)
+    assert store.data("dd.bin") == data
+    assert store.calls["mpu_complete"] == 1 and store.calls["upload"] == 0
+    assert store.calls["mpu_part"] == 6                  # each part exactly once
+
+
+def test_fsync_mid_stream_is_not_deferred(make_fs, store):
+    fs = make_fs(writeback_delay=30)
+    data = os.urandom(4 * STREAM_PART)
+    fh = fs.create("/s.bin", 0o644)
+    write_pieces(fs, fh, data)
+    fs.fsync(fh)                                         # returns: durable now
+    assert store.data("s.bin") == data
+    fs.release(fh)
+    assert fs.flush_all(timeout=20) and store.data("s.bin") == data
+
+
 def test_part_rewritten_after_it_was_sent_is_sent_again(make_fs, store):
     fs = make_fs(writeback_delay=30)
     data = bytearray(os.urandom(5 * STREAM_PART))

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import re
+import subprocess
 import threading
 import time
 
@@ -197,6 +198,35 @@ def test_close_returns_before_the_upload(proxy, mounter, bucket, key, s3):
     held.release()
     wait_durable(s3, bucket, "early.bin", key[1], data)
     assert proxy.count(op="PutObject", bucket=bucket, key="early.bin", status=2) == 1
+
+
+def test_dd_into_the_mount_sends_each_part_once(proxy, mounter, bucket, key, s3, tmp_path):
+    """`dd of=F` (and `cmd > F`) closes the descriptor it dup'ed onto stdout before it
+    writes, and that close() queues the upload. While the big file is still being written
+    the upload must wait for the last close: completing the multipart stream at a partial
+    size would send every later part again."""
+    m = mounter(bucket, key[0], "--writeback-delay", "0.2", endpoint=proxy.url)
+    fifo = str(tmp_path / "in.fifo")
+    os.mkfifo(fifo)
+    data = os.urandom(41 * MiB + 123)                      # 6 parts of 8 MiB
+    dd = subprocess.Popen(["dd", f"if={fifo}", f"of={m.path}/dd.bin", "bs=1M",
+                           "iflag=fullblock", "status=none"])
+    try:
+        with open(fifo, "wb") as w:
+            w.write(data[:32 * MiB])                       # the stream starts at 24 MiB
+            w.flush()
+            wait_until(lambda: "dd.bin: still being written" in m.log, 30,
+                       what="the upload queued by dd's first close() to wait")
+            assert proxy.count(op="CompleteMultipartUpload", bucket=bucket) == 0
+            w.write(data[32 * MiB:])
+        assert dd.wait(timeout=60) == 0
+    finally:
+        dd.kill()
+    wait_durable(s3, bucket, "dd.bin", key[1], data)
+    wait_idle(m)
+    assert proxy.count(op="CompleteMultipartUpload", bucket=bucket, key="dd.bin") == 1
+    assert proxy.count(op="PutObject", bucket=bucket, key="dd.bin") == 0
+    assert proxy.count(op="UploadPart", bucket=bucket, key="dd.bin", status=2) == 6
 
 
 def test_overwrite_while_the_upload_is_in_flight_ends_with_the_new_content(proxy, mounter,
