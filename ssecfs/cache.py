@@ -29,7 +29,7 @@ Invariants
   * a torn slot or record fails authentication and is reported, never served.
 
 Locks (order: an entry's io_lock and the cache's _lock are never held together):
-  Cache._lock        guards _used, _dirty_bytes, _lru, _entries, _by_object
+  Cache._lock        guards _used, _dirty_bytes, _lru, _entries, _by_object, _by_key
   CacheEntry.io_lock guards the entry's fd and its `present` map
 """
 
@@ -582,6 +582,7 @@ class Cache:
         self._lru: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._entries: dict[str, CacheEntry] = {}
         self._by_object: dict[tuple, CacheEntry] = {}
+        self._by_key: dict[str, set[str]] = {}      # object key -> ETags in _by_object
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None      # entries/, for fsync after a record's rename
         self._sealers = ThreadPoolExecutor(max_workers=SEALER_THREADS, thread_name_prefix="seal")
@@ -745,19 +746,37 @@ class Cache:
 
     def index_clean(self, e: CacheEntry, key: str, etag: str) -> None:
         with self._lock:
-            if e.object_key and self._by_object.get(e.object_key) is e:
-                del self._by_object[e.object_key]
+            self._unindex_locked(e)
             old = self._by_object.get((key, etag))
             e.object_key = (key, etag)
             self._by_object[(key, etag)] = e
+            self._by_key.setdefault(key, set()).add(etag)
         if old is not None and old is not e:
             self.discard(old)
 
     def unindex(self, e: CacheEntry) -> None:
         with self._lock:
-            if e.object_key and self._by_object.get(e.object_key) is e:
-                del self._by_object[e.object_key]
+            self._unindex_locked(e)
             e.object_key = None
+
+    def _unindex_locked(self, e: CacheEntry) -> None:
+        if e.object_key and self._by_object.get(e.object_key) is e:
+            del self._by_object[e.object_key]
+            key, etag = e.object_key
+            etags = self._by_key.get(key)
+            if etags is not None:
+                etags.discard(etag)
+                if not etags:
+                    del self._by_key[key]
+
+    def discard_key(self, key: str) -> None:
+        """The object `key` is gone (unlinked, or replaced): its clean cached versions can
+        serve nothing any more; remove them now rather than when the LRU gets to them (their
+        disk space may be what the next write needs)."""
+        with self._lock:
+            gone = [self._by_object[(key, etag)] for etag in self._by_key.get(key, ())]
+        for e in gone:
+            self.discard(e)
 
     def set_dirty(self, e: CacheEntry, dirty: bool) -> None:
         with self._lock:
@@ -781,8 +800,7 @@ class Cache:
         """Remove an entry and its files (after its data is durable, or the file deleted)."""
         with self._lock:
             self._entries.pop(e.id, None)
-            if e.object_key and self._by_object.get(e.object_key) is e:
-                del self._by_object[e.object_key]
+            self._unindex_locked(e)
             n = sum(_cost(ln) for ln in e.present.values())
             self._used -= n
             if e.dirty:

@@ -172,6 +172,7 @@ class NamespaceOps:
 
     def _drop_state(self, path: str) -> None:
         """Caller holds _ns_lock. Forget a file's local state for good (unlinked/replaced)."""
+        self.cache.discard_key(self.key_of(path))      # its clean cached versions too
         st = self._state(path)
         if st is None:
             return

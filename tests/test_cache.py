@@ -765,6 +765,25 @@ def test_index_clean_lookup(cache):
     assert cache.lookup_clean("k", "etag1") is None
 
 
+def test_discard_key_removes_every_clean_version_of_a_deleted_object(cache):
+    versions = []
+    for etag in ("e1", "e2"):
+        e = cache.new_entry()
+        e.write_chunk(0, os.urandom(1000), dirty=False)
+        e.drain()
+        cache.index_clean(e, "gone", etag)
+        versions.append(e)
+    other = cache.new_entry()
+    other.write_chunk(0, b"kept", dirty=False)
+    cache.index_clean(other, "kept", "e1")
+    cache.discard_key("gone")
+    cache.discard_key("never cached")
+    assert cache.lookup_clean("gone", "e1") is None and cache.lookup_clean("gone", "e2") is None
+    assert not any(os.path.exists(e.data_path) for e in versions)
+    assert cache.lookup_clean("kept", "e1") is other and other.read_chunk(0) == b"kept"
+    assert cache.stats()["cache_used_bytes"] == _cost(4) and cache._by_key == {"kept": {"e1"}}
+
+
 def test_eviction_racing_a_write_keeps_the_dirty_chunk(cache_dir, keys):
     """Interleaving: the evictor has picked a clean chunk (and seen its entry clean), then a
     writer makes the entry dirty and rewrites that chunk before the hole is punched. The
