@@ -304,40 +304,50 @@ class CacheEntry:
         else:
             slot = [HEADER.pack(MAGIC_V1, length),
                     *self.sealer.seal_parts(data, chunk_aad(self.bid, index, length))]
-        with self.io_lock:
-            if self.pending.get(index) is not data:
-                return
-            if split and (self.dirty or index not in self._split):
-                # the entry became dirty since: its slot is not rewritten (a slot torn by a
-                # crash must never cost dirty data); the one on disk holds the same bytes
-                del self.pending[index]
-                self._split.discard(index)
-                if not self.pending:
-                    self._drained.notify_all()
-                return
-            try:
-                if os.pwritev(self._fdl(), slot, self._off(index)) != sum(map(len, slot)):
-                    # a short write (disk full mid-slot) is not success: keep the data in
-                    # memory and report ENOSPC, never a torn slot taken as written
-                    raise OSError(errno.ENOSPC, "short write to the cache")
-            except OSError as e:
-                self.error = _oserror_to_domain(e)
-                log.error("cache entry %s: writing chunk %d failed: %s", self.id[:8], index, e)
-                self._drained.notify_all()
-                return
-            del self.pending[index]
-            self._split.discard(index)
-            if split:
-                self.wids[index] = wid
-            else:
-                self.wids.pop(index, None)
-            if not self.pending:
-                self._drained.notify_all()
-            self._unsynced += SLOT
-            writeout = self._unsynced >= WRITEOUT_EVERY and self.dirty
-            if writeout:
-                self._unsynced = 0
-                fd = os.dup(self._fd)
+        for attempt in range(2):
+            with self.io_lock:
+                if self.pending.get(index) is not data:
+                    return
+                if split and (self.dirty or index not in self._split):
+                    # the entry became dirty since: its slot is not rewritten (a slot torn by
+                    # a crash must never cost dirty data); the one on disk holds the same bytes
+                    del self.pending[index]
+                    self._split.discard(index)
+                    if not self.pending:
+                        self._drained.notify_all()
+                    return
+                try:
+                    if os.pwritev(self._fdl(), slot, self._off(index)) != sum(map(len, slot)):
+                        # a short write (disk full mid-slot) is not success: keep the data in
+                        # memory and report ENOSPC, never a torn slot taken as written
+                        raise OSError(errno.ENOSPC, "short write to the cache")
+                except OSError as e:
+                    if attempt == 0 and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        retry = True          # make room (below, without io_lock), try again
+                    else:
+                        self.error = _oserror_to_domain(e)
+                        log.error("cache entry %s: writing chunk %d failed: %s", self.id[:8],
+                                  index, e)
+                        self._drained.notify_all()
+                        return
+                else:
+                    retry = False
+                    del self.pending[index]
+                    self._split.discard(index)
+                    if split:
+                        self.wids[index] = wid
+                    else:
+                        self.wids.pop(index, None)
+                    if not self.pending:
+                        self._drained.notify_all()
+                    self._unsynced += SLOT
+                    writeout = self._unsynced >= WRITEOUT_EVERY and self.dirty
+                    if writeout:
+                        self._unsynced = 0
+                        fd = os.dup(self._fd)
+            if not retry:
+                break
+            self.cache.free_disk_space()
         if writeout:
             try:
                 _start_writeout(fd)
@@ -438,10 +448,17 @@ class CacheEntry:
         if len(record) > RSLOT:
             raise OSError(errno.ENAMETOOLONG, "journal record too long (path or key)")
         try:
-            with self.io_lock:
-                if os.pwrite(self._fdl(), record, (seq % 2) * RSLOT) != len(record):
-                    raise OSError(errno.ENOSPC, "short write to the cache")
-                self._seq = seq
+            for attempt in range(2):
+                try:
+                    with self.io_lock:
+                        if os.pwrite(self._fdl(), record, (seq % 2) * RSLOT) != len(record):
+                            raise OSError(errno.ENOSPC, "short write to the cache")
+                        self._seq = seq
+                    break
+                except OSError as e:
+                    if attempt or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    self.cache.free_disk_space()
             if sync:
                 fd = self._synced_fd()
                 try:
@@ -849,15 +866,40 @@ class Cache:
     def _evict_if_needed(self) -> None:
         while True:
             with self._lock:
-                if self._used <= self.max_bytes or not self._lru:
+                if self._used <= self.max_bytes:
                     return
-                (eid, idx), _ = self._lru.popitem(last=False)
-                e = self._entries.get(eid)
-            if e is None or e.dirty:
-                continue
-            freed = e._punch(idx)
-            with self._lock:
-                self._used -= freed
+            if self._evict_one() is None:
+                return
+
+    def _evict_one(self) -> int | None:
+        """Evict the least recently used clean chunk: the bytes freed (0 if it was gone or had
+        turned dirty), None when there is nothing left to evict."""
+        with self._lock:
+            if not self._lru:
+                return None
+            (eid, idx), _ = self._lru.popitem(last=False)
+            e = self._entries.get(eid)
+        if e is None or e.dirty:
+            return 0
+        freed = e._punch(idx)
+        with self._lock:
+            self._used -= freed
+        return freed
+
+    def free_disk_space(self, nbytes: int = 8 * 1024 * 1024) -> int:
+        """The disk under the cache is full (ENOSPC) before the bound is reached: evict up
+        to `nbytes` of clean chunks, least recently used first, so that dirty data (which
+        exists nowhere else) can be written; ENOSPC is left for a disk that holds nothing
+        evictable. Called without any io_lock held. Returns the bytes freed."""
+        freed = 0
+        while freed < nbytes:
+            n = self._evict_one()
+            if n is None:
+                break
+            freed += n
+        if freed:
+            log.warning("cache disk full: evicted %d bytes of clean cached data", freed)
+        return freed
 
     def wait_for_room(self, nbytes: int, owner: CacheEntry, progress=lambda: True,
                       deadline: float | None = None) -> None:

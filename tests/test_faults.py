@@ -416,6 +416,28 @@ def test_cache_disk_full_gives_enospc_and_keeps_closed_files(small_tmpfs, proxy,
     m.umount()
 
 
+def test_clean_cached_data_gives_way_when_the_cache_disk_fills(small_tmpfs, mounter, bucket,
+                                                                key, s3):
+    """The disk under the cache fills up before the cache's bound (here 256 MiB on a 32 MiB
+    disk): clean cached chunks (copies of what the bucket holds) are evicted to make room for
+    new writes instead of failing them with ENOSPC."""
+    keyfile, raw = key
+    m = mounter(bucket, keyfile, cache_dir=os.path.join(small_tmpfs.path, "cache"))
+    small_tmpfs.mounts.append(m)
+    p = lambda n: os.path.join(m.path, n)  # noqa: E731
+    first = os.urandom(20 * MiB)
+    write_file(p("first.bin"), first)
+    wait_durable(s3, bucket, "first.bin", raw, first)
+    wait_idle(m)
+    assert status(m)["cache_used_bytes"] >= 20 * MiB        # clean, still cached
+    second = os.urandom(20 * MiB + 1)                       # does not fit beside it
+    write_file(p("second.bin"), second)
+    assert "cache disk full: evicted" in m.log
+    wait_durable(s3, bucket, "second.bin", raw, second)
+    assert read_cold(p("second.bin")) == second
+    assert read_cold(p("first.bin")) == first               # fetched again
+
+
 def test_umount_after_enospc_still_uploads_the_other_pending_files(small_tmpfs, mounter,
                                                                   bucket, key, s3):
     """SEMANTICS: `ssecfs umount` uploads every pending file before the daemon exits. A file
