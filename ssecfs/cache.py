@@ -483,7 +483,23 @@ class CacheEntry:
             except OSError as e:
                 raise _oserror_to_domain(e) from None
             return
-        self.save_state({"dirty": False}, sync=False)
+        if self._seq < 0:
+            return                    # no record was ever written: nothing to supersede
+        with self.io_lock:
+            empty = not self.present and not self.pending
+            if empty:
+                # nothing cached (an empty file): its data file would only hold the record;
+                # remove it rather than keep an inode per empty file until the next mount
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                try:
+                    os.unlink(self.data_path)
+                except FileNotFoundError:
+                    pass
+                self._seq, self._named = -1, False
+        if not empty:
+            self.save_state({"dirty": False}, sync=False)
 
     def _record_aad(self, seq: int) -> bytes:
         return record_aad(b"meta" + struct.pack(">Q", seq), self.bid)

@@ -765,6 +765,30 @@ def test_index_clean_lookup(cache):
     assert cache.lookup_clean("k", "etag1") is None
 
 
+def test_an_empty_entry_leaves_no_file_once_clean(cache_dir, keys):
+    """An empty file's entry holds only its record: once uploaded, its data file goes (no
+    inode kept per empty file); written again, it comes back and recovers as usual."""
+    c = make_cache(cache_dir, keys)
+    e = c.new_entry()
+    e.drop_state()                                   # never journaled: nothing to do
+    assert not os.path.exists(e.data_path)
+    e.save_state({"dirty": True, "size": 0})
+    assert os.path.exists(e.data_path)
+    e.drop_state()
+    assert os.listdir(c.entries_dir) == []
+    e.write_chunk(0, b"later")
+    e.save_state({"dirty": True, "size": 5})
+    e.close_fd()
+    c.close()
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, state), = c.recover()[0]
+        assert state["size"] == 5 and r.read_chunk(0) == b"later"
+        r.close_fd()
+    finally:
+        c.close()
+
+
 def test_discard_key_removes_every_clean_version_of_a_deleted_object(cache):
     versions = []
     for etag in ("e1", "e2"):
