@@ -50,6 +50,7 @@ class PartStream:
         self.inflight: dict[int, object] = {}  # part index -> Future
         self.next_part = 0
         self.broken = False
+        self.finishing = False                 # the write-back sends the rest: no more pumping
         self.abort_sent = False
         self.begin_lock = threading.Lock()
 
@@ -79,7 +80,7 @@ class StreamOps:
 
     def _stream_pump(self, st) -> None:
         s = st.stream
-        if s is None or s.broken:
+        if s is None or s.broken or s.finishing:
             return
         whole = st.size // STREAM_PART - 1     # leave the last whole part: it may grow on
         while s.next_part < whole and len(s.inflight) < STREAM_WINDOW:
@@ -159,6 +160,9 @@ class StreamOps:
                     or s.ident != (m["mode"], m["uid"], m["gid"])):
                 self._stream_drop(st, "file changed shape")
                 return None
+            # from here on the parts not sent yet are sent below, once each: the pump would
+            # send them a second time (and the late ones to a completed upload)
+            s.finishing = True
             pending = list(s.inflight.values())
         for f in pending:
             f.result()

@@ -1068,6 +1068,33 @@ def test_fsync_mid_stream_is_not_deferred(make_fs, store):
     assert fs.flush_all(timeout=20) and store.data("s.bin") == data
 
 
+def test_parts_left_at_completion_are_sent_once(make_fs, store):
+    """When the write-back completes a stream, it sends the parts not sent yet itself, once
+    each: the stream's pump must not send them a second time (nor, later, to the completed
+    upload). Parts 1-8 are held until the upload has started, the others until one is sent."""
+    from ssecfs.stream import STREAM_WINDOW
+    fs = make_fs(writeback_delay=30)
+    window, rest = threading.Event(), threading.Event()
+    store.before["mpu_part"] = \
+        lambda key, number, size: (window if number <= STREAM_WINDOW else rest).wait(60)
+    nparts = STREAM_WINDOW + 5
+    data = os.urandom(nparts * STREAM_PART - 1000)
+    fh = fs.create("/w.bin", 0o644)
+    st = fs.handle(fh)
+    write_pieces(fs, fh, data)
+    wait_until(lambda: len(st.stream.inflight) == STREAM_WINDOW, what="a window of parts held")
+    fs.release(fh)
+    done = threading.Thread(target=fs.flush_all, kwargs={"timeout": 60})
+    done.start()
+    wait_until(lambda: fs.wb.in_flight() == 1, what="the upload to start completing the stream")
+    window.set()
+    wait_until(lambda: store.calls["mpu_part"] > STREAM_WINDOW, what="the other parts to go")
+    rest.set()
+    done.join(60)
+    assert store.data("w.bin") == data
+    assert store.calls["mpu_part"] == nparts and store.calls["mpu_complete"] == 1
+
+
 def test_part_rewritten_after_it_was_sent_is_sent_again(make_fs, store):
     fs = make_fs(writeback_delay=30)
     data = bytearray(os.urandom(5 * STREAM_PART))
