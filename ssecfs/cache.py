@@ -173,7 +173,8 @@ class CacheEntry:
             if index not in self.present:
                 return None
             data = self.pending.get(index)
-            if data is not None:
+            if data is not None:        # not sealed yet: a read still makes it recently used
+                self.cache._touch(self, index)
                 return bytes(data)      # a view into a fetched buffer: callers get bytes
             raw = os.pread(self._fdl(), SLOT, self._off(index))
         magic, length = HEADER.unpack_from(raw) if len(raw) >= HEADER.size else (b"", 0)
@@ -208,6 +209,7 @@ class CacheEntry:
                 return None
             data = self.pending.get(index)
             if data is not None:
+                self.cache._touch(self, index)
                 return bytes(data[lo:hi])
             wid = self.wids.get(index)
             if wid is not None:      # (the slot's header need not be read: length and write

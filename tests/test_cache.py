@@ -670,6 +670,30 @@ def test_eviction_is_lru_by_reads(cache_dir, keys):
         c.close()
 
 
+@pytest.mark.parametrize("how", ["read_chunk", "read_range"])
+def test_a_read_before_sealing_also_counts_for_lru(cache_dir, keys, how):
+    # the chunks are still waiting for a sealer when chunk 0 is read (what a loaded machine
+    # does at random): that read must make it recently used all the same
+    c = make_cache(cache_dir, keys, max_bytes=3 * COST)
+    held = []
+    submit = c._sealers.submit
+    c._sealers.submit = held.append
+    try:
+        e = c.new_entry()
+        for i in range(3):
+            e.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        assert sorted(e.pending) == [0, 1, 2]
+        got = e.read_chunk(0) if how == "read_chunk" else e.read_range(0, 0, 10)
+        assert got is not None
+        e.write_chunk(3, os.urandom(CHUNK), dirty=False)
+        assert e.has(0) and not e.has(1) and e.has(2) and e.has(3)
+    finally:
+        c._sealers.submit = submit
+        for job in held:
+            job()
+        c.close()
+
+
 def test_dirty_chunks_never_evicted(cache_dir, keys):
     c = make_cache(cache_dir, keys, max_bytes=3 * COST)
     try:
