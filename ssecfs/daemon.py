@@ -244,7 +244,6 @@ def preflight(cfg: MountConfig, store) -> None:
 
 def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Runs the mount in the foreground until unmounted. Returns the exit code."""
-    from fuse import FUSE
 
     def report(line: str) -> None:
         nonlocal ready_fd
@@ -341,7 +340,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
             log.warning("unmount: directory indexes not all written within %ds (only `ls -l` "
                         "speed depends on them)", INDEX_FLUSH_TIMEOUT)
 
-    from .fuse_adapter import FuseAdapter
+    from .fuse_adapter import FuseAdapter, SsecfsFUSE
     opts = dict(foreground=True, nothreads=False, big_writes=True, max_write=FUSE_MAX_WRITE,
                 max_read=FUSE_MAX_WRITE, default_permissions=True, hard_remove=True,
                 auto_cache=True, fsname=f"ssecfs#{cfg.source}", subtype="ssecfs",
@@ -355,7 +354,8 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         name, eq, val = o.partition("=")
         opts[name] = val if eq else True
     try:
-        FUSE(FuseAdapter(fs, on_init=on_init, on_destroy=on_destroy), cfg.mountpoint, **opts)
+        SsecfsFUSE(FuseAdapter(fs, on_init=on_init, on_destroy=on_destroy), cfg.mountpoint,
+                   **opts)
         code = 0
     except RuntimeError as e:
         log.error("FUSE mount of %s failed: %s", cfg.mountpoint, e)

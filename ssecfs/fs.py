@@ -12,7 +12,7 @@ Locks, in the order they may be taken:
   _ns_lock (RLock)      serialises namespace changes (create, unlink, rename, mkdir, rmdir,
                         symlink) so they see a stable table of open files
   FileState.lock        guards that file's size, generation, remote ref, metadata, chunks
-  _files_lock           leaf: guards _files (path -> FileState) and _handles
+  _files_lock           leaf: guards _files (path -> FileState) and the changes of _handles
   _attr_lock            leaf: guards the attribute cache
 Uploads (write-back workers) take FileState.lock and _files_lock only, never _ns_lock, so
 namespace operations may wait for an upload in flight (WriteBack.quiesce) while holding _ns_lock.
@@ -182,8 +182,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         return fh
 
     def handle(self, fh: int) -> FileState:
-        with self._files_lock:
-            st = self._handles.get(fh)
+        st = self._handles.get(fh)      # a single dict lookup is atomic: no lock on this path
         if st is None:
             raise NotFound(f"file handle {fh}")
         return st

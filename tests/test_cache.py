@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 
 import pytest
 
 from helpers import marker_blob, scan_dir_for
-from ssecfs.cache import (BASE, CHUNK, HEADER, MAGIC, MAGIC_V1, RHEADER, RSLOT, SLOT, SUBS_AT,
-                          VERSION_TEXT, Cache, CacheEntry)
+from ssecfs import cache as cache_mod
+from ssecfs.cache import (BASE, CHUNK, HEADER, MAGIC, MAGIC_V1, MAGIC_V2, RHEADER, RSLOT, SLOT,
+                          SUBS_AT, VERSION_TEXT, Cache, CacheEntry)
 from ssecfs.cache import _cost
-from ssecfs.crypto import SUB, SUB_SEALED, Sealer, chunk_aad, sub_aad
+from ssecfs.crypto import (OVERHEAD, SUB, SUB_SEALED, SUB_V2, Sealer, chunk_aad, open_subs,
+                           sub_aad)
 from ssecfs.errors import IntegrityError, NoSpace, UserError
 from ssecfs.keys import Key
 
@@ -207,7 +210,65 @@ def test_written_chunks_are_sealed_whole_and_resealed_in_sub_blocks_when_read_at
     assert slot_magic(e, 1) == MAGIC and e.read_chunk(1) == data[2]
 
 
-def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache):
+def test_a_random_4k_read_decrypts_one_4k_sub_block(cache, monkeypatch):
+    e = cache.new_entry()
+    data = os.urandom(CHUNK)
+    write_split(e, 0, data)
+    opened = []
+    real = e.sealer.open
+    monkeypatch.setattr(e.sealer, "open", lambda blob, aad: opened.append(len(blob)) or
+                        real(blob, aad))
+    assert e.read_range(0, 5 * 4096, 6 * 4096, random=True) == data[5 * 4096:6 * 4096]
+    assert opened == [4096 + OVERHEAD]
+
+
+def write_v2_slot(e, index: int, data: bytes, keys) -> None:
+    """A chunk slot as cache formats 2 and 3 sealed a chunk read at random: "SSC2", 32 KiB
+    sub-blocks whose associated data names format 2."""
+    wid = os.urandom(8)
+    sealer = keys.sealers(0)[keys.fp(0)]
+    parts = [HEADER.pack(MAGIC_V2, len(data)), wid]
+    for j, lo in enumerate(range(0, len(data), SUB_V2)):
+        aad = b"ssecfs-chunk" + struct.pack(">B16sQIH8s", 2, e.bid, index, len(data), j, wid)
+        parts.extend(sealer.seal_parts(data[lo:lo + SUB_V2], aad))
+    with open(e.data_path, "r+b") as f:
+        f.seek(slot_offset(index))
+        f.write(b"".join(parts))
+
+
+@pytest.mark.parametrize("length", [5000, SUB_V2 + 1, CHUNK])
+def test_older_32k_sub_block_slots_still_read(cache, keys, length):
+    e = cache.new_entry()
+    data = os.urandom(length)
+    e.write_chunk(0, data, dirty=False)
+    e.sync()
+    write_v2_slot(e, 0, data, keys)
+    rescan(e)                                   # what a restart on the new version sees
+    assert e.wids[0][1] == SUB_V2
+    assert e.read_chunk(0) == data
+    for lo, hi in WINDOWS:
+        assert e.read_range(0, lo, hi) == data[lo:hi], (lo, hi)
+    # the same bytes claimed as the new form (4 KiB sub-blocks) fail authentication
+    with open(e.data_path, "r+b") as f:
+        f.seek(slot_offset(0))
+        f.write(HEADER.pack(MAGIC, length))
+    rescan(e)
+    with pytest.raises(IntegrityError):
+        e.read_chunk(0)
+    with pytest.raises(IntegrityError):
+        e.read_range(0, 0, 4096)
+
+
+def test_sub_block_aad_names_its_size():
+    sealer = Sealer(os.urandom(32))
+    bid, wid = os.urandom(16), os.urandom(8)
+    blob = b"".join(sealer.seal_parts(b"x" * 100, sub_aad(bid, 0, 100, 0, wid, SUB_V2)))
+    assert open_subs(sealer, blob, bid, 0, 100, wid, 0, 1, SUB_V2) == b"x" * 100
+    with pytest.raises(IntegrityError):
+        open_subs(sealer, blob, bid, 0, 100, wid, 0, 1, SUB)
+
+
+def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache, monkeypatch):
     """Re-sealing rewrites a slot: never for dirty data (a crash in the middle would cost
     data that exists nowhere else), never with bytes a write has replaced meanwhile."""
     e = cache.new_entry()
@@ -224,18 +285,16 @@ def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache):
     e._resplit(1, d1, e.writes - 1)
     e.drain()
     assert slot_magic(e, 1) == MAGIC_V1 and e.read_chunk(1) == d1
-    # queued, then the entry turns dirty before the sealer gets to it: dropped
-    real = cache._submit_seal
-    held = []
-    cache._submit_seal = lambda entry, index, acquired=False: held.append((entry, index))
-    try:
-        e._resplit(1, d1, e.writes)
-    finally:
-        cache._submit_seal = real
-    assert held == [(e, 1)] and 1 in e.pending
-    cache.set_dirty(e, True)
-    e._seal_one(1)
-    cache._pending_slots.release()
+    # the entry turns dirty while the chunk is being sealed (outside the entry's lock): the
+    # sealed slot is not written
+    real = cache_mod.seal_chunk
+
+    def seal_while_turning_dirty(*args):
+        cache.set_dirty(e, True)
+        return real(*args)
+    monkeypatch.setattr(cache_mod, "seal_chunk", seal_while_turning_dirty)
+    e._resplit(1, d1, e.writes)
+    assert e.dirty
     assert slot_magic(e, 1) == MAGIC_V1 and not e.pending and e.read_chunk(1) == d1
 
 
@@ -433,7 +492,7 @@ def test_format1_slots_stay_readable(cache_dir, keys):
 def test_unknown_cache_version_refused(cache_dir, keys):
     make_cache(cache_dir, keys).close()
     with open(os.path.join(cache_dir, "VERSION"), "w") as f:
-        f.write("ssecfs-cache 4\n")
+        f.write("ssecfs-cache 5\n")
     with pytest.raises(UserError, match="unknown cache format"):
         make_cache(cache_dir, keys)
 

@@ -518,7 +518,7 @@ def test_corrupt_cache_chunk_is_never_served(mounter, bucket, key, s3):
             except OSError as e:
                 assert e.errno == errno.EIO, e
                 continue
-            # a chunk is sealed in 32 KiB sub-blocks, each checked on its own: a read may
+            # a chunk may be sealed in 4 KiB sub-blocks, each checked on its own: a read may
             # return the intact part before the damaged sub-block (a short read, the bytes
             # authentic), and the read of what follows then fails
             assert piece == data[off:off + len(piece)], f"altered bytes at offset {off}"
@@ -527,6 +527,7 @@ def test_corrupt_cache_chunk_is_never_served(mounter, bucket, key, s3):
                     os.pread(f.fileno(), 65536 - len(piece), off + len(piece))
                 assert exc.value.errno == errno.EIO
     assert re.search(r"failed authentication", m.log), m.log[-2000:]
+    assert re.search(r"read /c\.bin: IntegrityError: .* -> EIO", m.log), m.log[-2000:]
 
 
 # ---------------------------------------------------------------------------- h. rename/unlink
