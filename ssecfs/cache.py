@@ -270,13 +270,34 @@ class CacheEntry:
         by the cache's sealer threads, so the caller (a FUSE write) does not wait for the
         cipher or the disk; sync() waits for them. At most MAX_PENDING chunks wait in memory
         (writers block beyond that)."""
+        stored, queue = self._store(index, data, dirty, only_if)
+        if queue:
+            self.cache._submit_seals(self, [index])
+        return stored
+
+    def write_chunks(self, chunks: dict, dirty: bool = True, only_if=None) -> list[int]:
+        """write_chunk for several chunks (a fetched read unit): one job for the sealers
+        seals them in order, instead of one hand-off per chunk. The indexes stored."""
+        stored, queued = [], []
+        for index, data in chunks.items():
+            ok, queue = self._store(index, data, dirty, only_if)
+            if ok:
+                stored.append(index)
+            if queue:
+                queued.append(index)
+        if queued:
+            self.cache._submit_seals(self, queued)
+        return stored
+
+    def _store(self, index: int, data, dirty: bool, only_if) -> tuple[bool, bool]:
+        """(stored, a seal is to be queued for it)."""
         length = len(data)
         assert 0 < length <= CHUNK
         if self.error is not None:
             raise self.error
         with self.io_lock:
             if only_if is not None and (index in self.present or not only_if()):
-                return False      # a fetched chunk that lost a race with a write/truncate
+                return False, False   # a fetched chunk that lost a race with a write/truncate
             old = self.present.get(index)
             self.present[index] = length
             self.pending[index] = data
@@ -285,11 +306,9 @@ class CacheEntry:
             queue = index not in self._queued
             if queue:
                 self._queued.add(index)
-        if queue:
-            self.cache._submit_seal(self, index)
         self.cache._account(self, index, _cost(length) - (_cost(old) if old else 0),
                             clean=not dirty and not self.dirty)
-        return True
+        return True, queue
 
     def _seal_one(self, index: int) -> None:
         """Sealer thread: seal and write the pending plaintext of one chunk. Only the latest
@@ -682,13 +701,17 @@ class Cache:
             return
         os.fsync(fd)
 
-    def _submit_seal(self, e: CacheEntry, index: int) -> None:
-        self._pending_slots.acquire()           # backpressure: bounded plaintext in memory
+    def _submit_seals(self, e: CacheEntry, indexes: list[int]) -> None:
+        for _ in indexes:
+            self._pending_slots.acquire()       # backpressure: bounded plaintext in memory
 
         def job():
-            try:
-                e._seal_one(index)
-            finally:
+            for n, index in enumerate(indexes):
+                try:
+                    e._seal_one(index)
+                except BaseException:
+                    self._pending_slots.release(len(indexes) - n)
+                    raise
                 self._pending_slots.release()
         try:
             self._sealers.submit(job)

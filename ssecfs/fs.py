@@ -400,8 +400,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         # Stored without holding st.lock (readers go on meanwhile); a chunk written or a
         # file truncated since the GET was sent wins over the fetched bytes.
         still = lambda: st.remote is remote and st.trunc_epoch == epoch and not st.deleted  # noqa: E731
-        stored = [i for i, piece in got.items()
-                  if entry.write_chunk(i, piece, dirty=False, only_if=still)]
+        stored = entry.write_chunks(got, dirty=False, only_if=still)
         with st.lock:
             if still():
                 tag = (remote, epoch, dgen)       # a write since then voids them

@@ -20,6 +20,7 @@ import threading
 
 MAX_HEAD = 64 * 1024            # bytes of status line + headers we accept
 RECV = 256 * 1024
+BIG_BODY = 1024 * 1024         # bodies larger than this are returned as bytearray (no copy)
 
 
 class HTTPProtocolError(OSError):
@@ -250,7 +251,9 @@ class HTTP1Pool:
                 raise HTTPProtocolError("connection closed inside an answer body")
             have += k
         view.release()
-        return bytes(out)
+        # a big body (a range GET's read unit) is handed over as the bytearray it was
+        # received into: a copy of each byte read from the store less
+        return out if n > BIG_BODY else bytes(out)
 
     def _read_line(self, c: _Conn) -> bytes:
         buf = c.buf

@@ -356,12 +356,12 @@ class S3Store:
             resp = self._call("GetObject", key, self.client.get_object, Key=key, **kw)
             echo, body = resp.get("SSECustomerKeyMD5"), resp["Body"]
         if _echo_fps(echo) != {k.fingerprint}:
-            if not isinstance(body, bytes):
+            if not isinstance(body, (bytes, bytearray)):
                 body.close()
             log.warning("%r was served without SSE-C (a plaintext object): refused", key)
             raise KeyMismatch(f"{key!r} is not encrypted with SSE-C: refused")
-        if isinstance(body, bytes):
-            return body
+        if isinstance(body, (bytes, bytearray)):      # (a big one from the lean path is a
+            return body                               # bytearray: not copied again)
         try:
             return body.read()
         except Exception as e:  # noqa: BLE001

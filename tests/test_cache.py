@@ -753,6 +753,30 @@ def test_a_read_before_sealing_also_counts_for_lru(cache_dir, keys, how):
         c.close()
 
 
+def test_write_chunks_seals_a_batch_in_one_job(cache):
+    """A fetched read unit is handed to the sealers once, not once per chunk; a chunk a
+    write got to first is not overwritten by the fetched bytes."""
+    e = cache.new_entry()
+    mine = os.urandom(CHUNK)
+    e.write_chunk(2, mine, dirty=False)
+    e.sync()
+    fetched = {i: os.urandom(CHUNK) for i in range(5)}
+    jobs = []
+    submit = cache._sealers.submit
+    cache._sealers.submit = lambda job: jobs.append(job) or submit(job)
+    try:
+        stored = e.write_chunks(fetched, dirty=False, only_if=lambda: True)
+    finally:
+        cache._sealers.submit = submit
+    assert stored == [0, 1, 3, 4] and len(jobs) == 1
+    e.sync()
+    assert not e.pending and all(slot_magic(e, i) == MAGIC_V1 for i in range(5))
+    assert [e.read_chunk(i) for i in range(5)] == [fetched[0], fetched[1], mine, fetched[3],
+                                                     fetched[4]]
+    assert e.write_chunks({7: os.urandom(100)}, dirty=False, only_if=lambda: False) == []
+    assert not e.has(7)
+
+
 def test_dirty_chunks_never_evicted(cache_dir, keys):
     c = make_cache(cache_dir, keys, max_bytes=3 * COST)
     try:

@@ -155,6 +155,19 @@ def test_put_get_range_head(make_store, k1, s3, bucket):
     check_wire(wire, [k1])
 
 
+def test_big_range_get_on_the_lean_path(make_store, k1):
+    """A read unit (4 MiB) comes back whole; the lean path hands it over without copying it
+    again (a bytearray), and it compares, slices and hashes like bytes."""
+    store, wire = make_store(k1)
+    data = os.urandom(6 * MiB)
+    store.put("big", data, {})
+    got = store.get_range("big", MiB + 7, 4 * MiB, k1.fingerprint)
+    assert got == data[MiB + 7:5 * MiB + 7] and len(got) == 4 * MiB
+    assert bytes(memoryview(got)[:100]) == data[MiB + 7:MiB + 107]
+    assert wire.of("GetObject"), "the lean path was not used"
+    check_wire(wire, [k1])
+
+
 def test_get_range_with_wrong_key_denied(make_store, k1):
     store, _ = make_store(k1)
     store.put("o", b"data" * 100, {})
