@@ -702,15 +702,28 @@ class Cache:
         os.fsync(fd)
 
     def _submit_seals(self, e: CacheEntry, indexes: list[int]) -> None:
-        for _ in indexes:
-            self._pending_slots.acquire()       # backpressure: bounded plaintext in memory
+        """Hand chunks of `e` to the sealers, as few jobs as the bound on plaintext waiting
+        in memory (MAX_PENDING chunks) allows: one per fetched read unit, normally. A caller
+        never waits for a slot while it holds slots for chunks not handed over yet (eight
+        fetchers each holding part of the slots they need would wait for each other)."""
+        batch: list[int] = []
+        for index in indexes:
+            if not self._pending_slots.acquire(blocking=False):
+                if batch:
+                    self._submit_job(e, batch)
+                    batch = []
+                self._pending_slots.acquire()   # backpressure: bounded plaintext in memory
+            batch.append(index)
+        if batch:
+            self._submit_job(e, batch)
 
+    def _submit_job(self, e: CacheEntry, batch: list[int]) -> None:
         def job():
-            for n, index in enumerate(indexes):
+            for n, index in enumerate(batch):
                 try:
                     e._seal_one(index)
                 except BaseException:
-                    self._pending_slots.release(len(indexes) - n)
+                    self._pending_slots.release(len(batch) - n)
                     raise
                 self._pending_slots.release()
         try:

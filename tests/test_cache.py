@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import time
 
 import pytest
 
@@ -775,6 +776,32 @@ def test_write_chunks_seals_a_batch_in_one_job(cache):
                                                      fetched[4]]
     assert e.write_chunks({7: os.urandom(100)}, dirty=False, only_if=lambda: False) == []
     assert not e.has(7)
+
+
+def test_many_fetchers_never_wait_for_each_other_on_the_memory_bound(cache, monkeypatch):
+    """Eight fetchers storing read units bigger than the bound on plaintext waiting for the
+    sealers allows at once: each hands over what it holds before it waits for more (a
+    version that took all its slots first, then handed the unit over, deadlocked)."""
+    import threading
+    monkeypatch.setattr(cache, "_pending_slots", threading.BoundedSemaphore(6))
+    entries = [cache.new_entry() for _ in range(8)]
+    units = [{i: os.urandom(1000) for i in range(10)} for _ in entries]
+    done = []
+
+    def fetch(e, unit):
+        e.write_chunks(unit, dirty=False, only_if=lambda: True)
+        done.append(e)
+    threads = [threading.Thread(target=fetch, args=(e, u), daemon=True)
+               for e, u in zip(entries, units)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert len(done) == 8, "fetchers deadlocked on the pending-plaintext bound"
+    for e, unit in zip(entries, units):
+        e.sync()
+        assert all(e.read_chunk(i) == d for i, d in unit.items())
 
 
 def test_dirty_chunks_never_evicted(cache_dir, keys):
