@@ -17,7 +17,7 @@ A chunk slot holds its chunk in one of two forms:
 where sub-block j = nonce | AES-GCM(plaintext[j*SUB:(j+1)*SUB]) | tag (SUB = 4 KiB), sealed
 with associated data (format, entry id, chunk index, chunk length, j, write id). Chunks are
 sealed whole (one AES-GCM call: written and sequentially fetched data); a clean chunk that is
-read at random is sealed again in sub-blocks in the background, so that the next small reads
+read at random is sealed again in sub-blocks by its reader, so that the next small reads
 of it decrypt 4 KiB, not 128. A slot torn between two writes of the chunk fails
 authentication either way. "SSC2" slots (format 2 and 3 caches: the same with 32 KiB
 sub-blocks) and caches of format 1 (whole slots only) open as they are; format 4 only makes
