@@ -52,8 +52,8 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-from .crypto import (OVERHEAD, SUB, SUB_V2, WRITE_ID_LEN, Sealer, chunk_aad, open_subs,
-                     record_aad, seal_chunk, sealed_len)
+from .crypto import (NONCE_LEN, OVERHEAD, SUB, SUB_V2, WRITE_ID_LEN, Sealer, chunk_aad,
+                     open_subs, record_aad, seal_chunk, sealed_len)
 from .errors import IntegrityError, NoSpace, UserError
 
 log = logging.getLogger("ssecfs.cache")
@@ -74,6 +74,7 @@ def _cost(length: int) -> int:
     return (SUBS_AT + sealed_len(length) + 4095) // 4096 * 4096
 SEALER_THREADS = 2
 MAX_PENDING = 256                    # chunks (32 MiB) of plaintext waiting to be sealed
+SEAL_BATCH = 16                      # a fetcher that waits for room waits for this much
 VERSION_TEXT = "ssecfs-cache 4\n"
 OLD_VERSION_TEXTS = ("ssecfs-cache 1\n", "ssecfs-cache 2\n", "ssecfs-cache 3\n")   # read;
                                                                      # VERSION rewritten
@@ -121,6 +122,42 @@ def _oserror_to_domain(e: OSError) -> Exception:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace("cache disk full")
     return e
+
+
+class Slots:
+    """The bound on plaintext waiting for the sealers, in chunks. take() waits until
+    `least` are free and takes up to `want` at once: a waiter never holds some while it
+    waits for more (so waiters cannot deadlock each other), and a fetcher whose read unit
+    does not fit hands it over in batches of `least` chunks, not one by one (each hand-over
+    is a sealer job: a queue put, a thread wake-up, a GIL exchange)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.free = total
+        self._cond = threading.Condition(threading.Lock())
+        self._waits: list[int] = []      # the `least` of each waiter
+
+    def take(self, want: int, least: int = 1) -> int:
+        least = max(1, min(least, want, self.total))
+        with self._cond:
+            if self.free < least:
+                self._waits.append(least)
+                try:
+                    while self.free < least:
+                        self._cond.wait()
+                finally:
+                    self._waits.remove(least)
+            got = min(want, self.free)
+            self.free -= got
+            return got
+
+    def give(self, n: int = 1) -> None:
+        with self._cond:
+            self.free += n
+            assert self.free <= self.total, "more slots given back than taken"
+            if self._waits and self.free >= min(self._waits):
+                self._cond.notify_all()      # (a wake-up per slot given back would cost
+                                             # more than the batching saves)
 
 
 class CacheEntry:
@@ -310,10 +347,11 @@ class CacheEntry:
                             clean=not dirty and not self.dirty)
         return True, queue
 
-    def _seal_one(self, index: int) -> None:
+    def _seal_one(self, index: int, nonce: bytes | None = None) -> None:
         """Sealer thread: seal and write the pending plaintext of one chunk. Only the latest
         data of a chunk is written (identity check under io_lock), so a stale seal never
-        overwrites newer data, and a dropped (truncated/evicted/discarded) chunk is skipped."""
+        overwrites newer data, and a dropped (truncated/evicted/discarded) chunk is skipped.
+        `nonce`: fresh random bytes for a whole-sealed chunk (else drawn here)."""
         with self.io_lock:
             data = self.pending.get(index)
             self._queued.discard(index)
@@ -327,7 +365,7 @@ class CacheEntry:
                     *seal_chunk(self.sealer, data, self.bid, index, wid)]
         else:
             slot = [HEADER.pack(MAGIC_V1, length),
-                    *self.sealer.seal_parts(data, chunk_aad(self.bid, index, length))]
+                    *self.sealer.seal_parts(data, chunk_aad(self.bid, index, length), nonce)]
         for attempt in range(2):
             with self.io_lock:
                 if self.pending.get(index) is not data:
@@ -643,7 +681,7 @@ class Cache:
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None      # entries/, for fsync after a record's rename
         self._sealers = ThreadPoolExecutor(max_workers=SEALER_THREADS, thread_name_prefix="seal")
-        self._pending_slots = threading.BoundedSemaphore(MAX_PENDING)
+        self._pending_slots = Slots(MAX_PENDING)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def open(self) -> None:
@@ -703,29 +741,26 @@ class Cache:
 
     def _submit_seals(self, e: CacheEntry, indexes: list[int]) -> None:
         """Hand chunks of `e` to the sealers, as few jobs as the bound on plaintext waiting
-        in memory (MAX_PENDING chunks) allows: one per fetched read unit, normally. A caller
-        never waits for a slot while it holds slots for chunks not handed over yet (eight
-        fetchers each holding part of the slots they need would wait for each other)."""
-        batch: list[int] = []
-        for index in indexes:
-            if not self._pending_slots.acquire(blocking=False):
-                if batch:
-                    self._submit_job(e, batch)
-                    batch = []
-                self._pending_slots.acquire()   # backpressure: bounded plaintext in memory
-            batch.append(index)
-        if batch:
-            self._submit_job(e, batch)
+        in memory (MAX_PENDING chunks) allows: one per fetched read unit when there is room,
+        else batches of SEAL_BATCH as room comes (backpressure). Slots are taken only
+        together with the chunks they are for, never held while waiting."""
+        done = 0
+        while done < len(indexes):
+            left = len(indexes) - done
+            got = self._pending_slots.take(left, least=min(left, SEAL_BATCH))
+            self._submit_job(e, indexes[done:done + got])
+            done += got
 
     def _submit_job(self, e: CacheEntry, batch: list[int]) -> None:
         def job():
+            nonces = os.urandom(NONCE_LEN * len(batch))     # one getrandom for the batch
             for n, index in enumerate(batch):
                 try:
-                    e._seal_one(index)
+                    e._seal_one(index, nonces[n * NONCE_LEN:(n + 1) * NONCE_LEN])
                 except BaseException:
-                    self._pending_slots.release(len(batch) - n)
+                    self._pending_slots.give(len(batch) - n)
                     raise
-                self._pending_slots.release()
+                self._pending_slots.give()
         try:
             self._sealers.submit(job)
         except RuntimeError:        # closing (a late read-ahead or upload thread): seal here,

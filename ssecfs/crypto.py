@@ -43,9 +43,13 @@ class Sealer:
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         return b"".join(self.seal_parts(plaintext, aad))
 
-    def seal_parts(self, plaintext, aad: bytes) -> tuple[bytes, bytes]:
-        """(nonce, ciphertext+tag): written side by side (pwritev) without joining them."""
-        nonce = os.urandom(NONCE_LEN)
+    def seal_parts(self, plaintext, aad: bytes, nonce: bytes | None = None
+                   ) -> tuple[bytes, bytes]:
+        """(nonce, ciphertext+tag): written side by side (pwritev) without joining them.
+        `nonce`: NONCE_LEN random bytes never used before (a caller sealing many chunks draws
+        them from one os.urandom call: each call hands the GIL over and back)."""
+        if nonce is None:
+            nonce = os.urandom(NONCE_LEN)
         return nonce, self._aead.encrypt(nonce, plaintext, aad)
 
     def open(self, blob, aad: bytes) -> bytes:

@@ -44,8 +44,8 @@ log = logging.getLogger("ssecfs.fs")
 
 NAME_MAX = 255
 KEY_MAX = 1024
-READ_UNIT = 4 * 1024 * 1024          # range GET size for sequential reads
-READAHEAD_UNITS = 8                  # units fetched ahead of a sequential reader
+READ_UNIT = 8 * 1024 * 1024          # range GET size for sequential reads
+READAHEAD_UNITS = 4                  # units fetched ahead of a sequential reader
 SEQ_SLACK = 2 * 1024 * 1024          # a read this close to the last one is sequential
 HOT_CHUNKS = (READAHEAD_UNITS + 1) * READ_UNIT // (128 * 1024)   # per file, see FileState.hot
 COPY_WORKERS = 16
@@ -284,7 +284,10 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         return st.entry
 
     # ===================================================================== read
-    def read(self, fh: int, size: int, offset: int) -> bytes:
+    def read(self, fh: int, size: int, offset: int, copy: bool = True) -> bytes:
+        """Bytes [offset, offset + size) of the open file (fewer at its end). With copy=False
+        the answer may be a memoryview of a fetched buffer (the FUSE adapter copies it into
+        the kernel's reply buffer itself: one copy of each byte read less)."""
         st = self.handle(fh)
         with st.lock:
             end = min(offset + size, st.size)
@@ -305,8 +308,10 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                 parts.append(bytes(hi - lo - len(piece)))
         if sequential:
             self._readahead(st, end)
-        # chunks may be views into a fetched buffer; FUSE gets bytes (bytes(b) is b itself)
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        if len(parts) > 1:
+            return b"".join(parts)
+        # a chunk may be a view into a fetched buffer (bytes(b) is b itself for bytes)
+        return parts[0] if not copy else bytes(parts[0])
 
     def _chunk(self, st: FileState, i: int, sequential: bool = True,
                lo: int = 0, hi: int = CHUNK) -> bytes:
@@ -380,7 +385,8 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         length = min(length, valid - start)
         if length <= 0:
             return {}
-        data = self.store.get_range(remote.key, start, length, remote.key_fp, remote.etag)
+        data = self.store.get_range(remote.key, start, length, remote.key_fp, remote.etag,
+                                    shared=True)
         if len(data) != length:
             raise Stale(f"{st.path}: short read from the store")
         got = {}

@@ -185,7 +185,7 @@ class FuseAdapter(Operations):
         as the kernel gave it) is decoded only for an error's log line."""
         self.thread_states.pin()
         try:
-            return self.fs.read(fh, size, offset)
+            return self.fs.read(fh, size, offset, copy=False)
         except Exception as e:  # noqa: BLE001 - every error leaves as an errno
             path = raw_path.decode("utf-8", "surrogateescape") if raw_path else f"(fh {fh})"
             raise self._fuse_error("read", path, e) from None
@@ -253,6 +253,13 @@ class FuseAdapter(Operations):
         raise FuseOSError(errno.ENOTSUP)
 
 
+# ctypes.memmove releases the GIL around the copy and takes it back: two hand-offs of the GIL
+# per read while fetch and sealer threads want it too, each a futex call or two, for a
+# 128 KiB copy that takes a few microseconds. This one keeps the GIL.
+_memmove_keep_gil = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_size_t)(ctypes._memmove_addr)
+
+
 class SsecfsFUSE(fuse.FUSE):
     """fusepy's FUSE with the one callback whose own cost shows: read. fusepy decodes the
     path the kernel passes (a read needs only the file handle) and dispatches by name
@@ -264,6 +271,14 @@ class SsecfsFUSE(fuse.FUSE):
         n = len(data)
         if n > size:
             raise FuseOSError(errno.EIO)
-        if n:
-            ctypes.memmove(buf, data, n)
+        if not n:
+            return 0
+        if type(data) is not memoryview:
+            _memmove_keep_gil(buf, data, n)
+        elif data.readonly:
+            _memmove_keep_gil(buf, bytes(data), n)
+        else:
+            # a view of a fetched buffer, copied once, straight into the reply. `data` holds
+            # the buffer until the copy is done (no other fetch receives into it meanwhile)
+            _memmove_keep_gil(buf, ctypes.addressof(ctypes.c_char.from_buffer(data)), n)
         return n

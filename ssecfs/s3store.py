@@ -14,6 +14,7 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import logging
+import mmap
 import os
 import threading
 import urllib.parse
@@ -335,7 +336,11 @@ class S3Store:
         return None
 
     def get_range(self, key: str, start: int, length: int, key_fp: str | None,
-                  etag: str | None = None) -> bytes:
+                  etag: str | None = None, shared: bool = False) -> bytes:
+        """Plaintext bytes [start, start + length) of the object. shared=True: a big body may
+        come back as the lean path's pooled receive buffer (an mmap, not copied again): the
+        caller reads it through memoryviews and drops them when done (see http1.BufferPool).
+        Otherwise the answer is bytes or a bytearray."""
         if length <= 0:
             return b""
         k = self.ring.by_fingerprint(key_fp) or self.ring.current
@@ -356,12 +361,14 @@ class S3Store:
             resp = self._call("GetObject", key, self.client.get_object, Key=key, **kw)
             echo, body = resp.get("SSECustomerKeyMD5"), resp["Body"]
         if _echo_fps(echo) != {k.fingerprint}:
-            if not isinstance(body, (bytes, bytearray)):
+            if not isinstance(body, (bytes, bytearray, mmap.mmap)):
                 body.close()
             log.warning("%r was served without SSE-C (a plaintext object): refused", key)
             raise KeyMismatch(f"{key!r} is not encrypted with SSE-C: refused")
-        if isinstance(body, (bytes, bytearray)):      # (a big one from the lean path is a
-            return body                               # bytearray: not copied again)
+        if isinstance(body, mmap.mmap):
+            return body if shared else bytes(body)
+        if isinstance(body, (bytes, bytearray)):
+            return body
         try:
             return body.read()
         except Exception as e:  # noqa: BLE001

@@ -150,7 +150,7 @@ class MemStore:
         return replace(info, start=data) if data is not None else info
 
     def get_range(self, key: str, start: int, length: int, key_fp: str | None,
-                  etag: str | None = None) -> bytes:
+                  etag: str | None = None, shared: bool = False) -> bytes:
         self._enter("get_range", key, start, length)
         if length <= 0:
             return b""

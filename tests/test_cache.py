@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from helpers import marker_blob, scan_dir_for
+from helpers import marker_blob, scan_dir_for, wait_until
 from ssecfs import cache as cache_mod
-from ssecfs.cache import (BASE, CHUNK, HEADER, MAGIC, MAGIC_V1, MAGIC_V2, RHEADER, RSLOT, SLOT,
-                          SUBS_AT, VERSION_TEXT, Cache, CacheEntry)
+from ssecfs.cache import (BASE, CHUNK, HEADER, MAGIC, MAGIC_V1, MAGIC_V2, RHEADER, RSLOT,
+                          SEAL_BATCH, SLOT, SUBS_AT, VERSION_TEXT, Cache, CacheEntry, Slots)
 from ssecfs.cache import _cost
 from ssecfs.crypto import (OVERHEAD, SUB, SUB_SEALED, SUB_V2, Sealer, chunk_aad, open_subs,
                            sub_aad)
@@ -783,7 +783,7 @@ def test_many_fetchers_never_wait_for_each_other_on_the_memory_bound(cache, monk
     sealers allows at once: each hands over what it holds before it waits for more (a
     version that took all its slots first, then handed the unit over, deadlocked)."""
     import threading
-    monkeypatch.setattr(cache, "_pending_slots", threading.BoundedSemaphore(6))
+    monkeypatch.setattr(cache, "_pending_slots", Slots(6))
     entries = [cache.new_entry() for _ in range(8)]
     units = [{i: os.urandom(1000) for i in range(10)} for _ in entries]
     done = []
@@ -802,6 +802,42 @@ def test_many_fetchers_never_wait_for_each_other_on_the_memory_bound(cache, monk
     for e, unit in zip(entries, units):
         e.sync()
         assert all(e.read_chunk(i) == d for i, d in unit.items())
+
+
+def test_slots_are_taken_at_least_so_many_at_once_and_never_held_while_waiting():
+    import threading
+    slots = Slots(10)
+    assert slots.take(4, least=4) == 4 and slots.take(100, least=1) == 6 and slots.free == 0
+    got = []
+    t = threading.Thread(target=lambda: got.append(slots.take(8, least=3)), daemon=True)
+    t.start()
+    wait_until(lambda: slots._waits == [3], 10, what="the taker to wait")
+    slots.give(2)
+    assert not got and slots.free == 2          # two are not enough: none taken meanwhile
+    slots.give(1)
+    t.join(10)
+    assert got == [3] and slots.free == 0 and slots._waits == []
+    slots.give(10)
+    with pytest.raises(AssertionError):
+        slots.give(1)                           # more given back than taken
+
+
+def test_a_fetcher_short_of_room_hands_over_batches_not_single_chunks(cache, monkeypatch):
+    """Read units bigger than the room left for plaintext (the steady state of a long cold
+    read: fetching outruns sealing) go to the sealers in batches of SEAL_BATCH chunks at
+    least, not one job per chunk as room frees up one chunk at a time."""
+    monkeypatch.setattr(cache, "_pending_slots", Slots(SEAL_BATCH + 5))
+    sizes = []
+    submit_job = cache._submit_job
+    monkeypatch.setattr(cache, "_submit_job", lambda e, b: sizes.append(len(b)) or
+                        submit_job(e, b))
+    e = cache.new_entry()
+    unit = {i: os.urandom(1000) for i in range(4 * SEAL_BATCH + 3)}
+    assert e.write_chunks(unit, dirty=False, only_if=lambda: True) == sorted(unit)
+    e.sync()
+    assert sum(sizes) == len(unit) and sizes[0] == SEAL_BATCH + 5
+    assert all(n >= SEAL_BATCH for n in sizes[:-1]), sizes
+    assert all(e.read_chunk(i) == d for i, d in unit.items())
 
 
 def test_dirty_chunks_never_evicted(cache_dir, keys):

@@ -4,13 +4,15 @@ it must refuse rather than misread. Its use against SeaweedFS is covered by test
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import threading
+import time
 
 import pytest
 
-from ssecfs.http1 import HTTP1Pool
+from ssecfs.http1 import BufferPool, HTTP1Pool
 
 
 class Scripted:
@@ -327,3 +329,60 @@ def test_tls_connection_is_verified_and_kept_alive(server, tmp_path):
                   read_timeout=5)
     with pytest.raises(ssl.SSLCertVerificationError):
         q.request("GET", "/", {})
+
+
+# ------------------------------------------------------------------ pooled range-GET buffers
+def test_pool_hands_a_buffer_out_again_only_when_nothing_refers_to_it():
+    pool = BufferPool(keep=4, idle_s=60)
+    a = pool.get(1000)
+    assert isinstance(a, mmap.mmap) and len(a) == 1000
+    first = id(a)
+    a[:5] = b"hello"
+    view = memoryview(a)[100:200]        # a chunk of a read unit, still in someone's hands
+    sub = view[10:20]                    # (a view of a view refers to the buffer too)
+    del a, view
+    b = pool.get(1000)
+    assert id(b) != first, "a buffer still seen through a view was handed out again"
+    assert pool.get(999) is not b        # other sizes never match
+    del sub
+    c = pool.get(1000)
+    assert id(c) == first, "a buffer nobody refers to any more was not reused"
+    assert c[:5] == b"hello"             # (reused as is: the caller overwrites what it reads)
+    d = pool.get(1000)
+    assert d is not c and d is not b     # both still held here
+
+
+def test_pool_remembers_at_most_keep_and_forgets_idle_ones():
+    pool = BufferPool(keep=2, idle_s=10)
+    held = [pool.get(64) for _ in range(3)]      # all in use: three distinct buffers
+    assert len({id(b) for b in held}) == 3
+    assert len(pool._bufs) == 2                  # the oldest was forgotten (it lives on: held)
+    oldest = id(held[0])
+    held.clear()
+    assert id(pool.get(64)) != oldest            # forgotten buffers are not reused
+    now = time.monotonic()
+    assert pool.trim(now) == 2                   # all recent
+    assert pool.trim(now + 11) == 0              # idle past idle_s: dropped
+
+
+def test_a_big_partial_content_body_comes_in_a_pooled_buffer(server):
+    big = os.urandom(3 * 1024 * 1024 + 5)
+
+    def handler(srv, conn, i):
+        buf = b""
+        while True:
+            head, buf = srv.read_request(conn, buf)
+            if head is None:
+                return
+            status = b"206 Partial Content" if b"range" in head.lower() else b"200 OK"
+            conn.sendall(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n" % (status, len(big)))
+            for j in range(0, len(big), 700_001):
+                conn.sendall(big[j:j + 700_001])
+
+    srv = server(handler)
+    p = srv.pool()
+    ranged = p.request("GET", "/b/k", {"host": "x", "range": "bytes=0-"}).body
+    assert isinstance(ranged, mmap.mmap) and ranged[:] == big
+    whole = p.request("GET", "/b/k", {"host": "x"}).body
+    assert isinstance(whole, bytearray) and whole == big    # not a range answer: not pooled
+    assert srv.accepted == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import mmap
 import os
 import threading
 
@@ -15,6 +16,7 @@ from botocore.exceptions import ClientError
 
 from helpers import sse
 from ssecfs import s3store
+from ssecfs.cache import CHUNK
 from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
                            Stale, StoreError, StoreUnavailable, UserError)
 from ssecfs.keys import Key, KeyRing
@@ -156,14 +158,24 @@ def test_put_get_range_head(make_store, k1, s3, bucket):
 
 
 def test_big_range_get_on_the_lean_path(make_store, k1):
-    """A read unit (4 MiB) comes back whole; the lean path hands it over without copying it
-    again (a bytearray), and it compares, slices and hashes like bytes."""
+    """A read unit (8 MiB) comes back whole on the lean path. Asked with shared=True (the
+    read path) it is the pooled receive buffer itself, not a copy; that buffer is received
+    into again only once no view of it is left. Otherwise the caller gets bytes."""
     store, wire = make_store(k1)
-    data = os.urandom(6 * MiB)
+    data = os.urandom(10 * MiB)
     store.put("big", data, {})
-    got = store.get_range("big", MiB + 7, 4 * MiB, k1.fingerprint)
-    assert got == data[MiB + 7:5 * MiB + 7] and len(got) == 4 * MiB
-    assert bytes(memoryview(got)[:100]) == data[MiB + 7:MiB + 107]
+    want = data[MiB + 7:9 * MiB + 7]
+    got = store.get_range("big", MiB + 7, 8 * MiB, k1.fingerprint)
+    assert type(got) is bytes and got == want
+    buf = store.get_range("big", MiB + 7, 8 * MiB, k1.fingerprint, shared=True)
+    assert isinstance(buf, mmap.mmap) and len(buf) == 8 * MiB
+    view = memoryview(buf)[CHUNK:2 * CHUNK]          # a chunk, as the read path keeps it
+    first = id(buf)
+    del buf
+    other = store.get_range("big", 0, 8 * MiB, k1.fingerprint, shared=True)
+    assert id(other) != first, "received into a buffer a view still showed"
+    assert bytes(view) == want[CHUNK:2 * CHUNK] and other[:] == data[:8 * MiB]
+    del view, other
     assert wire.of("GetObject"), "the lean path was not used"
     check_wire(wire, [k1])
 

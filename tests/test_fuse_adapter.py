@@ -1,0 +1,62 @@
+"""SsecfsFUSE.read, the one callback that bypasses fusepy's dispatch: what it copies into the
+kernel's reply buffer for each kind of answer the filesystem gives (bytes, or a view of a
+fetched buffer). Mounted reads of every kind are covered by the mount tests."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from types import SimpleNamespace
+
+import fuse
+import pytest
+
+from ssecfs.fuse_adapter import SsecfsFUSE
+
+
+def call_read(answer, size=1 << 17):
+    """Runs SsecfsFUSE.read as libfuse would, the filesystem answering `answer`; returns
+    (bytes in the reply buffer, returned length, what read_fh was asked)."""
+    asked = []
+
+    def read_fh(fh, size, offset, raw_path):
+        asked.append((fh, size, offset, raw_path))
+        return answer
+
+    me = SimpleNamespace(operations=SimpleNamespace(read_fh=read_fh))
+    buf = ctypes.create_string_buffer(b"\xee" * size, size)
+    info = fuse.fuse_file_info()
+    info.fh = 7
+    n = SsecfsFUSE.read(me, b"/dir/f", buf, size, 4096, ctypes.pointer(info))
+    return buf.raw[:n], n, asked
+
+
+def test_bytes_answer_is_copied():
+    data = os.urandom(1000)
+    got, n, asked = call_read(data)
+    assert (got, n) == (data, 1000)
+    assert asked == [(7, 1 << 17, 4096, b"/dir/f")]
+
+
+def test_view_of_a_fetched_buffer_is_copied_straight_from_it():
+    buf = mmap.mmap(-1, 3 << 17)               # a read unit received into a pooled buffer
+    data = os.urandom(3 << 17)
+    buf[:] = data
+    view = memoryview(buf)[1 << 17:2 << 17]    # its second chunk
+    got, n, _ = call_read(view)
+    assert n == 1 << 17 and got == data[1 << 17:2 << 17]
+
+
+def test_read_only_view_is_copied_too():
+    data = os.urandom(5000)
+    got, n, _ = call_read(memoryview(data)[100:4100])
+    assert (got, n) == (data[100:4100], 4000)
+
+
+def test_empty_answer_and_too_long_answer():
+    assert call_read(b"")[1] == 0
+    with pytest.raises(fuse.FuseOSError) as e:
+        call_read(b"x" * 11, size=10)
+    assert e.value.errno == errno.EIO
