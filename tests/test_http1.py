@@ -83,17 +83,27 @@ def server():
         s.close()
 
 
-def keepalive_echo(srv, conn, i):
-    """Answers every request on the connection with its own method and path as body."""
-    buf = b""
-    while True:
-        head, buf = srv.read_request(conn, buf)
-        if head is None:
-            return
-        line = head.split(b"\r\n")[0]
-        body = line + b" conn=%d" % i
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nETag: \"e\"\r\n"
-                     b"X-Amz-Meta-Mode: 33188\r\nX-Amz-Meta-Mode: again\r\n\r\n" % len(body) + body)
+def answer_each(answer):
+    """A handler that answers every request on a kept-alive connection with
+    answer(request head, connection index) (the raw answer bytes)."""
+    def handler(srv, conn, i):
+        buf = b""
+        while True:
+            head, buf = srv.read_request(conn, buf)
+            if head is None:
+                return
+            conn.sendall(answer(head, i))
+    return handler
+
+
+def _echo(head, i):
+    """Its own method and path as the body."""
+    body = head.split(b"\r\n")[0] + b" conn=%d" % i
+    return (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nETag: \"e\"\r\n"
+            b"X-Amz-Meta-Mode: 33188\r\nX-Amz-Meta-Mode: again\r\n\r\n" % len(body) + body)
+
+
+keepalive_echo = answer_each(_echo)
 
 
 def test_keep_alive_reuses_one_connection_and_reads_headers(server):
@@ -368,18 +378,11 @@ def test_pool_remembers_at_most_keep_and_forgets_idle_ones():
 def test_a_big_partial_content_body_comes_in_a_pooled_buffer(server):
     big = os.urandom(3 * 1024 * 1024 + 5)
 
-    def handler(srv, conn, i):
-        buf = b""
-        while True:
-            head, buf = srv.read_request(conn, buf)
-            if head is None:
-                return
-            status = b"206 Partial Content" if b"range" in head.lower() else b"200 OK"
-            conn.sendall(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n" % (status, len(big)))
-            for j in range(0, len(big), 700_001):
-                conn.sendall(big[j:j + 700_001])
+    def answer(head, i):
+        status = b"206 Partial Content" if b"range" in head.lower() else b"200 OK"
+        return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n" % (status, len(big)) + big
 
-    srv = server(handler)
+    srv = server(answer_each(answer))
     p = srv.pool()
     ranged = p.request("GET", "/b/k", {"host": "x", "range": "bytes=0-"}).body
     assert isinstance(ranged, mmap.mmap) and ranged[:] == big
