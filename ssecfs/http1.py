@@ -23,7 +23,8 @@ import time
 
 MAX_HEAD = 64 * 1024            # bytes of status line + headers we accept
 RECV = 256 * 1024
-BIG_BODY = 1024 * 1024         # bodies larger than this are returned as bytearray (no copy)
+BIG_BODY = 1024 * 1024         # bodies larger than this are not copied into bytes (a bytearray,
+                               # or for a range answer a BufferPool buffer)
 
 
 class BufferPool:
@@ -321,7 +322,7 @@ class HTTP1Pool:
                 raise HTTPProtocolError("connection closed inside an answer body")
             have += k
         view.release()
-        return out if pooled or n > BIG_BODY else bytes(out)
+        return out if n > BIG_BODY else bytes(out)
 
     def _read_line(self, c: _Conn) -> bytes:
         buf = c.buf
