@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from cachetools import LRUCache, TTLCache
 
-from .dirindex import INDEX_NAME, DirIndexes
+from .dirindex import HEAL_MIN, INDEX_NAME, DirIndexes
 from .errors import KeyMismatch, NotFound, PermissionDenied
 from .store import ObjectInfo
 
@@ -33,6 +33,8 @@ log = logging.getLogger("ssecfs.fs")
 LISTING_CACHE_MAX = 5000             # directories up to this size have their names cached
 HEAD_WORKERS = 32                    # parallel HEADs of a readdir prefetch
 PREFETCH_AHEAD = 256                 # HEADs a readdir prefetch runs ahead of the getattrs
+WINDOW = 1000                        # names one listing page checks against known answers
+BIG_MISSES = 3                       # lookups in a row that make a big directory's pages start
 LOOKUP_START = 16 * 1024             # a lookup fetches this much of the object with its attrs
 STARTS_MAX = 32 * 1024 * 1024        # bytes of such starts kept for the open that follows
 
@@ -106,6 +108,9 @@ class AttrOps:
         # readdir (`ls -l`), so answers are fresh (well within the attribute timeout) when
         # they are used, and a reader that stops early costs few requests.
         self._prefetch_runs: LRUCache = LRUCache(maxsize=64)
+        # Directories listed with more names than a prefetch run holds (LISTING_CACHE_MAX):
+        # the names past those are asked a page of the listing at a time (_big_follow).
+        self._big_dirs: LRUCache = LRUCache(maxsize=64)
         self._seq = 0          # bumped by every change of ours (guards lookups in flight)
         # Changes of names (create, unlink, rename, mkdir, rmdir) per directory: a listing
         # taken while a name of its directory changed is not cached. Uploads of files that
@@ -219,15 +224,18 @@ class AttrOps:
             return hit
         with self._attr_lock:
             pending = self._heads.get(path)
-        if pending is not None:          # a readdir prefetch is fetching it right now
+        while pending is not None:       # a readdir prefetch is fetching it right now
             try:
                 pending.result()
             except Exception:  # noqa: BLE001 - fall back to our own lookup
                 pass
             with self._attr_lock:
                 hit = self._attrs.get(path, False)
+                again = self._heads.get(path)
             if hit:
                 return hit
+            # a listing page that did not vouch for it hands it on to a HEAD: wait for that
+            pending = again if again is not pending else None
         with self._attr_lock:
             seq0 = self._seq
         parent, name = posixpath.split(path)
@@ -312,12 +320,16 @@ class AttrOps:
         with self._attr_lock:
             run = self._prefetch_runs.get(d)
             if run is None or first:          # a new listing of d starts a new run
-                run = {"items": [], "index": {}, "next": 0}
+                dkey = self._dkey_name(paths_keys[0][1])[0] if paths_keys else ""
+                known = self.dirindex.observed(dkey) if self._use_index and dkey else None
+                run = {"items": [], "index": {}, "next": 0, "dkey": dkey, "checked": {},
+                       "known": known is not None and len(known) >= HEAL_MIN}
                 self._prefetch_runs[d] = run
             for path, key, _listed in paths_keys:
                 run["index"][path] = len(run["items"])
                 run["items"].append((path, key))
-        self._prefetch_upto(run, PREFETCH_AHEAD)
+        if not run["known"]:
+            self._prefetch_upto(run, PREFETCH_AHEAD)
 
     def _prefetch_follow(self, path: str) -> None:
         parent = posixpath.dirname(path) or "/"
@@ -325,7 +337,56 @@ class AttrOps:
             run = self._prefetch_runs.get(parent)
             i = run["index"].get(path) if run is not None else None
         if i is not None:
-            self._prefetch_upto(run, i + 1 + PREFETCH_AHEAD)
+            if run["known"]:
+                self._window_follow(run, i, path)
+            else:
+                self._prefetch_upto(run, i + 1 + PREFETCH_AHEAD)
+        else:
+            self._big_follow(path, parent)
+
+    def _note_big_dir(self, d: str, dkey: str) -> None:
+        """A listing of d went past LISTING_CACHE_MAX names (the getattrs that follow start
+        from its first pages again)."""
+        with self._attr_lock:
+            self._big_dirs[d] = {"dkey": dkey, "last": None, "mid": None, "more": False,
+                                 "ahead": None, "misses": []}
+
+    def _big_follow(self, path: str, parent: str) -> None:
+        """getattr of a name of a big directory that no prefetch run holds. Such names are
+        asked a page of the listing at a time (_big_window): a page gives each of its files
+        the attributes of an answer seen before that still matches it, or a HEAD, in
+        parallel. A name that is neither cached nor being asked starts a page from itself,
+        once BIG_MISSES such names came within a second (`ls -l`; a lone stat or create is
+        asked by itself); once the getattrs reach the middle of the latest page, the next
+        page is asked ahead (and a name past the latest page waits for that one first)."""
+        with self._attr_lock:
+            big = self._big_dirs.get(parent)
+            if big is None:
+                return
+            key = self.key_of(path)
+            if big["more"] and big["ahead"] is None and big["mid"] <= key <= big["last"]:
+                ahead: Future = Future()
+                big["ahead"] = (big["last"], ahead)
+                self._head_pool.submit(self._big_window, parent, big, big["last"], None,
+                                       self._seq, ahead)
+            if self._attrs.get(path, False) or path in self._heads:
+                return
+            wait = big["ahead"][1] if big["ahead"] and key > big["ahead"][0] else None
+        if wait is not None:
+            wait.result()
+        with self._attr_lock:
+            if self._attrs.get(path, False) or path in self._heads:
+                return
+            now = time.monotonic()
+            big["misses"] = [t for t in big["misses"] if now - t < 1.0][-(BIG_MISSES - 1):]
+            big["misses"].append(now)
+            if len(big["misses"]) < BIG_MISSES:
+                return
+            fut: Future = Future()
+            self._heads[path] = fut
+            # (key[:-1] sorts just before key: the page starts at key, or a few names before)
+            self._head_pool.submit(self._big_window, parent, big, key[:-1], (path, key, fut),
+                                   self._seq)
 
     def _prefetch_upto(self, run: dict, upto: int) -> None:
         with self._attr_lock:
@@ -338,6 +399,113 @@ class AttrOps:
                     continue
                 self._heads[path] = self._head_pool.submit(self._prefetch_one, path, key,
                                                            self._seq)
+
+    def _window_follow(self, run: dict, i: int, path: str) -> None:
+        """getattr of the i-th name of a listing of a directory seen before (its answers are
+        kept: dirindex.observed), not cached: the window of WINDOW names it falls in, and
+        from its middle on the next one, are checked against a fresh page of the listing
+        (_validate_window), unless checked lately. Checked when reached rather than at the
+        readdir: `ls -l` of a big directory reaches most names after the attribute timeout
+        of its listing (a small one finds them cached from the listing, and asks nothing)."""
+        now = time.monotonic()
+        w = i // WINDOW
+        with self._attr_lock:
+            if self._attrs.get(path, False):
+                return
+            items = run["items"]
+            for v in (w, w + 1) if i % WINDOW >= WINDOW // 2 else (w,):
+                if v * WINDOW >= len(items) or \
+                        now - run["checked"].get(v, -1e9) < self._attrs.ttl / 2:
+                    continue
+                run["checked"][v] = now
+                window = items[v * WINDOW:(v + 1) * WINDOW]
+                fut: Future = Future()
+                for p, _k in window:
+                    self._heads.setdefault(p, fut)
+                self._head_pool.submit(self._validate_window, run, window,
+                                       items[v * WINDOW - 1][1] if v else None, self._seq, fut)
+
+    def _validate_window(self, run: dict, window: list, after: str | None, seq0: int,
+                         fut: Future) -> None:
+        """List the page of the directory that holds `window` (names in listing order) and
+        take the attributes of each file whose listed ETag, size and Last-Modified match an
+        answer seen before (dirindex.Entry.matches, as for an index); HEAD the others."""
+        seeded = set()
+        try:
+            page = next(iter(self.store.list_page_iter(run["dkey"], "/", WINDOW,
+                                                       start_after=after)), None)
+            listed = {o.key: o for o in page.objects} if page is not None else {}
+            known = self.dirindex.observed(run["dkey"]) or {}
+            for path, key in window:
+                o = listed.get(key)
+                e = known.get(self._dkey_name(key)[1]) if o is not None else None
+                if e is not None and e.matches(o):
+                    self._cache_attr(path, Attr(e.mode, e.size, e.mtime, e.ctime, e.uid, e.gid),
+                                     seq0)
+                    seeded.add(path)
+        except Exception as e:  # noqa: BLE001 - a prefetch: the HEADs below (or getattr) ask
+            log.debug("listing page of %r: %s", run["dkey"], e)
+        finally:
+            with self._attr_lock:
+                for path, key in window:
+                    if self._heads.get(path) is fut:
+                        if path in seeded:
+                            del self._heads[path]
+                        else:
+                            self._heads[path] = self._head_pool.submit(
+                                self._prefetch_one, path, key, seq0)
+            fut.set_result(None)
+
+    def _big_window(self, parent: str, big: dict, after: str, asked, seq0: int,
+                    ahead: Future | None = None) -> None:
+        """One page of a big directory's listing, keys after `after`: files whose listed
+        ETag, size and Last-Modified match an answer seen before get its attributes; the
+        others a HEAD each (prefetch). asked: (path, key, future) of the getattr waiting;
+        ahead: the future of a page asked ahead."""
+        pfx = parent.rstrip("/") + "/"
+        dkey = big["dkey"]
+        try:
+            page = next(iter(self.store.list_page_iter(dkey, "/", WINDOW, start_after=after)),
+                        None)
+            objs = [o for o in page.objects if o.key[len(dkey):]
+                    and "/" not in o.key[len(dkey):]
+                    and o.key[len(dkey):] != INDEX_NAME] if page is not None else []
+            known = (self.dirindex.observed(dkey) if self._use_index else None) or {}
+            for o in objs:
+                name = o.key[len(dkey):]
+                e = known.get(name)
+                if e is not None and e.matches(o):
+                    self._cache_attr(pfx + name,
+                                     Attr(e.mode, e.size, e.mtime, e.ctime, e.uid, e.gid), seq0)
+            with self._attr_lock:
+                for o in objs:
+                    path = pfx + o.key[len(dkey):]
+                    if path not in self._heads and not self._attrs.get(path, False):
+                        self._heads[path] = self._head_pool.submit(self._prefetch_one, path,
+                                                                   o.key, seq0)
+                if page is not None and page.objects and \
+                        (big["last"] is None or page.objects[-1].key > big["last"]):
+                    big.update(last=page.objects[-1].key,
+                               mid=page.objects[len(page.objects) // 2].key,
+                               more=len(page.objects) + len(page.prefixes) >= WINDOW)
+        except Exception as e:  # noqa: BLE001 - a prefetch: getattr asks itself
+            log.debug("listing page of %r: %s", dkey, e)
+        finally:
+            if ahead is not None:
+                with self._attr_lock:
+                    if big["ahead"] is not None and big["ahead"][1] is ahead:
+                        big["ahead"] = None
+                ahead.set_result(None)
+            if asked is not None:
+                path, key, fut = asked
+                with self._attr_lock:
+                    if self._heads.get(path) is fut:
+                        if self._attrs.get(path, False):
+                            del self._heads[path]
+                        else:
+                            self._heads[path] = self._head_pool.submit(
+                                self._prefetch_one, path, key, seq0)
+                fut.set_result(None)
 
     def _prefetch_one(self, path: str, key: str, seq0: int) -> None:
         try:

@@ -47,14 +47,16 @@ FORMAT = 1
 MATURE = 2.0             # seconds between a version's Last-Modified and an answer we index
 QUIET = 2.5              # build once the directory had no change of ours for this long
 MAX_DELAY = 60.0         # ... or at the latest this long after the first change
-MAX_ENTRIES = 10_000     # larger directories get no index (bounded memory and object size)
+MAX_ENTRIES = 10_000     # larger directories get no index object (its size, rewritten whole)
+OBS_MAX = 200_000        # answers kept in memory per directory (a big one is listed again fast)
+OBS_TOTAL = 200_000      # ... and in all, over the OBS_DIRS directories (~330 bytes each)
 HEAL_MIN = 16            # a listing with this many files without an entry asks for a build
 MIN_FILES = 16           # smaller directories get no index (a few HEADs in parallel are cheap)
 LOAD_BYTES = 256 * 1024  # the first GET of an index asks this much (most are smaller)
 OBS_DIRS = 8             # directories whose entries are kept in memory (LRU)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     etag: str
     lm: int              # Last-Modified of the version, whole seconds
@@ -113,6 +115,20 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+class _Observations(LRUCache):
+    """directory -> {name: Entry}, least recently used directory dropped first; `entries`
+    counts the entries of all its dicts (DirIndexes._room adds, a dropped dict subtracts)."""
+
+    def __init__(self, maxsize: int):
+        super().__init__(maxsize=maxsize)
+        self.entries = 0
+
+    def __delitem__(self, key) -> None:
+        gone = len(super().__getitem__(key))
+        super().__delitem__(key)
+        self.entries -= gone
+
+
 class DirIndexes:
     """Observations per directory, loading indexes for listings, and the background builder.
 
@@ -127,8 +143,8 @@ class DirIndexes:
         self.writable = writable
         self._lock = threading.Condition()
         # directory -> {name: Entry}: answers seen by this mount, and loaded indexes. Bounded:
-        # at most OBS_DIRS directories of at most MAX_ENTRIES entries (~2.5 MB each).
-        self._obs: LRUCache = LRUCache(maxsize=OBS_DIRS)
+        # at most OBS_DIRS directories, OBS_TOTAL entries in all (~65 MB at most).
+        self._obs = _Observations(maxsize=OBS_DIRS)
         self._stored: LRUCache = LRUCache(maxsize=10_000)   # dkey -> digest of what it holds
         self._loaded: LRUCache = LRUCache(maxsize=OBS_DIRS)  # dkey -> (ETag, entries) last read
         self._foreign: set[str] = set()          # dkeys whose index object is not ours to write
@@ -153,12 +169,30 @@ class DirIndexes:
         if e is None:
             return None
         with self._lock:
-            obs = self._obs.get(dkey)
-            if obs is None:
-                obs = self._obs[dkey] = {}
-            if name in obs or len(obs) < MAX_ENTRIES:
+            obs = self._obs_of(dkey)
+            if name in obs or self._room(obs):
                 obs[name] = e
         return e
+
+    def observed(self, dkey: str) -> dict[str, Entry] | None:
+        """The answers this mount keeps for a directory (name -> Entry), if any: the live
+        dict, only to look names up in."""
+        with self._lock:
+            return self._obs.get(dkey)
+
+    def _obs_of(self, dkey: str) -> dict:
+        """Caller holds _lock."""
+        obs = self._obs.get(dkey)
+        if obs is None:
+            obs = self._obs[dkey] = {}
+        return obs
+
+    def _room(self, obs: dict) -> bool:
+        """Room for one more entry in obs; if so, counts it (caller holds _lock and adds it)."""
+        if len(obs) >= OBS_MAX or self._obs.entries >= OBS_TOTAL:
+            return False
+        self._obs.entries += 1
+        return True
 
     def changed(self, dkey: str, ours: bool = True) -> None:
         """ours: a change of ours in the directory (its build HEADs every file without a
@@ -199,16 +233,20 @@ class DirIndexes:
     # -- listing side ---------------------------------------------------------------------
     def for_listing(self, dkey: str, objects: list[ListedObject]) -> dict[str, Entry] | None:
         """The index for a page of the directory's listing: read (or the copy read before, if
-        the listing shows the same ETag) when the page lists it; {} when the page shows there
-        is none (keys are listed in order and the page went past its name); None when the
-        page ends before its name (not known yet)."""
+        the listing shows the same ETag) when the page lists it; when the page shows there is
+        none (keys are listed in order and the page went past its name), what this mount has
+        seen of the directory (a directory too big for an index object is listed again
+        without a HEAD per file; the caller only looks names up in it); None when the page
+        ends before its name (not known yet)."""
         key = dkey + INDEX_NAME
         for o in objects:
             if o.key == key:
                 with self._lock:
                     got = self._loaded.get(dkey)
                 return got[1] if got is not None and got[0] == o.etag else self.load(dkey)
-        return {} if not objects or objects[-1].key > key else None
+        if not objects or objects[-1].key > key:
+            return self.observed(dkey) or {}
+        return None
 
     def load(self, dkey: str) -> dict[str, Entry]:
         """The stored index of a directory ({} if none or unreadable); its entries also join
@@ -238,13 +276,10 @@ class DirIndexes:
             self._foreign.discard(dkey)
             self._stored[dkey] = _digest(data)
             self._loaded[dkey] = (info.etag, entries)
-            obs = self._obs.get(dkey)
-            if obs is None:
-                obs = self._obs[dkey] = {}
+            obs = self._obs_of(dkey)
             for name, e in entries.items():
                 old = obs.get(name)
-                if (old is None and len(obs) < MAX_ENTRIES) or (old is not None
-                                                                 and old.seen < e.seen):
+                if (old is None and self._room(obs)) or (old is not None and old.seen < e.seen):
                     obs[name] = e
         return entries
 

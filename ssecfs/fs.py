@@ -36,7 +36,7 @@ from .dirindex import INDEX_NAME
 from .errors import (InvalidName, IsADirectory, KeyMismatch, NameTooLong, NotFound,
                      ReadOnly, Stale, TimedOut)
 from .namespace import NamespaceOps
-from .store import LOCKED, PLAINTEXT, Store
+from .store import LOCKED, PLAINTEXT, Store, pieces
 from .stream import STREAM_CLOSE_DELAY, StreamOps
 from .writeback import WriteBack
 
@@ -397,12 +397,12 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             limit = min(st.remote_valid, st.size)
             epoch = st.trunc_epoch
             dgen = st.data_generation
-        view = memoryview(data)       # chunks are views: no copy, no allocation each
-        for off in range(0, len(data), CHUNK):
+        # chunks are views (no copy, no allocation each), each holding only its own buffer
+        for off, piece in zip(range(0, len(data), CHUNK), pieces(data, CHUNK)):
             i = (start + off) // CHUNK
             if start + off >= limit:
                 break
-            got[i] = view[off:off + min(CHUNK, limit - start - off)]
+            got[i] = piece[:min(CHUNK, limit - start - off)]
         # Stored without holding st.lock (readers go on meanwhile); a chunk written or a
         # file truncated since the GET was sent wins over the fetched bytes.
         still = lambda: st.remote is remote and st.trunc_epoch == epoch and not st.deleted  # noqa: E731

@@ -63,6 +63,8 @@ class NamespaceOps:
                 seen_local.add(name)
                 if len(seen_local) <= LISTING_CACHE_MAX:
                     batch.append((pfx + name, o.key, o))
+                elif len(seen_local) == LISTING_CACHE_MAX + 1:
+                    self._note_big_dir(path, dkey)
             if self._use_index and index is None:
                 # one GET for the attrs of many files (none if the listing shows no index,
                 # or the same one as last time)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import logging
-import mmap
 import os
 import threading
 import urllib.parse
@@ -29,6 +28,7 @@ from cachetools import LRUCache
 
 from .errors import (EncryptionNotApplied, KeyMismatch, NotFound, NotSupported,
                      PermissionDenied, Stale, StoreError, StoreUnavailable, UserError)
+from .http1 import Segments
 from .keys import Key, KeyRing
 from .s3raw import RawS3, parse_copy_result, parse_list_v2, plain_key
 from .store import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo, Reader
@@ -338,9 +338,9 @@ class S3Store:
     def get_range(self, key: str, start: int, length: int, key_fp: str | None,
                   etag: str | None = None, shared: bool = False) -> bytes:
         """Plaintext bytes [start, start + length) of the object. shared=True: a big body may
-        come back as the lean path's pooled receive buffer (an mmap, not copied again): the
-        caller reads it through memoryviews and drops them when done (see http1.BufferPool).
-        Otherwise the answer is bytes or a bytearray."""
+        come back as the lean path's pooled receive buffers (http1.Segments, not copied
+        again): the caller reads it through memoryviews (store.pieces) and drops them when
+        done (see http1.BufferPool). Otherwise the answer is bytes or a bytearray."""
         if length <= 0:
             return b""
         k = self.ring.by_fingerprint(key_fp) or self.ring.current
@@ -361,11 +361,11 @@ class S3Store:
             resp = self._call("GetObject", key, self.client.get_object, Key=key, **kw)
             echo, body = resp.get("SSECustomerKeyMD5"), resp["Body"]
         if _echo_fps(echo) != {k.fingerprint}:
-            if not isinstance(body, (bytes, bytearray, mmap.mmap)):
+            if not isinstance(body, (bytes, bytearray, Segments)):
                 body.close()
             log.warning("%r was served without SSE-C (a plaintext object): refused", key)
             raise KeyMismatch(f"{key!r} is not encrypted with SSE-C: refused")
-        if isinstance(body, mmap.mmap):
+        if isinstance(body, Segments):
             return body if shared else bytes(body)
         if isinstance(body, (bytes, bytearray)):
             return body
@@ -624,7 +624,7 @@ class S3Store:
 
     # -- listing ------------------------------------------------------------------------------
     def _raw_list(self, prefix: str, delimiter: str | None, max_keys: int,
-                  token: str | None) -> dict | None:
+                  token: str | None, start_after: str | None = None) -> dict | None:
         """ListObjectsV2 on the lean path (botocore's XML and date parsing cost ~0.1 ms per
         entry); None: use botocore (any answer but a 200 that parses)."""
         if self.raw is None:
@@ -635,6 +635,8 @@ class S3Store:
             q["delimiter"] = delimiter
         if token:
             q["continuation-token"] = token
+        if start_after:
+            q["start-after"] = start_after
         try:
             r = self.raw.request("ListObjectsV2", "GET", "", {}, query=q)
             return parse_list_v2(r.body) if r.status == 200 else None
@@ -642,15 +644,19 @@ class S3Store:
             log.debug("raw ListObjectsV2 %r: %s; using botocore", prefix, type(e).__name__)
             return None
 
-    def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = 1000):
+    def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = 1000,
+                       start_after: str | None = None):
+        """Pages of ListObjectsV2 (keys after start_after only, if given)."""
         kw = {"Prefix": prefix, "MaxKeys": max_keys}
         if delimiter:
             kw["Delimiter"] = delimiter
+        if start_after:
+            kw["StartAfter"] = start_after
         token = None
         while True:
             if token:
                 kw["ContinuationToken"] = token
-            resp = self._raw_list(prefix, delimiter, max_keys, token)
+            resp = self._raw_list(prefix, delimiter, max_keys, token, start_after)
             if resp is None:
                 resp = self._call("ListObjectsV2", prefix, self.client.list_objects_v2, **kw)
             objs = [ListedObject(key=o["Key"], size=int(o.get("Size", 0)),

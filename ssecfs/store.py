@@ -46,6 +46,17 @@ class ListPage:
 Reader = Callable[[int, int], bytes]   # (offset, length) -> bytes of the file being uploaded
 
 
+def pieces(body, step: int) -> Iterator[memoryview]:
+    """Memoryviews of step bytes each (the last may be shorter), without a copy, of what
+    get_range(shared=True) returned: bytes, a bytearray, or a body received into several
+    buffers (anything with views(step), e.g. http1.Segments)."""
+    views = getattr(body, "views", None)
+    if views is not None:
+        return views(step)
+    v = memoryview(body)
+    return (v[off:off + step] for off in range(0, len(v), step))
+
+
 class Store(Protocol):
     def head(self, key: str) -> ObjectInfo: ...
     def head_with_start(self, key: str, nbytes: int) -> ObjectInfo: ...
@@ -64,4 +75,5 @@ class Store(Protocol):
     def copy_as_is(self, src: str, dst: str, size: int) -> ObjectInfo: ...
     def delete(self, key: str) -> None: ...
     def list_page_iter(self, prefix: str, delimiter: str | None = "/",
-                       max_keys: int = 1000) -> Iterator[ListPage]: ...
+                       max_keys: int = 1000,
+                       start_after: str | None = None) -> Iterator[ListPage]: ...

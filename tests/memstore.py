@@ -286,13 +286,15 @@ class MemStore:
                 for k in batch:
                     self._objects.pop(k, None)
 
-    def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = 1000):
+    def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = 1000,
+                       start_after: str | None = None):
         """ListObjectsV2 semantics: keys in order, common prefixes rolled up under the
         delimiter, max_keys entries (objects + prefixes) per page. Like S3Store, a caller
         asking for fewer than 1000 keys gets one page only."""
         self._enter("list", prefix)
         with self._lock:
-            snapshot = sorted((k, o) for k, o in self._objects.items() if k.startswith(prefix))
+            snapshot = sorted((k, o) for k, o in self._objects.items()
+                              if k.startswith(prefix) and (start_after is None or k > start_after))
         entries: list[tuple[str, object]] = []
         seen_prefixes = set()
         for k, o in snapshot:

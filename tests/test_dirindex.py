@@ -16,7 +16,7 @@ import pytest
 
 from helpers import sse, wait_until
 from memstore import MemStore
-from ssecfs import dirindex
+from ssecfs import attrs, dirindex, namespace
 from ssecfs.dirindex import INDEX_NAME, MIN_FILES, Entry, decode, encode
 from ssecfs.errors import InvalidName, NotFound
 from ssecfs.store import ListedObject
@@ -36,6 +36,13 @@ def heads_of_files(store: MemStore, since: int = 0) -> list[str]:
     with a HEAD or a GET since log position `since`."""
     return [k for op, k in store.log[since:] if op in ("head", "get_range")
             and "/" in k.rstrip("/") and not k.endswith(("/", INDEX_NAME))]
+
+
+def others_files(store: MemStore, n: int, d: str = "o") -> None:
+    """n files d/f00.. of i bytes each, mode 0640, put by another client a while ago."""
+    for i in range(n):
+        store.put(f"{d}/f{i:02d}", b"x" * i, {"mode": str(stat.S_IFREG | 0o640)})
+    age(store)
 
 
 def make_dir(fs, d: str = "/d", n: int = N) -> dict:
@@ -69,6 +76,18 @@ def expire_attrs(fs) -> None:
     with fs._attr_lock:
         for c in (fs._attrs, fs._infos, fs._starts, fs._listings):
             c.clear()
+
+
+def ls_l_late(fs, store: MemStore, d: str = "/o") -> tuple[dict, int]:
+    """`ls -l` of d whose getattrs come after the attribute timeout of its listing (as in a
+    big directory). Returns (name -> attr, log position before the getattrs)."""
+    expire_attrs(fs)
+    names = [n for n in fs.readdir(d) if n not in (".", "..")]
+    expire_attrs(fs)
+    mark = len(store.log)
+    got = {n: fs.getattr(f"{d}/{n}") for n in names}
+    wait_until(lambda: not fs._heads, 10, what="prefetches to finish")
+    return got, mark
 
 
 def same(a, b) -> bool:
@@ -345,6 +364,110 @@ def test_a_listing_of_files_written_by_others_heals_the_index(make_fs, store, mo
     got = listed_attrs(fs2, "/o")
     assert heads_of_files(store, mark) == []
     assert all(stat.S_IMODE(a.mode) == 0o640 for a in got.values())
+
+
+def test_a_directory_too_big_for_an_index_is_listed_again_without_a_head_per_file(
+        make_fs, store, monkeypatch):
+    """No index object past MAX_ENTRIES files, but the answers this mount has seen serve its
+    next listing (an `ls -l` of 100,000 files written by another tool took 200 s every time,
+    one HEAD per file); a file changed meanwhile is still asked again."""
+    monkeypatch.setattr(dirindex, "MAX_ENTRIES", N - 1)
+    monkeypatch.setattr(dirindex, "QUIET", 0.05)
+    others_files(store, N)
+    fs = make_fs()
+    mark = len(store.log)
+    first = listed_attrs(fs, "/o")
+    assert len(heads_of_files(store, mark)) == N
+    expire_attrs(fs)
+    mark = len(store.log)
+    again = listed_attrs(fs, "/o")
+    assert heads_of_files(store, mark) == []
+    assert all(same(again[n], first[n]) for n in first) and len(again) == N
+    store.put("o/f03", b"new content", {"mode": str(stat.S_IFREG | 0o604)})
+    expire_attrs(fs)
+    mark = len(store.log)
+    changed = listed_attrs(fs, "/o")
+    assert heads_of_files(store, mark) == ["o/f03"]
+    assert (stat.S_IMODE(changed["f03"].mode), changed["f03"].size) == (0o604, 11)
+    assert fs.dirindex.flush(10)
+    assert "o/" + INDEX_NAME not in store.keys()
+
+
+def test_a_long_ls_l_of_a_directory_seen_before_checks_listing_pages_not_each_file(
+        make_fs, store, monkeypatch):
+    """`ls -l` of a big directory reaches most names after the attribute timeout of the
+    listing it started with: each window of names is then checked against one fresh page of
+    the listing (a HEAD only for files that changed), not one HEAD per file."""
+    monkeypatch.setattr(dirindex, "MAX_ENTRIES", N - 1)
+    others_files(store, N)
+    fs = make_fs()
+    first = listed_attrs(fs, "/o")                    # HEADs: the answers are kept
+    store.put("o/f03", b"changed by another client", {"mode": str(stat.S_IFREG | 0o600)})
+    got, mark = ls_l_late(fs, store)
+    assert heads_of_files(store, mark) == ["o/f03"]
+    assert [op for op, _k in store.log[mark:]].count("list") == 1
+    assert (stat.S_IMODE(got["f03"].mode), got["f03"].size) == (0o600, 25)
+    assert all(same(got[n], first[n]) for n in first if n != "f03")
+
+
+def test_a_directory_listed_again_within_the_timeout_costs_one_listing(make_fs, store):
+    _, want = indexed_dir(make_fs, store)
+    fs2 = make_fs()
+    listed_attrs(fs2)                                 # reads the index: answers kept
+    expire_attrs(fs2)
+    fs2.getattr("/d")                                 # (the directory's own lookup)
+    mark = len(store.log)
+    got = listed_attrs(fs2)                           # names found cached from the listing
+    wait_until(lambda: not fs2._heads, 10, what="prefetches to finish")
+    assert store.log[mark:] == [("list", "d/")], store.log[mark:]
+    assert all(same(got[n], want[n]) for n in want)
+
+
+def test_a_big_directory_is_asked_a_listing_page_at_a_time(make_fs, store, monkeypatch):
+    """Names past what a prefetch run holds (LISTING_CACHE_MAX) get their HEADs from a page
+    of the listing at a time, in parallel, each file asked once (it was one HEAD after the
+    other, as `ls` reached them); listed again, the page vouches for the files that did not
+    change, and only the changed one is asked."""
+    monkeypatch.setattr(namespace, "LISTING_CACHE_MAX", 5)
+    monkeypatch.setattr(attrs, "WINDOW", 10)
+    monkeypatch.setattr(dirindex, "MAX_ENTRIES", 20)          # no index object: memory only
+    n = 45
+    others_files(store, n)
+    fs = make_fs()
+    mark = len(store.log)
+    first = listed_attrs(fs, "/o")
+    asked = heads_of_files(store, mark)
+    assert sorted(asked) == sorted(f"o/f{i:02d}" for i in range(n)), "each file asked once"
+    assert all(stat.S_IMODE(a.mode) == 0o640 and a.size == int(p[1:]) for p, a in first.items())
+    store.put("o/f33", b"changed", {"mode": str(stat.S_IFREG | 0o600)})
+    got, mark = ls_l_late(fs, store)
+    # (the first two lookups past the prefetch run are asked by themselves: a lone stat or
+    # create in a big directory costs one request, not a page and its HEADs)
+    assert heads_of_files(store, mark) == ["o/f05", "o/f06", "o/f33"]
+    assert [op for op, _k in store.log[mark:]].count("list") <= n // 10 + 2
+    mark = len(store.log)
+    with pytest.raises(NotFound):
+        fs.getattr("/o/new")
+    wait_until(lambda: not fs._heads, 10, what="prefetches to finish")
+    assert set(heads_of_files(store, mark)) == {"o/new"}     # no page, no neighbour asked
+    assert (stat.S_IMODE(got["f33"].mode), got["f33"].size) == (0o600, 7)
+    assert all(same(got[x], first[x]) for x in first if x != "f33")
+
+
+def test_answers_kept_in_memory_are_bounded_in_all(make_fs, store, monkeypatch):
+    monkeypatch.setattr(dirindex, "OBS_TOTAL", N + 5)
+    monkeypatch.setattr(dirindex, "MAX_ENTRIES", N - 1)      # no index objects: memory only
+    for d in ("a", "b"):
+        for i in range(N):
+            store.put(f"{d}/f{i:02d}", b"y", {})
+    age(store)
+    fs = make_fs()
+    listed_attrs(fs, "/a")
+    listed_attrs(fs, "/b")
+    obs = fs.dirindex._obs
+    assert obs.entries == sum(len(v) for v in obs.values()) == N + 5
+    fs.dirindex.forget("a/")
+    assert obs.entries == sum(len(v) for v in obs.values()) == 5
 
 
 def test_disabled_indexes_are_neither_read_nor_written(make_fs, store):

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from ssecfs.http1 import BufferPool, HTTP1Pool
+from ssecfs import http1
+from ssecfs.http1 import SEG, BufferPool, HTTP1Pool, Segments
 
 
 class Scripted:
@@ -385,7 +386,33 @@ def test_a_big_partial_content_body_comes_in_a_pooled_buffer(server):
     srv = server(answer_each(answer))
     p = srv.pool()
     ranged = p.request("GET", "/b/k", {"host": "x", "range": "bytes=0-"}).body
-    assert isinstance(ranged, mmap.mmap) and ranged[:] == big
+    assert isinstance(ranged, Segments) and len(ranged) == len(big) and bytes(ranged) == big
+    assert [len(s) for s in ranged.parts] == [SEG, SEG, SEG, 5]
+    assert all(isinstance(s, mmap.mmap) for s in ranged.parts)
+    step = 128 * 1024
+    views = list(ranged.views(step))
+    assert len(views) == 3 * SEG // step + 1
+    assert b"".join(views) == big and all(len(v) == step for v in views[:-1])
     whole = p.request("GET", "/b/k", {"host": "x"}).body
     assert isinstance(whole, bytearray) and whole == big    # not a range answer: not pooled
     assert srv.accepted == 1
+
+
+def test_a_chunk_kept_holds_only_its_own_segment(server, monkeypatch):
+    """A reader or sealer that still holds one chunk of a read unit keeps that chunk's 1 MiB
+    segment from being received into, and nothing more: the unit's other segments are
+    reused at once (with one buffer per unit, a few chunks held pinned 8 MiB each)."""
+    monkeypatch.setattr(http1, "POOL", BufferPool(keep=64, idle_s=60))
+    big = os.urandom(4 * SEG)
+    srv = server(answer_each(lambda head, i: b"HTTP/1.1 206 Partial Content\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(big) + big))
+    p = srv.pool()
+    first = p.request("GET", "/b/k", {"host": "x", "range": "bytes=0-"}).body
+    kept = list(first.views(128 * 1024))[9]            # a chunk of the second segment
+    ids = [id(s) for s in first.parts]
+    del first
+    again = p.request("GET", "/b/k", {"host": "x", "range": "bytes=0-"}).body
+    reused = {id(s) for s in again.parts}
+    assert ids[1] not in reused, "received into a segment a kept chunk still shows"
+    assert {ids[0], ids[2], ids[3]} <= reused, "segments nobody refers to were not reused"
+    assert bytes(kept) == big[9 * 128 * 1024:10 * 128 * 1024] and bytes(again) == big

@@ -19,9 +19,10 @@ from ssecfs import s3store
 from ssecfs.cache import CHUNK
 from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
                            Stale, StoreError, StoreUnavailable, UserError)
+from ssecfs.http1 import Segments
 from ssecfs.keys import Key, KeyRing
 from ssecfs.s3store import KEY_FP_META, S3Store, check_endpoint
-from ssecfs.store import LOCKED, OPEN, PLAINTEXT
+from ssecfs.store import LOCKED, OPEN, PLAINTEXT, pieces
 
 pytestmark = pytest.mark.seaweed
 
@@ -159,8 +160,9 @@ def test_put_get_range_head(make_store, k1, s3, bucket):
 
 def test_big_range_get_on_the_lean_path(make_store, k1):
     """A read unit (8 MiB) comes back whole on the lean path. Asked with shared=True (the
-    read path) it is the pooled receive buffer itself, not a copy; that buffer is received
-    into again only once no view of it is left. Otherwise the caller gets bytes."""
+    read path) it is the pooled receive buffers themselves (1 MiB segments), not a copy; a
+    segment is received into again only once no view of it is left. Otherwise the caller
+    gets bytes."""
     store, wire = make_store(k1)
     data = os.urandom(10 * MiB)
     store.put("big", data, {})
@@ -168,13 +170,14 @@ def test_big_range_get_on_the_lean_path(make_store, k1):
     got = store.get_range("big", MiB + 7, 8 * MiB, k1.fingerprint)
     assert type(got) is bytes and got == want
     buf = store.get_range("big", MiB + 7, 8 * MiB, k1.fingerprint, shared=True)
-    assert isinstance(buf, mmap.mmap) and len(buf) == 8 * MiB
-    view = memoryview(buf)[CHUNK:2 * CHUNK]          # a chunk, as the read path keeps it
-    first = id(buf)
+    assert isinstance(buf, Segments) and len(buf) == 8 * MiB
+    assert all(isinstance(s, mmap.mmap) for s in buf.parts)
+    view = list(pieces(buf, CHUNK))[1]               # a chunk, as the read path keeps it
+    first = id(buf.parts[0])
     del buf
     other = store.get_range("big", 0, 8 * MiB, k1.fingerprint, shared=True)
-    assert id(other) != first, "received into a buffer a view still showed"
-    assert bytes(view) == want[CHUNK:2 * CHUNK] and other[:] == data[:8 * MiB]
+    assert first not in {id(s) for s in other.parts}, "received into a buffer a view showed"
+    assert bytes(view) == want[CHUNK:2 * CHUNK] and bytes(other) == data[:8 * MiB]
     del view, other
     assert wire.of("GetObject"), "the lean path was not used"
     check_wire(wire, [k1])
@@ -506,6 +509,9 @@ def test_store_contract(contract, k1):
     assert sorted(o.key for p in pages for o in p.objects) == ["c/a", "c/foreign", "c/plain"]
     assert [x for p in pages for x in p.prefixes] == ["c/sub/"]
     assert [o.size for p in st.list_page_iter("c/a", delimiter=None) for o in p.objects] == [5000]
+    after = list(st.list_page_iter("c/", delimiter="/", start_after="c/foreign"))
+    assert [o.key for p in after for o in p.objects] == ["c/plain"]
+    assert [x for p in after for x in p.prefixes] == ["c/sub/"]
 
     st.delete("c/a")
     st.delete("c/a")                                      # deleting a missing key is no error
@@ -536,6 +542,9 @@ def test_moto_list_pagination_and_delete_batches(monkeypatch):
             assert listed == sorted(k for k in keys if k.startswith("p/"))
             assert [len(p.objects) for p in pages] == [1000, 4]
             assert wire.ops() == ["ListObjectsV2"] * 2
+            tail = store.list_page_iter("p/", delimiter=None, start_after="p/01000")
+            assert [o.key for p in tail for o in p.objects] == ["p/01001", "p/01002", "p/sub/x"]
+            wire.clear()
             # max_keys < 1000 means "one page" (existence probes)
             assert len(list(store.list_page_iter("p/", delimiter=None, max_keys=2))) == 1
             wire.clear()
