@@ -189,9 +189,10 @@ class AttrOps:
             self.dirindex.observe(*self._dkey_name(key), info, attr)
 
     def _seed_from_index(self, idx: dict, batch: list, seq0: int) -> int:
-        """Attributes of listed files from their directory's index (entries matching the
-        listing: dirindex.Entry.matches), cached like a HEAD's answer (the HEAD prefetch
-        skips them while they last). Returns how many files had no usable entry."""
+        """Attributes of listed files from their directory's index or the answers this mount
+        kept (entries matching the listing: dirindex.Entry.matches), cached like a HEAD's
+        answer (the HEAD prefetch skips them while they last). Returns how many files had
+        no usable entry."""
         seeds = []
         for path, key, o in batch:
             e = idx.get(self._dkey_name(key)[1])
@@ -430,26 +431,19 @@ class AttrOps:
         """List the page of the directory that holds `window` (names in listing order) and
         take the attributes of each file whose listed ETag, size and Last-Modified match an
         answer seen before (dirindex.Entry.matches, as for an index); HEAD the others."""
-        seeded = set()
         try:
             page = next(iter(self.store.list_page_iter(run["dkey"], "/", WINDOW,
                                                        start_after=after)), None)
             listed = {o.key: o for o in page.objects} if page is not None else {}
-            known = self.dirindex.observed(run["dkey"]) or {}
-            for path, key in window:
-                o = listed.get(key)
-                e = known.get(self._dkey_name(key)[1]) if o is not None else None
-                if e is not None and e.matches(o):
-                    self._cache_attr(path, Attr(e.mode, e.size, e.mtime, e.ctime, e.uid, e.gid),
-                                     seq0)
-                    seeded.add(path)
+            self._seed_from_index(self.dirindex.observed(run["dkey"]) or {},
+                                  [(p, k, listed[k]) for p, k in window if k in listed], seq0)
         except Exception as e:  # noqa: BLE001 - a prefetch: the HEADs below (or getattr) ask
             log.debug("listing page of %r: %s", run["dkey"], e)
         finally:
             with self._attr_lock:
                 for path, key in window:
                     if self._heads.get(path) is fut:
-                        if path in seeded:
+                        if self._attrs.get(path, False):
                             del self._heads[path]
                         else:
                             self._heads[path] = self._head_pool.submit(
@@ -467,22 +461,17 @@ class AttrOps:
         try:
             page = next(iter(self.store.list_page_iter(dkey, "/", WINDOW, start_after=after)),
                         None)
-            objs = [o for o in page.objects if o.key[len(dkey):]
-                    and "/" not in o.key[len(dkey):]
-                    and o.key[len(dkey):] != INDEX_NAME] if page is not None else []
-            known = (self.dirindex.observed(dkey) if self._use_index else None) or {}
-            for o in objs:
-                name = o.key[len(dkey):]
-                e = known.get(name)
-                if e is not None and e.matches(o):
-                    self._cache_attr(pfx + name,
-                                     Attr(e.mode, e.size, e.mtime, e.ctime, e.uid, e.gid), seq0)
+            batch = [(pfx + o.key[len(dkey):], o.key, o) for o in
+                     (page.objects if page is not None else [])
+                     if o.key[len(dkey):] and "/" not in o.key[len(dkey):]
+                     and o.key[len(dkey):] != INDEX_NAME]
+            if self._use_index:
+                self._seed_from_index(self.dirindex.observed(dkey) or {}, batch, seq0)
             with self._attr_lock:
-                for o in objs:
-                    path = pfx + o.key[len(dkey):]
+                for path, key, _o in batch:
                     if path not in self._heads and not self._attrs.get(path, False):
                         self._heads[path] = self._head_pool.submit(self._prefetch_one, path,
-                                                                   o.key, seq0)
+                                                                   key, seq0)
                 if page is not None and page.objects and \
                         (big["last"] is None or page.objects[-1].key > big["last"]):
                     big.update(last=page.objects[-1].key,
