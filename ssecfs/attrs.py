@@ -440,15 +440,20 @@ class AttrOps:
         except Exception as e:  # noqa: BLE001 - a prefetch: the HEADs below (or getattr) ask
             log.debug("listing page of %r: %s", run["dkey"], e)
         finally:
-            with self._attr_lock:
-                for path, key in window:
-                    if self._heads.get(path) is fut:
-                        if self._attrs.get(path, False):
-                            del self._heads[path]
-                        else:
-                            self._heads[path] = self._head_pool.submit(
-                                self._prefetch_one, path, key, seq0)
-            fut.set_result(None)
+            self._hand_on(window, fut, seq0)
+
+    def _hand_on(self, items: list, fut: Future, seq0: int) -> None:
+        """A listing page registered as asking for items (path, key) is done: each that it
+        did not vouch for is handed on to a HEAD; then whoever waits on fut looks again."""
+        with self._attr_lock:
+            for path, key in items:
+                if self._heads.get(path) is fut:
+                    if self._attrs.get(path, False):
+                        del self._heads[path]
+                    else:
+                        self._heads[path] = self._head_pool.submit(self._prefetch_one, path,
+                                                                   key, seq0)
+        fut.set_result(None)
 
     def _big_window(self, parent: str, big: dict, after: str, asked, seq0: int,
                     ahead: Future | None = None) -> None:
@@ -487,14 +492,7 @@ class AttrOps:
                 ahead.set_result(None)
             if asked is not None:
                 path, key, fut = asked
-                with self._attr_lock:
-                    if self._heads.get(path) is fut:
-                        if self._attrs.get(path, False):
-                            del self._heads[path]
-                        else:
-                            self._heads[path] = self._head_pool.submit(
-                                self._prefetch_one, path, key, seq0)
-                fut.set_result(None)
+                self._hand_on([(path, key)], fut, seq0)
 
     def _prefetch_one(self, path: str, key: str, seq0: int) -> None:
         try:
