@@ -218,13 +218,14 @@ class AttrOps:
                 return self._attr_of_state(st)
         self._prefetch_follow(path)
         with self._attr_lock:
+            # both in one look: a prefetch caches its answer, then leaves _heads; looked at
+            # one after the other, one that ended in between was missed and asked again
             hit = self._attrs.get(path, False)
+            pending = None if hit or hit is None else self._heads.get(path)
         if hit is None:
             raise NotFound(path)
         if hit:
             return hit
-        with self._attr_lock:
-            pending = self._heads.get(path)
         while pending is not None:       # a readdir prefetch is fetching it right now
             try:
                 pending.result()
@@ -498,8 +499,8 @@ class AttrOps:
         try:
             info = self.store.head(key)
             attr = self._attr_of_info(info)
+            self._observe(key, info, attr)      # kept before a getattr can see the answer
             self._cache_attr(path, attr, seq0, info)
-            self._observe(key, info, attr)
         except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
             pass
         finally:

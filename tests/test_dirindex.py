@@ -23,6 +23,11 @@ from ssecfs.store import ListedObject
 from test_fs_unit import make_fs, ring, settle, store, write_file  # noqa: F401 - fixtures
 
 N = MIN_FILES + 8
+# The attribute timeout of these mounts. The tests count requests and end a timeout with
+# expire_attrs(), never by waiting; with the 1 s default, a loaded machine took longer than
+# that (or than half of it, after which a window of names is checked again) between a
+# listing and the getattrs, and the answers were rightly asked again.
+LONG = 60
 
 
 def age(store: MemStore, seconds: float = 10) -> None:
@@ -59,7 +64,7 @@ def make_dir(fs, d: str = "/d", n: int = N) -> dict:
 def indexed_dir(make_fs, store) -> tuple:
     """A mount that made /d (make_dir) and wrote its index, the versions old enough to be
     indexed. Returns (that mount, name -> attr)."""
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     want = make_dir(fs)
     age(store)
     assert fs.dirindex.flush(10)
@@ -126,7 +131,7 @@ def test_a_cold_listing_takes_attributes_from_the_index_without_heads(make_fs, s
     assert "d/" + INDEX_NAME in store.keys()
     assert store.calls["put"] >= 1
 
-    fs2 = make_fs()                                   # cold: another mount, empty caches
+    fs2 = make_fs(attr_timeout=LONG)                                   # cold: another mount, empty caches
     mark = len(store.log)
     got = listed_attrs(fs2)
     assert set(got) == set(want), "the index object is hidden from listings"
@@ -139,7 +144,7 @@ def test_a_cold_listing_takes_attributes_from_the_index_without_heads(make_fs, s
 def test_the_listing_tells_whether_to_read_the_index(make_fs, store):
     """No request for an index the listing does not show; none either for one already read
     with the ETag the listing shows; read again once it changed."""
-    fs1 = make_fs()
+    fs1 = make_fs(attr_timeout=LONG)
     make_dir(fs1, "/none")
     fs1.dirindex.forget("none/")
     want = make_dir(fs1)
@@ -148,7 +153,7 @@ def test_the_listing_tells_whether_to_read_the_index(make_fs, store):
     store.delete("none/" + INDEX_NAME)
     ikey = "d/" + INDEX_NAME
 
-    fs2 = make_fs()
+    fs2 = make_fs(attr_timeout=LONG)
     mark = len(store.log)
     listed_attrs(fs2, "/none")
     assert not any(k.endswith(INDEX_NAME) for _op, k in store.log[mark:])
@@ -183,7 +188,7 @@ def test_files_changed_by_others_are_asked_again(make_fs, store):
     store.put("d/new", b"n", {"mode": str(stat.S_IFREG | 0o606)})
     store.delete("d/f05")
 
-    fs2 = make_fs()
+    fs2 = make_fs(attr_timeout=LONG)
     mark = len(store.log)
     got = listed_attrs(fs2)
     assert sorted(heads_of_files(store, mark)) == ["d/f03", "d/f04", "d/new"]
@@ -205,7 +210,7 @@ def test_an_entry_seen_too_soon_is_not_used(make_fs, store, monkeypatch):
     entries["f06"] = Entry(e.etag, e.lm, e.size, stat.S_IFREG | 0o777, e.uid, e.gid,
                            e.mtime, e.ctime, e.lm)
     store.put("d/" + INDEX_NAME, encode(entries), {})
-    fs2 = make_fs()
+    fs2 = make_fs(attr_timeout=LONG)
     mark = len(store.log)
     got = listed_attrs(fs2)
     assert heads_of_files(store, mark) == ["d/f06"]
@@ -215,7 +220,7 @@ def test_an_entry_seen_too_soon_is_not_used(make_fs, store, monkeypatch):
 def test_a_damaged_or_foreign_index_is_ignored(make_fs, store, ring, caplog):
     _, want = indexed_dir(make_fs, store)
     store.put("d/" + INDEX_NAME, b'{"ssecfs-index": 1, "entries": {"f00": [1]}}', {})
-    fs2 = make_fs()
+    fs2 = make_fs(attr_timeout=LONG)
     mark = len(store.log)
     got = listed_attrs(fs2)
     assert len(heads_of_files(store, mark)) == N
@@ -226,7 +231,7 @@ def test_a_damaged_or_foreign_index_is_ignored(make_fs, store, ring, caplog):
 def test_an_object_of_that_name_that_is_no_index_of_ours_is_never_overwritten(make_fs, store,
                                                                             caplog, monkeypatch):
     monkeypatch.setattr(dirindex, "QUIET", 3600)     # indexes are written at flush() only
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     make_dir(fs, "/e")
     want = make_dir(fs)
     store.put("d/" + INDEX_NAME, b"a user's file, put there by another tool\n", {})
@@ -238,13 +243,13 @@ def test_an_object_of_that_name_that_is_no_index_of_ours_is_never_overwritten(ma
     assert store._objects["d/" + INDEX_NAME].data == b"a user's file, put there by another tool\n"
     assert store._objects["e/" + INDEX_NAME] is e
     assert "not an index of ours" in caplog.text
-    got = listed_attrs(make_fs())                    # listings still work (with HEADs)
+    got = listed_attrs(make_fs(attr_timeout=LONG))                    # listings still work (with HEADs)
     assert all(same(got[n], want[n]) for n in want)
 
 
 def test_a_build_after_a_remount_reuses_the_stored_entries(make_fs, store):
     indexed_dir(make_fs, store)
-    fs2 = make_fs()                                  # no observations of its own
+    fs2 = make_fs(attr_timeout=LONG)                                  # no observations of its own
     write_file(fs2, "/d/f00", b"changed")
     settle(fs2)
     store._objects["d/f00"].mtime -= 10              # (the others keep their Last-Modified)
@@ -255,7 +260,7 @@ def test_a_build_after_a_remount_reuses_the_stored_entries(make_fs, store):
 
 
 def test_small_directories_get_no_index_and_a_shrinking_one_loses_it(make_fs, store):
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     make_dir(fs, "/small", MIN_FILES - 1)
     make_dir(fs, "/big", MIN_FILES + 2)
     age(store)
@@ -271,7 +276,7 @@ def test_small_directories_get_no_index_and_a_shrinking_one_loses_it(make_fs, st
 def test_the_index_name_is_reserved_and_rmdir_and_rename_handle_it(make_fs, store,
                                                                    monkeypatch):
     monkeypatch.setattr(dirindex, "QUIET", 3600)     # indexes are written at flush() only
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     make_dir(fs)
     age(store)
     assert fs.dirindex.flush(10)
@@ -299,10 +304,10 @@ def test_the_index_name_is_reserved_and_rmdir_and_rename_handle_it(make_fs, stor
 def test_a_build_never_puts_back_the_index_of_a_directory_removed_meanwhile(make_fs, store,
                                                                           monkeypatch):
     monkeypatch.setattr(dirindex, "QUIET", 3600)     # no build but the one started here
-    fs1 = make_fs()
+    fs1 = make_fs(attr_timeout=LONG)
     make_dir(fs1)
     age(store)
-    fs = make_fs()                   # no observations: its build HEADs every file
+    fs = make_fs(attr_timeout=LONG)                   # no observations: its build HEADs every file
     go, inside = threading.Event(), threading.Event()
 
     def hold(key, *args):
@@ -326,11 +331,11 @@ def test_a_build_never_puts_back_the_index_of_a_directory_removed_meanwhile(make
 
 
 def test_rmdir_removes_an_index_left_alone_in_a_directory(make_fs, store):
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     fs.mkdir("/lone", 0o755)
     settle(fs)
     store.put("lone/" + INDEX_NAME, encode({}), {})
-    fs2 = make_fs()
+    fs2 = make_fs(attr_timeout=LONG)
     assert [n for n in fs2.readdir("/lone") if n not in (".", "..")] == []
     fs2.rmdir("/lone")
     assert not any(k.startswith("lone/") for k in store.keys())
@@ -338,12 +343,12 @@ def test_rmdir_removes_an_index_left_alone_in_a_directory(make_fs, store):
 
 def test_a_read_only_mount_reads_indexes_but_never_writes_one(make_fs, store):
     indexed_dir(make_fs, store)
-    ro = make_fs(read_only=True)
+    ro = make_fs(read_only=True, attr_timeout=LONG)
     mark = len(store.log)
     listed_attrs(ro)
     assert heads_of_files(store, mark) == []          # the index is read
     store.delete("d/" + INDEX_NAME)
-    ro2 = make_fs(read_only=True)
+    ro2 = make_fs(read_only=True, attr_timeout=LONG)
     listed_attrs(ro2)                    # many files without an entry: would ask for a build
     assert not ro2.dirindex.writable
     assert ro2.dirindex.flush(5)
@@ -356,10 +361,10 @@ def test_a_listing_of_files_written_by_others_heals_the_index(make_fs, store, mo
     for i in range(N):
         store.put(f"o/f{i}", b"x" * i, {"mode": str(stat.S_IFREG | 0o640)})
     age(store)
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     listed_attrs(fs, "/o")               # HEADs (no index yet): their answers are kept
     wait_until(lambda: "o/" + INDEX_NAME in store.keys(), 10, what="the healed index")
-    fs2 = make_fs()
+    fs2 = make_fs(attr_timeout=LONG)
     mark = len(store.log)
     got = listed_attrs(fs2, "/o")
     assert heads_of_files(store, mark) == []
@@ -374,7 +379,7 @@ def test_a_directory_too_big_for_an_index_is_listed_again_without_a_head_per_fil
     monkeypatch.setattr(dirindex, "MAX_ENTRIES", N - 1)
     monkeypatch.setattr(dirindex, "QUIET", 0.05)
     others_files(store, N)
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     mark = len(store.log)
     first = listed_attrs(fs, "/o")
     assert len(heads_of_files(store, mark)) == N
@@ -400,7 +405,7 @@ def test_a_long_ls_l_of_a_directory_seen_before_checks_listing_pages_not_each_fi
     the listing (a HEAD only for files that changed), not one HEAD per file."""
     monkeypatch.setattr(dirindex, "MAX_ENTRIES", N - 1)
     others_files(store, N)
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     first = listed_attrs(fs, "/o")                    # HEADs: the answers are kept
     store.put("o/f03", b"changed by another client", {"mode": str(stat.S_IFREG | 0o600)})
     got, mark = ls_l_late(fs, store)
@@ -412,7 +417,7 @@ def test_a_long_ls_l_of_a_directory_seen_before_checks_listing_pages_not_each_fi
 
 def test_a_directory_listed_again_within_the_timeout_costs_one_listing(make_fs, store):
     _, want = indexed_dir(make_fs, store)
-    fs2 = make_fs()
+    fs2 = make_fs(attr_timeout=LONG)
     listed_attrs(fs2)                                 # reads the index: answers kept
     expire_attrs(fs2)
     fs2.getattr("/d")                                 # (the directory's own lookup)
@@ -433,7 +438,7 @@ def test_a_big_directory_is_asked_a_listing_page_at_a_time(make_fs, store, monke
     monkeypatch.setattr(dirindex, "MAX_ENTRIES", 20)          # no index object: memory only
     n = 45
     others_files(store, n)
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     mark = len(store.log)
     first = listed_attrs(fs, "/o")
     asked = heads_of_files(store, mark)
@@ -461,7 +466,7 @@ def test_answers_kept_in_memory_are_bounded_in_all(make_fs, store, monkeypatch):
         for i in range(N):
             store.put(f"{d}/f{i:02d}", b"y", {})
     age(store)
-    fs = make_fs()
+    fs = make_fs(attr_timeout=LONG)
     listed_attrs(fs, "/a")
     listed_attrs(fs, "/b")
     obs = fs.dirindex._obs
@@ -472,7 +477,7 @@ def test_answers_kept_in_memory_are_bounded_in_all(make_fs, store, monkeypatch):
 
 def test_disabled_indexes_are_neither_read_nor_written(make_fs, store):
     indexed_dir(make_fs, store)
-    off = make_fs(dir_index=False)
+    off = make_fs(dir_index=False, attr_timeout=LONG)
     mark = len(store.log)
     listed_attrs(off)
     assert len(heads_of_files(store, mark)) == N

@@ -385,7 +385,10 @@ def test_truncate_down_and_up(mnt, s3):
 def test_mv_file_and_directory_tree(mnt, s3, tmp_path):
     m, bucket, raw = mnt
     src = tmp_path / "src"
-    files = make_tree(src, big=200_000)
+    # enough files that the old keys go in several DeleteObjects requests at once
+    many = {f"sub/deeper/n{i:02d}": os.urandom(100) for i in range(40)}
+    many.update({f"t{i:02d}": b"%d\n" % i for i in range(20)})
+    files = make_tree(src, big=200_000, extra=many)
     run("cp", "-r", src, os.path.join(m.path, "d1"))
     solo = os.urandom(5000)
     with open(os.path.join(m.path, "solo.bin"), "wb") as f:
