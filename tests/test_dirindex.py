@@ -131,7 +131,7 @@ def test_a_cold_listing_takes_attributes_from_the_index_without_heads(make_fs, s
     assert "d/" + INDEX_NAME in store.keys()
     assert store.calls["put"] >= 1
 
-    fs2 = make_fs(attr_timeout=LONG)                                   # cold: another mount, empty caches
+    fs2 = make_fs(attr_timeout=LONG)  # cold: another mount, empty caches
     mark = len(store.log)
     got = listed_attrs(fs2)
     assert set(got) == set(want), "the index object is hidden from listings"
@@ -243,13 +243,13 @@ def test_an_object_of_that_name_that_is_no_index_of_ours_is_never_overwritten(ma
     assert store._objects["d/" + INDEX_NAME].data == b"a user's file, put there by another tool\n"
     assert store._objects["e/" + INDEX_NAME] is e
     assert "not an index of ours" in caplog.text
-    got = listed_attrs(make_fs(attr_timeout=LONG))                    # listings still work (with HEADs)
+    got = listed_attrs(make_fs(attr_timeout=LONG))  # listings still work (with HEADs)
     assert all(same(got[n], want[n]) for n in want)
 
 
 def test_a_build_after_a_remount_reuses_the_stored_entries(make_fs, store):
     indexed_dir(make_fs, store)
-    fs2 = make_fs(attr_timeout=LONG)                                  # no observations of its own
+    fs2 = make_fs(attr_timeout=LONG)  # no observations of its own
     write_file(fs2, "/d/f00", b"changed")
     settle(fs2)
     store._objects["d/f00"].mtime -= 10              # (the others keep their Last-Modified)
@@ -307,7 +307,7 @@ def test_a_build_never_puts_back_the_index_of_a_directory_removed_meanwhile(make
     fs1 = make_fs(attr_timeout=LONG)
     make_dir(fs1)
     age(store)
-    fs = make_fs(attr_timeout=LONG)                   # no observations: its build HEADs every file
+    fs = make_fs(attr_timeout=LONG)  # no observations: its build HEADs every file
     go, inside = threading.Event(), threading.Event()
 
     def hold(key, *args):
