@@ -488,6 +488,7 @@ class CacheEntry:
                 os.close(fd)
                 self._fd = None
                 self.cache._remove_files(self)
+                self._seq, self._named = -1, False    # a later record starts a new file
             return _cost(length)
 
     # -- journal record -----------------------------------------------------------------------
@@ -513,16 +514,19 @@ class CacheEntry:
             for attempt in range(2):
                 try:
                     with self.io_lock:
-                        if os.pwrite(self._fdl(), record, (seq % 2) * RSLOT) != len(record):
+                        fd = self._fdl()
+                        if os.pwrite(fd, record, (seq % 2) * RSLOT) != len(record):
                             raise OSError(errno.ENOSPC, "short write to the cache")
                         self._seq = seq
+                        # the file the record went to, even if another thread closes the
+                        # entry's fd before the fdatasync below (which runs without io_lock)
+                        fd = os.dup(fd) if sync else None
                     break
                 except OSError as e:
                     if attempt or e.errno not in (errno.ENOSPC, errno.EDQUOT):
                         raise
                     self.cache.free_disk_space()
             if sync:
-                fd = self._synced_fd()
                 try:
                     os.fdatasync(fd)
                 finally:

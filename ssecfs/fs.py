@@ -81,6 +81,7 @@ class FileState:
         self.data_generation = 0          # generation of the last data change
         self.uploaded_gen = 0
         self.opens = 0
+        self.writers = 0                  # of the opens, those that may write
         self.deleted = False
         self.last_read_end = -1
         self.journaled_gen = 0
@@ -93,8 +94,9 @@ class FileState:
         self.stream = None                # PartStream: parts sent while written (stream.py)
         self.no_stream = False            # metadata set explicitly: upload whole
         self.seq_end = 0                  # data written contiguously from offset 0 up to here
-        self.urgent = False               # an fsync or unmount waits: upload even mid-stream
-        self.deferred = False             # an upload skipped mid-stream: release schedules it
+        self.urgent_gen = 0               # an fsync or unmount waits for this generation:
+                                          # upload it even while the file is open for writing
+        self.deferred = False             # an upload skipped while written: release schedules it
         self.error: str | None = None
 
     def __repr__(self) -> str:
@@ -125,6 +127,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         self._files_lock = threading.Lock()
         self._files: dict[str, FileState] = {}
         self._handles: dict[int, FileState] = {}
+        self._writer_fhs: set[int] = set()      # handles opened for writing
         self._fh = itertools.count(1)
         self._init_attrs(config)
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
@@ -175,10 +178,13 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         if parent != "/" and not self.is_dir(parent):
             raise NotFound(parent)
 
-    def _register(self, st: FileState) -> int:
+    def _register(self, st: FileState, writer: bool = False) -> int:
+        """A new handle of st. The caller has counted it in st.opens (and st.writers)."""
         fh = next(self._fh)
         with self._files_lock:
             self._handles[fh] = st
+            if writer:
+                self._writer_fhs.add(fh)
         return fh
 
     def handle(self, fh: int) -> FileState:
@@ -200,21 +206,21 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             if uid is not None:
                 meta["uid"], meta["gid"] = uid, gid
             st = FileState(path, self.key_of(path), meta)
-            st.opens = 1
+            st.opens = st.writers = 1
             st.generation = st.data_generation = 1
             with self._files_lock:
                 self._files[path] = st
             self._invalidate(path)
             self._note_child(path, True)
-            return self._register(st)
+            return self._register(st, writer=True)
 
     def open(self, path: str, flags: int) -> int:
-        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
+        writing = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
         if writing:
             self._check_writable()
         with self._ns_lock:
-            st = self._hold_state(path)
-            fh = self._register(st)
+            st = self._hold_state(path, writing)
+            fh = self._register(st, writing)
         if flags & os.O_TRUNC:
             self.truncate(path, 0, fh)
         elif not writing:
@@ -230,9 +236,10 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                 self._ensure_entry(st)
                 self._fetch_async(st, 0, READ_UNIT)
 
-    def _hold_state(self, path: str) -> FileState:
-        """Caller holds _ns_lock. The file's state, with one more open counted. A state that
-        an upload just forgot (closed and clean) is never revived: it is loaded anew."""
+    def _hold_state(self, path: str, writer: bool = False) -> FileState:
+        """Caller holds _ns_lock. The file's state, with one more open (and writer) counted.
+        A state that an upload just forgot (closed and clean) is never revived: it is loaded
+        anew."""
         while True:
             st = self._state(path)
             if st is None:
@@ -242,6 +249,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                     registered = self._files.get(path) is st
                 if registered:
                     st.opens += 1
+                    st.writers += writer
                     return st
 
     def _load_state(self, path: str) -> FileState:
@@ -544,13 +552,18 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             if not st.dirty or st.deleted:
                 return
             if delay == 0:
-                st.urgent = True      # fsync, unmount: see _upload
+                st.urgent_gen = st.generation     # fsync, unmount: see _upload
             if delay is None and st.stream is not None:
                 # mostly sent already: complete it soon (still late enough for the chmod /
                 # utime that cp -p and rsync do right after close)
                 delay = min(self.cfg.writeback_delay, STREAM_CLOSE_DELAY)
             if st.journaled_gen != st.generation:
                 entry = self._ensure_entry(st)
+                if not entry.dirty:
+                    # a change of metadata only (chmod, utime, truncate to the same size):
+                    # the entry must not be evicted, with its record, before the upload
+                    self.cache.unindex(entry)
+                    self.cache.set_dirty(entry, True)
                 try:
                     entry.save_state(st.journal())     # with the data: durable
                 except Exception:
@@ -579,13 +592,18 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                            f"({self.wb.last_error or 'upload pending'})")
 
     def release(self, fh: int | None, st: FileState | None = None) -> None:
+        writer = False
         if st is None:
             with self._files_lock:
                 st = self._handles.pop(fh, None)
+                if fh in self._writer_fhs:
+                    self._writer_fhs.discard(fh)
+                    writer = True
             if st is None:
                 return
         with st.lock:
             st.opens -= 1         # first: an upload that starts from here sees it closed
+            st.writers -= writer
         try:
             self._persist_and_schedule(st)
         finally:
@@ -613,17 +631,16 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         with st.lock:
             if st.deleted or not st.dirty:
                 return
-            if st.stream is not None and st.opens > 0 and not st.urgent:
-                # Still open and being written as a multipart stream: a close() of another
-                # descriptor of it queued this upload (`dd` and shell redirections close the
-                # descriptor they dup'ed onto stdout first). Uploading now would complete the
-                # stream at a partial size and send every later part again; the last close
-                # (release) queues it again.
+            if st.writers > 0 and st.urgent_gen <= st.uploaded_gen:
+                # Still open for writing: a close() of another descriptor of it queued this
+                # upload (`dd` and shell redirections close the descriptor they dup'ed onto
+                # stdout before they write; a reader closes). Uploading now would store a
+                # partial object, or complete a multipart stream at a partial size and send
+                # every later part again; the last writer's close (release) queues it again.
                 st.deferred = True
                 log.info("%s: still being written: its upload waits for the last close",
                          st.path)
                 return
-            st.urgent = False
             gen, key, size = st.generation, st.key, st.size
             meta = self._meta_headers(st.meta)
             remote = st.remote

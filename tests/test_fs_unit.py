@@ -641,8 +641,7 @@ def test_listing_taken_during_an_upload_still_answers_missing_names(make_fs, sto
     def upload_meanwhile(key, *args):
         store.before.pop("list")
         fs.write(fh, b"two", 0)
-        fs.flush(fh)
-        settle(fs)                        # an upload completes while the LIST is on its way
+        fs.fsync(fh)                      # an upload completes while the LIST is on its way
 
     store.before["list"] = upload_meanwhile
     with pytest.raises(NotFound):
@@ -994,6 +993,27 @@ def test_write_larger_than_cache_then_read_back(make_fs, store):
     fs.release(fh)
 
 
+def test_a_change_of_metadata_only_keeps_its_journal_out_of_eviction(make_fs, store):
+    """chmod of an open file whose cached chunks are clean journals the change in the cache
+    entry. Until it is uploaded, that entry must not be evicted (eviction of its last chunk
+    removed the entry's file, and the record with it: a journal write then failed too)."""
+    fs = make_fs(max_bytes=4 * SLOT_COST, writeback_delay=3600)
+    data = os.urandom(2 * CHUNK)
+    remote_file(store, "m", data)
+    remote_file(store, "other", os.urandom(12 * CHUNK))
+    fh = fs.open("/m", os.O_RDONLY)
+    assert fs.read(fh, len(data), 0) == data            # cached, clean
+    fs.chmod("/m", 0o600)
+    entry = fs.handle(fh).entry
+    assert entry.dirty
+    read_all(fs, "/other")                               # pressure: evicts what it may
+    assert entry.dirty and os.path.exists(entry.data_path)
+    fs.release(fh)
+    assert fs.flush_all(timeout=20)
+    assert int(store.meta("m")["mode"]) == REG | 0o600 and store.data("m") == data
+    assert not entry.dirty
+
+
 def test_writer_not_blocked_forever_by_another_open_dirty_file(make_fs, store):
     """File A is open with more dirty data than the cache bound (it cannot be uploaded
     before it is closed); a write to file B must not hang forever waiting for room."""
@@ -1084,6 +1104,30 @@ def test_close_of_a_duplicate_descriptor_does_not_cut_the_stream(make_fs, store)
     assert store.data("dd.bin") == data
     assert store.calls["mpu_complete"] == 1 and store.calls["upload"] == 0
     assert store.calls["mpu_part"] == 6                  # each part exactly once
+
+
+def test_upload_waits_for_the_last_writer_and_not_for_readers(make_fs, store):
+    """A small file still open for writing is not uploaded when another descriptor closes
+    (the dup'ed one, a reader's): it would store a partial object. The last writer's close
+    uploads it once, even while a reader still holds it open."""
+    fs = make_fs(writeback_delay=0.05)
+    fh = fs.create("/log.txt", 0o644)
+    st = fs.handle(fh)
+    fs.write(fh, b"one\n", 0)
+    fs.flush(fh)                                         # close() of the dup'ed descriptor
+    wait_until(lambda: st.deferred, what="the upload queued by the flush to be deferred")
+    rfh = fs.open("/log.txt", os.O_RDONLY)
+    fs.write(fh, b"two\n", 4)
+    fs.release(rfh)                                      # a reader closes
+    wait_until(lambda: st.deferred, what="the upload queued by the reader's close to wait")
+    assert store.calls["upload"] == 0 and not store.exists("log.txt")
+    rfh = fs.open("/log.txt", os.O_RDONLY)               # a reader stays open
+    fs.release(fh)                                       # the last writer closes
+    wait_until(lambda: store.exists("log.txt"), what="the upload after the last writer's close")
+    settle(fs)
+    assert store.data("log.txt") == b"one\ntwo\n" and store.calls["upload"] == 1
+    assert fs.read(rfh, 100, 0) == b"one\ntwo\n"
+    fs.release(rfh)
 
 
 def test_fsync_mid_stream_is_not_deferred(make_fs, store):
