@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
+import logging
 import mmap
 import os
 import threading
@@ -21,7 +23,7 @@ from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, Permissi
                            Stale, StoreError, StoreUnavailable, UserError)
 from ssecfs.http1 import Segments
 from ssecfs.keys import Key, KeyRing
-from ssecfs.s3store import KEY_FP_META, S3Store, check_endpoint
+from ssecfs.s3store import EXIT_SECURITY, KEY_FP_META, PROBE_DATA, S3Store, check_endpoint
 from ssecfs.store import LOCKED, OPEN, PLAINTEXT, pieces
 
 pytestmark = pytest.mark.seaweed
@@ -783,3 +785,34 @@ def test_raw_listing_matches_botocore(make_store, k1):
         if not resp["IsTruncated"]:
             break
     assert sorted(seen) == sorted(names)
+
+
+# ------------------------------------------------------------------------- the mount's probe
+def test_probe_refuses_an_endpoint_that_serves_the_plaintext_without_the_key(
+        make_store, k1, s3, bucket, monkeypatch, caplog):
+    """SeaweedFS enforces SSE-C: the probe passes and leaves nothing behind. An endpoint that
+    answers the GET without the key with the plaintext is refused; one that answers with the
+    stored (encrypted) bytes reveals nothing: the probe passes and says so in the log."""
+    store, _ = make_store(k1)
+    store.probe_sse(".probe-a")
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=".probe-")
+
+    real_get = store.client.get_object
+    served = {}
+
+    def answer_without_key(**kw):
+        if "SSECustomerKey" in kw:
+            return real_get(**kw)
+        return {"Body": io.BytesIO(served["body"])}
+    monkeypatch.setattr(store.client, "get_object", answer_without_key)
+
+    served["body"] = PROBE_DATA
+    with pytest.raises(UserError) as e:
+        store.probe_sse(".probe-b")
+    assert e.value.exit_code == EXIT_SECURITY and "without the key" in str(e.value)
+
+    served["body"] = os.urandom(len(PROBE_DATA) + 16)
+    with caplog.at_level(logging.WARNING, logger="ssecfs.store"):
+        store.probe_sse(".probe-c")
+    assert "not its plaintext" in caplog.text
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=".probe-")
