@@ -723,8 +723,9 @@ class S3Store:
                 raise UserError(f"endpoint {self.endpoint_url or 'AWS'} serves SSE-C objects "
                                 "without the key: refusing to mount", EXIT_SECURITY)
             if served is not None:
-                # Not the plaintext: the stored (encrypted) bytes. SeaweedFS did this, rarely,
-                # to a GET sent right after the PUT. No secret is revealed, so mount; say so.
+                # Served, but not the plaintext (the stored, encrypted bytes): no secret is
+                # revealed, so mount, and say so. SeaweedFS once answered this GET, sent right
+                # after the PUT, with 200 (what it sent was not recorded).
                 log.warning("endpoint %s answered a GET without the key with %d stored bytes "
                             "of an SSE-C object (not its plaintext)",
                             self.endpoint_url or "AWS", len(served))
