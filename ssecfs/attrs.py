@@ -8,7 +8,8 @@ without them (put by another tool) gets the mount's owner, mode 0644 and its Las
 
 Consistency: every cache here lives for the attribute timeout at most, and every change made
 through this mount updates or voids what it touches. `_seq` counts our changes: a lookup's
-answer is cached only if no change happened while it was on its way. `_name_changes` does the
+answer is cached only if no change to its path (or a directory above it) happened while it
+was on its way (`_changes`). `_name_changes` does the
 same per directory for listings (names only: uploads of existing files do not void them).
 """
 
@@ -89,6 +90,34 @@ class _ChangeLog(LRUCache):
         return key, stamp
 
 
+class _PathChanges(LRUCache):
+    """Path -> stamp (Filesystem._seq) of the last change of ours to it. An answer about a
+    path asked at stamp seq0 is stale if the path, or a directory above it (a rename or
+    removal changes every name under it), changed since; a change of another file does not
+    touch it (`rm -r` unlinks one file while the next ones are being looked up). A path that
+    fell out of the LRU counts as changed at the newest stamp evicted (never "unchanged"
+    wrongly). Callers hold Filesystem._attr_lock."""
+
+    def __init__(self, maxsize: int):
+        super().__init__(maxsize=maxsize)
+        self._floor = 0
+
+    def changed_since(self, path: str, seq0: int) -> bool:
+        if self._floor > seq0:
+            return True
+        while True:
+            if self.get(path, 0) > seq0:
+                return True
+            if path in ("/", ""):
+                return False
+            path = posixpath.dirname(path)
+
+    def popitem(self):
+        key, stamp = super().popitem()
+        self._floor = max(self._floor, stamp)
+        return key, stamp
+
+
 class AttrOps:
     """Mixin for Filesystem: getattr and the attribute/listing caches."""
 
@@ -112,6 +141,7 @@ class AttrOps:
         # the names past those are asked a page of the listing at a time (_big_follow).
         self._big_dirs: LRUCache = LRUCache(maxsize=64)
         self._seq = 0          # bumped by every change of ours (guards lookups in flight)
+        self._changes = _PathChanges(maxsize=100_000)   # which paths each change touched
         # Changes of names (create, unlink, rename, mkdir, rmdir) per directory: a listing
         # taken while a name of its directory changed is not cached. Uploads of files that
         # exist do not count, so a busy write-back does not void every listing.
@@ -168,6 +198,7 @@ class AttrOps:
         with self._attr_lock:
             self._seq += 1
             for p in paths:
+                self._changes[p] = self._seq
                 self._attrs.pop(p, None)
                 self._infos.pop(p, None)
                 self._starts.pop(p, None)
@@ -198,13 +229,15 @@ class AttrOps:
             e = idx.get(self._dkey_name(key)[1])
             if e is not None and e.matches(o):
                 seeds.append((path, Attr(e.mode, e.size, e.mtime, e.ctime, e.uid, e.gid)))
+        unseeded = len(batch)
         with self._attr_lock:
-            if self._seq != seq0:
-                return len(batch)   # a change of ours while listing: trust HEADs, not this
             for path, a in seeds:
-                if not self._attrs.get(path, False):
-                    self._attrs[path] = a
-        return len(batch) - len(seeds)
+                # a file we changed while listing: trust a HEAD, not this
+                if not self._changes.changed_since(path, seq0):
+                    unseeded -= 1
+                    if not self._attrs.get(path, False):
+                        self._attrs[path] = a
+        return unseeded
 
     def getattr(self, path: str) -> Attr:
         if path == "/":
@@ -257,7 +290,7 @@ class AttrOps:
         """Cache a lookup's answer, unless a change of ours happened while it was on its way
         (it could describe the object as it was before our own write/rename/unlink)."""
         with self._attr_lock:
-            if self._seq == seq0:
+            if not self._changes.changed_since(path, seq0):
                 self._attrs[path] = attr
                 if info is not None:
                     self._infos[path] = info
@@ -307,6 +340,7 @@ class AttrOps:
         with self._attr_lock:
             if changed:
                 self._seq += 1
+                self._changes[path] = self._seq
                 self._name_changes.note(parent or "/")
             names = self._listings.get(parent or "/")
             if names is not None:
@@ -431,25 +465,36 @@ class AttrOps:
                          fut: Future) -> None:
         """List the page of the directory that holds `window` (names in listing order) and
         take the attributes of each file whose listed ETag, size and Last-Modified match an
-        answer seen before (dirindex.Entry.matches, as for an index); HEAD the others."""
+        answer seen before (dirindex.Entry.matches, as for an index); HEAD the others, except
+        those the page shows are gone (`rm -r` has deleted them since the readdir: asking
+        each again every half attribute timeout made it 3-4 HEADs per file it removed)."""
+        gone: set = set()
         try:
             page = next(iter(self.store.list_page_iter(run["dkey"], "/", WINDOW,
                                                        start_after=after)), None)
             listed = {o.key: o for o in page.objects} if page is not None else {}
             self._seed_from_index(self.dirindex.observed(run["dkey"]) or {},
                                   [(p, k, listed[k]) for p, k in window if k in listed], seq0)
+            if page is not None:
+                # the page covers every key up to its last one (and all of them if it is
+                # not full): a window's key below that and not listed no longer exists
+                full = len(page.objects) + len(page.prefixes) >= WINDOW
+                bound = max([o.key for o in page.objects[-1:]] + page.prefixes[-1:], default="")
+                gone = {k for _p, k in window
+                        if k not in listed and (not full or k < bound)}
         except Exception as e:  # noqa: BLE001 - a prefetch: the HEADs below (or getattr) ask
             log.debug("listing page of %r: %s", run["dkey"], e)
         finally:
-            self._hand_on(window, fut, seq0)
+            self._hand_on(window, fut, seq0, gone)
 
-    def _hand_on(self, items: list, fut: Future, seq0: int) -> None:
+    def _hand_on(self, items: list, fut: Future, seq0: int, gone: set = frozenset()) -> None:
         """A listing page registered as asking for items (path, key) is done: each that it
-        did not vouch for is handed on to a HEAD; then whoever waits on fut looks again."""
+        did not vouch for, and does not show gone, is handed on to a HEAD; then whoever
+        waits on fut looks again (a getattr of a gone one asks the server itself)."""
         with self._attr_lock:
             for path, key in items:
                 if self._heads.get(path) is fut:
-                    if self._attrs.get(path, False):
+                    if key in gone or self._attrs.get(path, False):
                         del self._heads[path]
                     else:
                         self._heads[path] = self._head_pool.submit(self._prefetch_one, path,
@@ -514,7 +559,7 @@ class AttrOps:
             attr = self._attr_of_info(info)
             self._observe(key, info, attr)
             with self._attr_lock:
-                if self._seq == seq0:
+                if not self._changes.changed_since(path, seq0):
                     self._infos[path] = info
                 else:
                     self._starts.pop(path, None)

@@ -415,6 +415,30 @@ def test_a_long_ls_l_of_a_directory_seen_before_checks_listing_pages_not_each_fi
     assert all(same(got[n], first[n]) for n in first if n != "f03")
 
 
+def test_rm_r_of_a_directory_seen_before_asks_no_removed_file_again(make_fs, store, monkeypatch):
+    """`rm -r` looks each file up (after the attribute timeout of its readdir) and unlinks
+    it. The listing page that checks a window of names again must not HEAD the files that
+    are gone since (it asked each removed file again every half attribute timeout: 3-4
+    HEADs per file), and the files left are vouched for by the page, not asked."""
+    monkeypatch.setattr(dirindex, "MAX_ENTRIES", N - 1)     # no index object: memory only
+    others_files(store, N)
+    fs = make_fs(attr_timeout=LONG)
+    listed_attrs(fs, "/o")                            # the answers are kept
+    expire_attrs(fs)
+    names = [n for n in fs.readdir("/o") if n not in (".", "..")]
+    mark = len(store.log)
+    for n in names:
+        expire_attrs(fs)                              # as if the timeout had passed again
+        with fs._attr_lock:
+            fs._prefetch_runs["/o"]["checked"].clear()
+        assert stat.S_ISREG(fs.getattr(f"/o/{n}").mode)
+        fs.unlink(f"/o/{n}")
+    wait_until(lambda: not fs._heads, 10, what="prefetches to finish")
+    assert heads_of_files(store, mark) == []
+    assert [k for op, k in store.log[mark:] if op == "delete"] == [f"o/{n}" for n in names]
+    assert [op for op, _k in store.log[mark:]].count("list") >= len(names)   # checked each time
+
+
 def test_a_directory_listed_again_within_the_timeout_costs_one_listing(make_fs, store):
     _, want = indexed_dir(make_fs, store)
     fs2 = make_fs(attr_timeout=LONG)

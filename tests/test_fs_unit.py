@@ -673,6 +673,67 @@ def test_listing_taken_while_a_name_changes_is_not_trusted(make_fs, store):
     assert stat.S_ISREG(fs.getattr("/d/other").mode)   # not "absent" from a stale listing
 
 
+def after_lookup(store: MemStore, key: str, fn) -> None:
+    """Run fn once, right after the server answered a lookup of key (before the answer is
+    cached): a change of ours that lands while the answer is on its way."""
+    def wrapped(k, nbytes):
+        info = MemStore.head_with_start(store, k, nbytes)
+        if k == key and "head_with_start" in vars(store):
+            del store.head_with_start
+            fn()
+        return info
+    store.head_with_start = wrapped
+
+
+def test_a_lookup_on_its_way_is_kept_when_another_file_changes(make_fs, store):
+    """`rm -r` unlinks a file while the next ones are being looked up: a change of another
+    file must not void those answers (every change of ours did, and each file was then
+    asked again)."""
+    fs = make_fs(attr_timeout=60)
+    for n in "abc":
+        remote_file(store, f"d/{n}", b"x")
+    after_lookup(store, "d/a", lambda: fs.unlink("/d/b"))
+    assert stat.S_ISREG(fs.getattr("/d/a").mode)
+    asked = store.calls["head"]
+    assert stat.S_ISREG(fs.getattr("/d/a").mode)      # kept: no request
+    assert store.calls["head"] == asked
+    with pytest.raises(NotFound):
+        fs.getattr("/d/b")
+
+
+@pytest.mark.parametrize("change", ["the file", "its directory"])
+def test_a_lookup_on_its_way_is_not_kept_when_its_path_changes(make_fs, store, change):
+    """The answer describes the object as it was before our change (of the file itself, or
+    a rename of a directory above it): returned to its caller, never cached."""
+    fs = make_fs(attr_timeout=60)
+    for n in "ab":
+        remote_file(store, f"d/{n}", b"x")
+    if change == "the file":
+        after_lookup(store, "d/a", lambda: fs.chmod("/d/a", 0o600))
+    else:
+        after_lookup(store, "d/a", lambda: fs.rename("/d", "/e"))
+    assert stat.S_IMODE(fs.getattr("/d/a").mode) == 0o644      # the answer from before
+    if change == "the file":
+        assert stat.S_IMODE(fs.getattr("/d/a").mode) == 0o600
+    else:
+        with pytest.raises(NotFound):
+            fs.getattr("/d/a")
+        assert stat.S_ISREG(fs.getattr("/e/a").mode)
+
+
+def test_path_changes_never_report_unchanged_wrongly():
+    from ssecfs.attrs import _PathChanges
+    ch = _PathChanges(maxsize=2)
+    ch["/d/a"] = 1
+    assert ch.changed_since("/d/a", 0) and not ch.changed_since("/d/b", 0)
+    assert not ch.changed_since("/d/a", 1)
+    ch["/d"] = 2                                      # a directory: every name under it
+    assert ch.changed_since("/d/b", 1) and ch.changed_since("/d/x/y", 1)
+    assert not ch.changed_since("/e/b", 1)
+    ch["/f"] = 3                                      # evicts /d/a (stamp 1)
+    assert ch.changed_since("/zzz", 0) and not ch.changed_since("/zzz", 1)
+
+
 def test_change_log_never_reports_unchanged_wrongly():
     from ssecfs.attrs import _ChangeLog
     log = _ChangeLog(maxsize=2)

@@ -20,7 +20,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from helpers import run_ssecfs, sse, wait_until
+from helpers import run_ssecfs, ssecfs_cmd, sse, wait_until
 from ssecfs.cache import BASE, SLOT
 
 pytestmark = pytest.mark.mount
@@ -634,6 +634,15 @@ def test_umount_waits_for_pending_uploads_and_status_shows_them(proxy, mounter, 
     assert r.returncode == 0, r.stderr
     got = re.search(r"dirty files:\s+(\d+)", r.stdout)
     assert got and int(got.group(1)) == len(files), r.stdout
+    # a reader that goes away (`ssecfs status | head -1`): no traceback, SIGPIPE's status
+    rd, wr = os.pipe()
+    os.close(rd)
+    try:
+        p = subprocess.run(ssecfs_cmd() + ["status", m.path], stdout=wr, stderr=subprocess.PIPE,
+                           text=True, timeout=60)
+    finally:
+        os.close(wr)
+    assert p.returncode == 141 and "Traceback" not in p.stderr, (p.returncode, p.stderr)
     for name in files:
         assert not in_bucket(s3, bucket, name)
 
