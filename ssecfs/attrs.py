@@ -60,15 +60,27 @@ def _fmt_time(t: float) -> str:
     return s or "0"
 
 
-class _ChangeLog(LRUCache):
-    """Directory -> stamp of its last name change, from one counter. A directory that fell
-    out of the LRU counts as changed at the newest stamp evicted (never "unchanged" wrongly).
-    Callers hold Filesystem._attr_lock."""
+class _Stamps(LRUCache):
+    """Name -> stamp of its last change. A name that fell out of the LRU counts as changed
+    at the newest stamp evicted (`_floor`: never "unchanged" wrongly). Callers hold
+    Filesystem._attr_lock."""
+
+    def __init__(self, maxsize: int):
+        super().__init__(maxsize=maxsize)
+        self._floor = 0
+
+    def popitem(self):
+        key, stamp = super().popitem()
+        self._floor = max(self._floor, stamp)
+        return key, stamp
+
+
+class _ChangeLog(_Stamps):
+    """Directory -> stamp of its last name change, from one counter of its own."""
 
     def __init__(self, maxsize: int):
         super().__init__(maxsize=maxsize)
         self._clock = 0
-        self._floor = 0
 
     def mark(self) -> int:
         return self._clock
@@ -84,23 +96,12 @@ class _ChangeLog(LRUCache):
     def changed_since(self, d: str, mark: int) -> bool:
         return max(self.get(d, 0), self._floor) > mark
 
-    def popitem(self):
-        key, stamp = super().popitem()
-        self._floor = max(self._floor, stamp)
-        return key, stamp
 
-
-class _PathChanges(LRUCache):
+class _PathChanges(_Stamps):
     """Path -> stamp (Filesystem._seq) of the last change of ours to it. An answer about a
     path asked at stamp seq0 is stale if the path, or a directory above it (a rename or
     removal changes every name under it), changed since; a change of another file does not
-    touch it (`rm -r` unlinks one file while the next ones are being looked up). A path that
-    fell out of the LRU counts as changed at the newest stamp evicted (never "unchanged"
-    wrongly). Callers hold Filesystem._attr_lock."""
-
-    def __init__(self, maxsize: int):
-        super().__init__(maxsize=maxsize)
-        self._floor = 0
+    touch it (`rm -r` unlinks one file while the next ones are being looked up)."""
 
     def changed_since(self, path: str, seq0: int) -> bool:
         if self._floor > seq0:
@@ -111,11 +112,6 @@ class _PathChanges(LRUCache):
             if path in ("/", ""):
                 return False
             path = posixpath.dirname(path)
-
-    def popitem(self):
-        key, stamp = super().popitem()
-        self._floor = max(self._floor, stamp)
-        return key, stamp
 
 
 class AttrOps:
