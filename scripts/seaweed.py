@@ -48,9 +48,11 @@ def weed_binary() -> str:
 
 
 class SeaweedFS:
-    def __init__(self, data_dir: str, s3_port: int | None = None, https: tuple | None = None):
+    def __init__(self, data_dir: str, s3_port: int | None = None, https: tuple | None = None,
+                 extra_args: list[str] | tuple = ()):
         self.data_dir = data_dir
         self.https = https            # (cert_file, key_file) to also serve S3 over TLS
+        self.extra_args = list(extra_args)   # more `weed server` flags
         self.proc: subprocess.Popen | None = None
         self.s3_port = s3_port
         self.https_port: int | None = None
@@ -84,6 +86,7 @@ class SeaweedFS:
                "-master.telemetry=false",
                # every bucket is a collection that grows 7 volumes: allow many small ones
                "-volume.max=3000", "-master.volumeSizeLimitMB=64"]
+        cmd += self.extra_args
         if self.https:
             cmd += [f"-s3.port.https={self.https_port}", f"-s3.cert.file={self.https[0]}",
                     f"-s3.key.file={self.https[1]}"]
@@ -114,6 +117,15 @@ class SeaweedFS:
                 last = e
                 time.sleep(0.2)
         raise RuntimeError(f"SeaweedFS not ready after {timeout}s: {last}")
+
+    def vacuum(self, timeout: float = 600) -> None:
+        """Compact every volume holding deleted data, now; returns when the master's vacuum
+        is done. (SeaweedFS otherwise does it on its own every 14 minutes by default, taking
+        seconds of CPU, whenever that falls.)"""
+        import urllib.request
+        url = f"http://127.0.0.1:{self._ports[0]}/vol/vacuum?garbageThreshold=0.0001"
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            r.read()
 
     def client(self, config=None, endpoint: str | None = None, verify=None):
         import boto3
