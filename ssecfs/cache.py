@@ -1,8 +1,8 @@
 """Encrypted on-disk chunk cache.
 
-Layout (format version 4, see docs/CACHE.md):
+Layout (format version 5, see docs/CACHE.md):
     CACHE_DIR/                      mode 0700, flock'ed by the daemon that uses it (LOCK)
-        VERSION                     "ssecfs-cache 4"
+        VERSION                     "ssecfs-cache 5"
         entries/ID.data             two record slots (at 0 and RSLOT), then chunk slots:
                                     chunk i at BASE + i * SLOT
 A record slot holds the entry's journal record (JSON, sealed):
@@ -12,16 +12,16 @@ record whole; the valid record with the highest sequence is the entry's state. F
 entries (chunk i at i * SLOT, the record in a file ID.meta beside) are still read and
 uploaded as they are; new entries are written in format 3.
 A chunk slot holds its chunk in one of two forms:
-  "SSC1" | u32 plaintext length | nonce | AES-GCM(chunk) | tag            (whole)
-  "SSC3" | u32 plaintext length | write id (8 random bytes) | sub-block 0 | sub-block 1 | ...
-where sub-block j = nonce | AES-GCM(plaintext[j*SUB:(j+1)*SUB]) | tag (SUB = 4 KiB), sealed
-with associated data (format, entry id, chunk index, chunk length, j, write id). Chunks are
-sealed whole (one AES-GCM call: written and sequentially fetched data); a clean chunk that is
+  "SSC4" | u32 plaintext length | nonce | AES-OCB3(chunk) | tag           (whole)
+  "SSC5" | u32 plaintext length | write id (8 random bytes) | sub-block 0 | sub-block 1 | ...
+where sub-block j = nonce | AES-OCB3(plaintext[j*SUB:(j+1)*SUB]) | tag (SUB = 4 KiB), sealed
+with associated data (form, entry id, chunk index, chunk length, j, write id). Chunks are
+sealed whole (one AEAD call: written and sequentially fetched data); a clean chunk that is
 read at random is sealed again in sub-blocks by its reader, so that the next small reads
 of it decrypt 4 KiB, not 128. A slot torn between two writes of the chunk fails
-authentication either way. "SSC2" slots (format 2 and 3 caches: the same with 32 KiB
-sub-blocks) and caches of format 1 (whole slots only) open as they are; format 4 only makes
-its sub-blocks smaller.
+authentication either way. Older caches' slots open as they are: "SSC1" and "SSC3" (the
+same with AES-GCM, formats 1-4; also written where OpenSSL lacks OCB3) and "SSC2" (GCM in
+32 KiB sub-blocks, formats 2 and 3); see crypto.FORMS.
 An all-zero slot header means "absent" (never written, or evicted by punching a hole).
 
 Invariants
@@ -52,7 +52,7 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-from .crypto import (NONCE_LEN, OVERHEAD, SUB, SUB_V2, WRITE_ID_LEN, Sealer, chunk_aad,
+from .crypto import (FORMS, NONCE_LEN, OVERHEAD, WRITE_ID_LEN, Sealer, chunk_aad,
                      open_subs, record_aad, seal_chunk, sealed_len)
 from .errors import IntegrityError, NoSpace, UserError
 
@@ -60,10 +60,8 @@ log = logging.getLogger("ssecfs.cache")
 
 CHUNK = 128 * 1024
 HEADER = struct.Struct(">4sI")
-MAGIC = b"SSC3"                 # chunk sealed in 4 KiB sub-blocks (chunks read at random)
-MAGIC_V2 = b"SSC2"              # the same in 32 KiB sub-blocks (cache formats 2, 3): read
-MAGIC_V1 = b"SSC1"              # chunk sealed as one blob (written and streamed chunks)
-SUB_SIZE = {MAGIC: SUB, MAGIC_V2: SUB_V2}             # sub-block size of each split form
+SLOT_MAGIC = {form: b"SSC%d" % form for form in FORMS}     # a slot's magic names its form
+SLOT_FORM = {magic: form for form, magic in SLOT_MAGIC.items()}
 SUBS_AT = HEADER.size + WRITE_ID_LEN                  # where a split slot's sub-blocks start
 SLOT = (SUBS_AT + sealed_len(CHUNK) + 4095) // 4096 * 4096   # block aligned, so an evicted
 assert SLOT == 135168           # slot frees its blocks; format 1 used the same SLOT
@@ -75,8 +73,9 @@ def _cost(length: int) -> int:
 SEALER_THREADS = 2
 MAX_PENDING = 256                    # chunks (32 MiB) of plaintext waiting to be sealed
 SEAL_BATCH = 16                      # a fetcher that waits for room waits for this much
-VERSION_TEXT = "ssecfs-cache 4\n"
-OLD_VERSION_TEXTS = ("ssecfs-cache 1\n", "ssecfs-cache 2\n", "ssecfs-cache 3\n")   # read;
+VERSION_TEXT = "ssecfs-cache 5\n"
+OLD_VERSION_TEXTS = ("ssecfs-cache 1\n", "ssecfs-cache 2\n", "ssecfs-cache 3\n",  # read;
+                     "ssecfs-cache 4\n")
                                                                      # VERSION rewritten
 RSLOT = 64 * 1024               # one record slot (a record is a few hundred bytes: sparse)
 BASE = 2 * RSLOT                # where a format 3 entry's chunk slots start
@@ -177,8 +176,8 @@ class CacheEntry:
         self.bid = bytes.fromhex(entry_id)
         self.io_lock = threading.Lock()
         self.present: dict[int, int] = {}   # chunk index -> plaintext length
-        self.wids: dict[int, tuple[bytes, int]] = {}   # chunk index -> (write id, sub-block
-                                                       # size) of its split slot
+        self.wids: dict[int, tuple[bytes, int]] = {}   # chunk index -> (write id, form)
+                                                       # of its split slot
         self.writes = 0                     # write_chunk calls so far (re-split guard)
         self._split: set[int] = set()       # pending chunks to seal in sub-blocks
         self.dirty = False
@@ -221,22 +220,24 @@ class CacheEntry:
                 return bytes(data)      # a view into a fetched buffer: callers get bytes
             raw = os.pread(self._fdl(), SLOT, self._off(index))
         magic, length = HEADER.unpack_from(raw) if len(raw) >= HEADER.size else (b"", 0)
-        if magic not in (MAGIC, MAGIC_V1, MAGIC_V2) or length > CHUNK:
+        form = SLOT_FORM.get(magic)
+        if form is None or length > CHUNK:
             log.error("cache entry %s chunk %d: bad slot header (corrupt or torn); not served",
                       self.id[:8], index)
             raise IntegrityError(f"cache entry {self.id[:8]} chunk {index}: bad slot header")
         body = memoryview(raw)[HEADER.size:]
+        size = FORMS[form][0]
         try:
-            if magic == MAGIC_V1:
+            if not size:
                 data = self.sealer.open(body[:length + OVERHEAD],
-                                        chunk_aad(self.bid, index, length))
+                                        chunk_aad(self.bid, index, length, form), form)
             else:
-                wid, size = bytes(body[:WRITE_ID_LEN]), SUB_SIZE[magic]
+                wid = bytes(body[:WRITE_ID_LEN])
                 data = open_subs(self.sealer,
                                  body[WRITE_ID_LEN:WRITE_ID_LEN + sealed_len(length, size)],
-                                 self.bid, index, length, wid, 0, -(-length // size), size)
-        except IntegrityError:
-            self._report_corrupt(index)
+                                 self.bid, index, length, wid, 0, -(-length // size), form)
+        except IntegrityError as e:
+            self._report_corrupt(index, e)
             raise
         self.cache._touch(self, index)
         return data
@@ -257,7 +258,8 @@ class CacheEntry:
                 return bytes(data[lo:hi])
             split = self.wids.get(index)
             if split is not None:    # (the slot's header need not be read: length and write
-                wid, sub = split                 # id are known, and bound by every tag)
+                wid, form = split                # id are known, and bound by every tag)
+                sub = FORMS[form][0]
                 length = self.present[index]
                 hi = min(hi, length)
                 if lo >= hi:
@@ -275,9 +277,9 @@ class CacheEntry:
             return data[lo:hi]
         try:
             data = open_subs(self.sealer, raw, self.bid, index, length, wid, first,
-                             last - first + 1, sub)
-        except IntegrityError:
-            self._report_corrupt(index)
+                             last - first + 1, form)
+        except IntegrityError as e:
+            self._report_corrupt(index, e)
             raise
         self.cache._touch(self, index)
         base = first * sub
@@ -286,9 +288,9 @@ class CacheEntry:
     def _resplit(self, index: int, data: bytes, writes_seen: int) -> None:
         """Seal again in sub-blocks a whole-sealed chunk just read at random (same bytes;
         skipped if any write came in meanwhile or the entry is dirty). The reader does it
-        itself: it holds the plaintext already, AES-GCM holds the GIL anyway, and a sealer
-        thread doing it meanwhile made every other FUSE call wait for the GIL (fio 4 KiB
-        random reads over whole-sealed chunks: 5.3k IOPS queued, 7.0-8.0k inline)."""
+        itself: it holds the plaintext already, and a sealer thread doing it meanwhile made
+        the other FUSE calls wait (fio 4 KiB random reads over whole-sealed chunks: 5.3k IOPS
+        queued, 7.0-8.0k inline)."""
         with self.io_lock:
             if not (self.writes == writes_seen and not self.dirty and not self.discarded
                     and self.present.get(index) == len(data) and index not in self.pending):
@@ -297,9 +299,9 @@ class CacheEntry:
             self._split.add(index)          # a write meanwhile makes _seal_one skip this one
         self._seal_one(index)
 
-    def _report_corrupt(self, index: int) -> None:
-        log.error("cache entry %s chunk %d failed authentication (corrupt or torn); "
-                  "not served", self.id[:8], index)
+    def _report_corrupt(self, index: int, e: IntegrityError) -> None:
+        log.error("cache entry %s chunk %d failed authentication (%s: corrupt or torn); "
+                  "not served", self.id[:8], index, e)
 
     def write_chunk(self, index: int, data: bytes, dirty: bool = True,
                     only_if=None) -> bool:
@@ -360,12 +362,14 @@ class CacheEntry:
             return
         length = len(data)
         if split:
-            wid = os.urandom(WRITE_ID_LEN)
-            slot = [HEADER.pack(MAGIC, length), wid,
+            wid, form = os.urandom(WRITE_ID_LEN), self.sealer.split_form
+            slot = [HEADER.pack(SLOT_MAGIC[form], length), wid,
                     *seal_chunk(self.sealer, data, self.bid, index, wid)]
         else:
-            slot = [HEADER.pack(MAGIC_V1, length),
-                    *self.sealer.seal_parts(data, chunk_aad(self.bid, index, length), nonce)]
+            form = self.sealer.whole_form
+            slot = [HEADER.pack(SLOT_MAGIC[form], length),
+                    *self.sealer.seal_parts(data, chunk_aad(self.bid, index, length, form),
+                                            nonce, form)]
         for attempt in range(2):
             with self.io_lock:
                 if self.pending.get(index) is not data:
@@ -397,7 +401,7 @@ class CacheEntry:
                     del self.pending[index]
                     self._split.discard(index)
                     if split:
-                        self.wids[index] = (wid, SUB)
+                        self.wids[index] = (wid, form)
                     else:
                         self.wids.pop(index, None)
                     if not self.pending:
@@ -661,10 +665,11 @@ class CacheEntry:
                 hdr = os.pread(self._fd, SUBS_AT, self._off(i))
                 if len(hdr) >= HEADER.size:
                     magic, length = HEADER.unpack_from(hdr)
-                    if magic in (MAGIC, MAGIC_V1, MAGIC_V2) and 0 < length <= CHUNK:
+                    form = SLOT_FORM.get(magic)
+                    if form is not None and 0 < length <= CHUNK:
                         self.present[i] = length
-                        if magic in SUB_SIZE and len(hdr) == SUBS_AT:
-                            self.wids[i] = (hdr[HEADER.size:], SUB_SIZE[magic])
+                        if FORMS[form][0] and len(hdr) == SUBS_AT:
+                            self.wids[i] = (hdr[HEADER.size:], form)
 
 
 class Cache:

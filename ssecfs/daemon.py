@@ -19,7 +19,7 @@ import time
 
 from .cache import Cache
 from .config import MountConfig
-from .crypto import Sealer
+from .crypto import WHOLE_GCM, Sealer
 from .errors import UserError
 from .keys import KeyRing, load_keyring
 from .store import LOCKED
@@ -230,6 +230,9 @@ def build(cfg: MountConfig, ring: KeyRing):
     store = S3Store(sc.bucket, ring, endpoint_url=sc.endpoint_url, region=sc.region,
                     profile=sc.profile, ca_bundle=sc.ca_bundle, workers=sc.workers)
     sealers = {k.fingerprint: Sealer(k.cache_key()) for k in ring.keys}
+    if sealers[ring.current.fingerprint].whole_form == WHOLE_GCM:
+        log.warning("this OpenSSL has no AES-OCB3: the cache seals file data with AES-GCM "
+                    "(slower), and cannot read chunks another ssecfs sealed with OCB3")
     cache = Cache(cfg.cache_dir, sealers, cfg.cache_size, ring.current.fingerprint)
     return store, cache, Filesystem(store, cache, cfg.fs)
 

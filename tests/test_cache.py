@@ -9,18 +9,23 @@ import struct
 import time
 
 import pytest
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from helpers import marker_blob, scan_dir_for, wait_until
 from ssecfs import cache as cache_mod
-from ssecfs.cache import (BASE, CHUNK, HEADER, MAGIC, MAGIC_V1, MAGIC_V2, RHEADER, RSLOT,
-                          SEAL_BATCH, SLOT, SUBS_AT, VERSION_TEXT, Cache, CacheEntry, Slots)
+from ssecfs import crypto as crypto_mod
+from ssecfs.cache import (BASE, CHUNK, HEADER, RHEADER, RSLOT, SEAL_BATCH, SLOT, SLOT_MAGIC,
+                          SUBS_AT, VERSION_TEXT, Cache, CacheEntry, Slots)
 from ssecfs.cache import _cost
-from ssecfs.crypto import (OVERHEAD, SUB, SUB_SEALED, SUB_V2, Sealer, chunk_aad, open_subs,
-                           sub_aad)
+from ssecfs.crypto import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, SUB_V2, WHOLE_GCM,
+                           WHOLE_OCB, Sealer, chunk_aad, open_subs, sub_aad)
 from ssecfs.errors import IntegrityError, NoSpace, UserError
 from ssecfs.keys import Key
 
 COST = _cost(CHUNK)           # accounted bytes of one full chunk (whole 4 KiB blocks)
+# slot forms: written now (AES-OCB3), and those of older caches (AES-GCM; 32 KiB sub-blocks)
+MAGIC_WHOLE, MAGIC_SPLIT = SLOT_MAGIC[WHOLE_OCB], SLOT_MAGIC[SPLIT_OCB]
+MAGIC_V1, MAGIC_V2, MAGIC_V3 = SLOT_MAGIC[WHOLE_GCM], SLOT_MAGIC[2], SLOT_MAGIC[SPLIT_GCM]
 
 
 class Keys:
@@ -132,17 +137,19 @@ def test_tampered_slot_header_fails(cache, split):
     e.sync()
     if split:
         write_split(e, 0, data)
-    magic, other = (MAGIC, MAGIC_V1) if split else (MAGIC_V1, MAGIC)
+    magic, others = ((MAGIC_SPLIT, (MAGIC_WHOLE, MAGIC_V3, MAGIC_V1)) if split else
+                     (MAGIC_WHOLE, (MAGIC_SPLIT, MAGIC_V1, MAGIC_V3)))
     with open(e.data_path, "r+b") as f:
         f.seek(slot_offset(0))
         f.write(HEADER.pack(magic, 4999))            # claims one byte less
     with pytest.raises(IntegrityError):
         e.read_chunk(0)
-    with open(e.data_path, "r+b") as f:
-        f.seek(slot_offset(0))
-        f.write(HEADER.pack(other, 5000))            # claims the other form
-    with pytest.raises(IntegrityError):
-        e.read_chunk(0)
+    for other in others:       # claims another form: the other shape, or the same with GCM
+        with open(e.data_path, "r+b") as f:
+            f.seek(slot_offset(0))
+            f.write(HEADER.pack(other, 5000))
+        with pytest.raises(IntegrityError):
+            e.read_chunk(0)
     with open(e.data_path, "r+b") as f:
         f.seek(slot_offset(0))
         f.write(HEADER.pack(b"XXXX", 5000))          # bad magic
@@ -166,10 +173,10 @@ def write_split(e, index: int, data: bytes) -> None:
     random read of one of a clean entry has it sealed again in sub-blocks."""
     e.write_chunk(index, data, dirty=False)
     e.sync()
-    assert slot_magic(e, index) == MAGIC_V1
+    assert slot_magic(e, index) == MAGIC_WHOLE
     assert e.read_range(index, 0, 1, random=True) == data[:1]
     e.drain()
-    assert slot_magic(e, index) == MAGIC and index in e.wids
+    assert slot_magic(e, index) == MAGIC_SPLIT and index in e.wids
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -196,19 +203,19 @@ def test_written_chunks_are_sealed_whole_and_resealed_in_sub_blocks_when_read_at
     for i, d in enumerate(data):
         e.write_chunk(i, d, dirty=False)
     e.sync()
-    assert [slot_magic(e, i) for i in range(4)] == [MAGIC_V1] * 4
+    assert [slot_magic(e, i) for i in range(4)] == [MAGIC_WHOLE] * 4
     assert e.read_range(0, 100, 200) == data[0][100:200]          # part of a sequential read
     assert e.read_range(1, 100, 200, random=True) == data[1][100:200]
     e.drain()
-    assert [slot_magic(e, i) for i in range(2)] == [MAGIC_V1, MAGIC]
+    assert [slot_magic(e, i) for i in range(2)] == [MAGIC_WHOLE, MAGIC_SPLIT]
     assert e.read_chunk(1) == data[1] and e.read_range(1, SUB, 3 * SUB) == data[1][SUB:3 * SUB]
     # written again: sealed whole again
     e.write_chunk(1, data[2], dirty=False)
     e.sync()
-    assert slot_magic(e, 1) == MAGIC_V1 and 1 not in e.wids
+    assert slot_magic(e, 1) == MAGIC_WHOLE and 1 not in e.wids
     assert e.read_range(1, 5, 50, random=True) == data[2][5:50]
     e.drain()
-    assert slot_magic(e, 1) == MAGIC and e.read_chunk(1) == data[2]
+    assert slot_magic(e, 1) == MAGIC_SPLIT and e.read_chunk(1) == data[2]
 
 
 def test_a_random_4k_read_decrypts_one_4k_sub_block(cache, monkeypatch):
@@ -217,8 +224,8 @@ def test_a_random_4k_read_decrypts_one_4k_sub_block(cache, monkeypatch):
     write_split(e, 0, data)
     opened = []
     real = e.sealer.open
-    monkeypatch.setattr(e.sealer, "open", lambda blob, aad: opened.append(len(blob)) or
-                        real(blob, aad))
+    monkeypatch.setattr(e.sealer, "open", lambda blob, aad, form: opened.append(len(blob)) or
+                        real(blob, aad, form))
     assert e.read_range(0, 5 * 4096, 6 * 4096, random=True) == data[5 * 4096:6 * 4096]
     assert opened == [4096 + OVERHEAD]
 
@@ -245,28 +252,30 @@ def test_older_32k_sub_block_slots_still_read(cache, keys, length):
     e.sync()
     write_v2_slot(e, 0, data, keys)
     rescan(e)                                   # what a restart on the new version sees
-    assert e.wids[0][1] == SUB_V2
+    assert e.wids[0][1] == 2                    # the form of 32 KiB GCM sub-blocks
     assert e.read_chunk(0) == data
     for lo, hi in WINDOWS:
         assert e.read_range(0, lo, hi) == data[lo:hi], (lo, hi)
-    # the same bytes claimed as the new form (4 KiB sub-blocks) fail authentication
-    with open(e.data_path, "r+b") as f:
-        f.seek(slot_offset(0))
-        f.write(HEADER.pack(MAGIC, length))
-    rescan(e)
-    with pytest.raises(IntegrityError):
-        e.read_chunk(0)
-    with pytest.raises(IntegrityError):
-        e.read_range(0, 0, 4096)
+    # the same bytes claimed as a form with 4 KiB sub-blocks fail authentication
+    for other in (MAGIC_V3, MAGIC_SPLIT):
+        with open(e.data_path, "r+b") as f:
+            f.seek(slot_offset(0))
+            f.write(HEADER.pack(other, length))
+        rescan(e)
+        with pytest.raises(IntegrityError):
+            e.read_chunk(0)
+        with pytest.raises(IntegrityError):
+            e.read_range(0, 0, 4096)
 
 
 def test_sub_block_aad_names_its_size():
     sealer = Sealer(os.urandom(32))
     bid, wid = os.urandom(16), os.urandom(8)
-    blob = b"".join(sealer.seal_parts(b"x" * 100, sub_aad(bid, 0, 100, 0, wid, SUB_V2)))
-    assert open_subs(sealer, blob, bid, 0, 100, wid, 0, 1, SUB_V2) == b"x" * 100
-    with pytest.raises(IntegrityError):
-        open_subs(sealer, blob, bid, 0, 100, wid, 0, 1, SUB)
+    blob = b"".join(sealer.seal_parts(b"x" * 100, sub_aad(bid, 0, 100, 0, wid, 2)))
+    assert open_subs(sealer, blob, bid, 0, 100, wid, 0, 1, 2) == b"x" * 100
+    for other in (SPLIT_GCM, SPLIT_OCB):
+        with pytest.raises(IntegrityError):
+            open_subs(sealer, blob, bid, 0, 100, wid, 0, 1, other)
 
 
 def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache, monkeypatch):
@@ -280,12 +289,12 @@ def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache, monkeypatch):
     cache.set_dirty(e, True)
     assert e.read_range(0, 0, 10, random=True) == d0[:10]
     e.drain()
-    assert slot_magic(e, 0) == MAGIC_V1 and not e.wids
+    assert slot_magic(e, 0) == MAGIC_WHOLE and not e.wids
     cache.set_dirty(e, False)
     # a write between the read and the re-seal: the read's bytes are not written back
     e._resplit(1, d1, e.writes - 1)
     e.drain()
-    assert slot_magic(e, 1) == MAGIC_V1 and e.read_chunk(1) == d1
+    assert slot_magic(e, 1) == MAGIC_WHOLE and e.read_chunk(1) == d1
     # the entry turns dirty while the chunk is being sealed (outside the entry's lock): the
     # sealed slot is not written
     real = cache_mod.seal_chunk
@@ -296,7 +305,7 @@ def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache, monkeypatch):
     monkeypatch.setattr(cache_mod, "seal_chunk", seal_while_turning_dirty)
     e._resplit(1, d1, e.writes)
     assert e.dirty
-    assert slot_magic(e, 1) == MAGIC_V1 and not e.pending and e.read_chunk(1) == d1
+    assert slot_magic(e, 1) == MAGIC_WHOLE and not e.pending and e.read_chunk(1) == d1
 
 
 def test_slot_is_sealed_in_sub_blocks(cache, keys):
@@ -310,15 +319,19 @@ def test_slot_is_sealed_in_sub_blocks(cache, keys):
         f.seek(slot_offset(0))
         raw = f.read()
     assert len(raw) == SUBS_AT + 3 * SUB_SEALED + 100 + 28
-    assert HEADER.unpack_from(raw) == (MAGIC, length)
+    assert HEADER.unpack_from(raw) == (MAGIC_SPLIT, length)
     wid = raw[HEADER.size:SUBS_AT]
     sealer = keys.sealers(0)[keys.fp(0)]
     sub1 = raw[SUBS_AT + SUB_SEALED:SUBS_AT + 2 * SUB_SEALED]
-    assert sealer.open(sub1, sub_aad(e.bid, 0, length, 1, wid)) == data[SUB:2 * SUB]
-    for aad in (sub_aad(e.bid, 0, length, 2, wid), sub_aad(e.bid, 1, length, 1, wid),
-                sub_aad(e.bid, 0, length + 1, 1, wid), sub_aad(e.bid, 0, length, 1, bytes(8))):
+    f = SPLIT_OCB
+    assert sealer.open(sub1, sub_aad(e.bid, 0, length, 1, wid, f), f) == data[SUB:2 * SUB]
+    for aad in (sub_aad(e.bid, 0, length, 2, wid, f), sub_aad(e.bid, 1, length, 1, wid, f),
+                sub_aad(e.bid, 0, length + 1, 1, wid, f), sub_aad(e.bid, 0, length, 1, bytes(8), f),
+                sub_aad(e.bid, 0, length, 1, wid, SPLIT_GCM)):
         with pytest.raises(IntegrityError):
-            sealer.open(sub1, aad)
+            sealer.open(sub1, aad, f)
+    with pytest.raises(IntegrityError):          # the same associated data, GCM's key
+        sealer.open(sub1, sub_aad(e.bid, 0, length, 1, wid, f), SPLIT_GCM)
 
 
 def corrupt(path: str, pos: int) -> None:
@@ -471,7 +484,7 @@ def test_format1_slots_stay_readable(cache_dir, keys):
         e.write_chunk(3, b"new")
         e.save_state({"dirty": True, "path": "/old", "size": 3 * CHUNK + 3})
         assert e.read_range(3, 0, 10) == b"new" and e.read_range(0, 10, 20) == chunks[0][10:20]
-        assert slot_magic(e, 3) == MAGIC_V1       # written chunks are sealed whole
+        assert slot_magic(e, 3) == MAGIC_WHOLE    # written chunks are sealed whole
         e.close_fd()
     finally:
         c.close()
@@ -490,10 +503,65 @@ def test_format1_slots_stay_readable(cache_dir, keys):
         c.close()
 
 
+def without_ocb(key):
+    raise UnsupportedAlgorithm("no AES-OCB3 in this OpenSSL")
+
+
+def test_gcm_slots_of_older_caches_and_of_an_openssl_without_ocb(cache_dir, keys, monkeypatch):
+    """Where OpenSSL lacks OCB3, chunks are sealed with AES-GCM, whole and in sub-blocks: the
+    forms that caches of format 4 and before hold. Such a cache, opened where OCB3 is there,
+    reads them as they are and seals new chunks with OCB3; a slot sealed with OCB3 is
+    refused, never misread, where OCB3 is missing."""
+    data = {0: os.urandom(CHUNK), 1: os.urandom(5000)}
+    with monkeypatch.context() as mp:
+        mp.setattr(crypto_mod, "AESOCB3", without_ocb)
+        c = make_cache(cache_dir, keys)
+        e = c.new_entry()
+        for i, d in data.items():
+            e.write_chunk(i, d, dirty=False)
+        e.sync()
+        assert e.read_range(1, 0, 1, random=True) == data[1][:1]      # re-sealed in sub-blocks
+        e.drain()
+        assert [slot_magic(e, i) for i in (0, 1)] == [MAGIC_V1, MAGIC_V3]
+        c.set_dirty(e, True)
+        e.save_state({"dirty": True, "path": "/f", "size": CHUNK + 5000})
+        e.close_fd()
+        c.close()
+    with open(os.path.join(cache_dir, "VERSION"), "w") as f:
+        f.write("ssecfs-cache 4\n")
+    c = make_cache(cache_dir, keys)
+    try:
+        with open(os.path.join(cache_dir, "VERSION")) as f:
+            assert f.read() == VERSION_TEXT          # a format 4 ssecfs now refuses it
+        (e, state), = c.recover()[0]
+        assert state["dirty"] and e.present == {0: CHUNK, 1: 5000}
+        assert e.wids[1][1] == SPLIT_GCM
+        for i, d in data.items():
+            assert e.read_chunk(i) == d
+            for lo, hi in WINDOWS:
+                assert e.read_range(i, lo, hi) == d[lo:hi], (i, lo, hi)
+        e.write_chunk(2, b"new")
+        e.sync()
+        assert slot_magic(e, 2) == MAGIC_WHOLE and e.read_chunk(2) == b"new"
+        e.close_fd()
+    finally:
+        c.close()
+    with monkeypatch.context() as mp:
+        mp.setattr(crypto_mod, "AESOCB3", without_ocb)
+        c = make_cache(cache_dir, keys)
+        try:
+            (e, _), = c.recover()[0]
+            assert e.read_chunk(0) == data[0]
+            with pytest.raises(IntegrityError, match="OCB3"):
+                e.read_chunk(2)
+        finally:
+            c.close()
+
+
 def test_unknown_cache_version_refused(cache_dir, keys):
     make_cache(cache_dir, keys).close()
     with open(os.path.join(cache_dir, "VERSION"), "w") as f:
-        f.write("ssecfs-cache 5\n")
+        f.write("ssecfs-cache 6\n")
     with pytest.raises(UserError, match="unknown cache format"):
         make_cache(cache_dir, keys)
 
@@ -771,7 +839,7 @@ def test_write_chunks_seals_a_batch_in_one_job(cache):
         cache._sealers.submit = submit
     assert stored == [0, 1, 3, 4] and len(jobs) == 1
     e.sync()
-    assert not e.pending and all(slot_magic(e, i) == MAGIC_V1 for i in range(5))
+    assert not e.pending and all(slot_magic(e, i) == MAGIC_WHOLE for i in range(5))
     assert [e.read_chunk(i) for i in range(5)] == [fetched[0], fetched[1], mine, fetched[3],
                                                      fetched[4]]
     assert e.write_chunks({7: os.urandom(100)}, dirty=False, only_if=lambda: False) == []

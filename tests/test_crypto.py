@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3
 
-from ssecfs.crypto import (NONCE_LEN, OVERHEAD, TAG_LEN, Sealer, chunk_aad, record_aad)
+from ssecfs import crypto as crypto_mod
+from ssecfs.crypto import (FORMS, NONCE_LEN, OVERHEAD, SPLIT_GCM, SPLIT_OCB, TAG_LEN, WHOLE_GCM,
+                           WHOLE_OCB, Sealer, chunk_aad, open_subs, record_aad, seal_chunk,
+                           sub_aad)
 from ssecfs.errors import IntegrityError
 
 FID = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -103,3 +108,69 @@ def test_repr_hides_key():
     key = os.urandom(32)
     s = Sealer(key)
     assert key.hex() not in repr(s) and "hidden" in repr(s)
+
+
+# ------------------------------------------------------------------ the forms of a chunk
+@pytest.mark.parametrize("form", [WHOLE_GCM, WHOLE_OCB])
+@pytest.mark.parametrize("size", [0, 1, 4096, 128 * 1024])
+def test_whole_chunk_forms_round_trip_and_refuse_tampering(sealer, form, size):
+    data = os.urandom(size)
+    aad = chunk_aad(FID, 3, size, form)
+    blob = b"".join(sealer.seal_parts(data, aad, form=form))
+    assert len(blob) == size + OVERHEAD
+    assert sealer.open(blob, aad, form) == data
+    if size >= 16:
+        assert data not in blob
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 1
+    for b, a in ((bytes(bad), aad), (blob, chunk_aad(FID, 4, size, form))):
+        with pytest.raises(IntegrityError):
+            sealer.open(b, a, form)
+
+
+def test_forms_do_not_open_each_other(sealer):
+    """A slot's header names its form; claiming another (the other cipher, or the same
+    cipher with the other form's associated data) fails authentication."""
+    data = os.urandom(1000)
+    for form, other in ((WHOLE_OCB, WHOLE_GCM), (WHOLE_GCM, WHOLE_OCB)):
+        blob = b"".join(sealer.seal_parts(data, chunk_aad(FID, 0, 1000, form), form=form))
+        for aad_form, cipher_form in ((other, other), (form, other), (other, form)):
+            with pytest.raises(IntegrityError):
+                sealer.open(blob, chunk_aad(FID, 0, 1000, aad_form), cipher_form)
+    assert len({chunk_aad(FID, 0, 1000, f) for f in FORMS}) == len(FORMS)
+    assert len({sub_aad(FID, 0, 1000, 0, b"w" * 8, f) for f in FORMS}) == len(FORMS)
+
+
+@pytest.mark.parametrize("length", [1, 4096, 5000, 128 * 1024])
+def test_split_form_round_trip(sealer, length):
+    data, wid = os.urandom(length), os.urandom(8)
+    blob = b"".join(seal_chunk(sealer, data, FID, 2, wid))
+    assert sealer.split_form == SPLIT_OCB
+    assert open_subs(sealer, blob, FID, 2, length, wid, 0, -(-length // 4096), SPLIT_OCB) == data
+    with pytest.raises(IntegrityError):
+        open_subs(sealer, blob, FID, 2, length, wid, 0, -(-length // 4096), SPLIT_GCM)
+
+
+def test_ocb_key_is_derived_from_the_cache_key():
+    """OCB3 and GCM never use the same AES key (both encrypt the zero block with it)."""
+    key, data = os.urandom(32), os.urandom(100)
+    aad = chunk_aad(FID, 0, 100, WHOLE_OCB)
+    blob = b"".join(Sealer(key).seal_parts(data, aad, form=WHOLE_OCB))
+    with pytest.raises(Exception):
+        AESOCB3(key).decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], aad)
+    with pytest.raises(Exception):
+        AESGCM(key).decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], aad)
+    assert Sealer(key).open(blob, aad, WHOLE_OCB) == data
+
+
+def test_without_ocb_in_openssl_chunks_are_sealed_with_gcm(monkeypatch):
+    def unsupported(key):
+        raise UnsupportedAlgorithm("no AES-OCB3 in this OpenSSL")
+    monkeypatch.setattr(crypto_mod, "AESOCB3", unsupported)
+    sealer = Sealer(os.urandom(32))
+    assert (sealer.whole_form, sealer.split_form) == (WHOLE_GCM, SPLIT_GCM)
+    data, wid = os.urandom(5000), os.urandom(8)
+    blob = b"".join(seal_chunk(sealer, data, FID, 0, wid))
+    assert open_subs(sealer, blob, FID, 0, 5000, wid, 0, 2, SPLIT_GCM) == data
+    with pytest.raises(IntegrityError, match="OCB3"):
+        sealer.open(b"\0" * 100, chunk_aad(FID, 0, 72, WHOLE_OCB), WHOLE_OCB)
