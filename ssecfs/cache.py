@@ -74,9 +74,8 @@ SEALER_THREADS = 2
 MAX_PENDING = 256                    # chunks (32 MiB) of plaintext waiting to be sealed
 SEAL_BATCH = 16                      # a fetcher that waits for room waits for this much
 VERSION_TEXT = "ssecfs-cache 5\n"
-OLD_VERSION_TEXTS = ("ssecfs-cache 1\n", "ssecfs-cache 2\n", "ssecfs-cache 3\n",  # read;
-                     "ssecfs-cache 4\n")
-                                                                     # VERSION rewritten
+OLD_VERSION_TEXTS = ("ssecfs-cache 1\n", "ssecfs-cache 2\n", "ssecfs-cache 3\n",
+                     "ssecfs-cache 4\n")              # opened as they are; VERSION rewritten
 RSLOT = 64 * 1024               # one record slot (a record is a few hundred bytes: sparse)
 BASE = 2 * RSLOT                # where a format 3 entry's chunk slots start
 RHEADER = struct.Struct(">4s24sQI")   # magic, key fingerprint, sequence, sealed length

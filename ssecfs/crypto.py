@@ -15,8 +15,8 @@ sealed with GCM as before (forms 1 and 3), and slots sealed with OCB cannot be r
 A cache chunk (up to 128 KiB) is sealed as one blob, or (a chunk read at random, see
 cache.py) as consecutive sub-blocks of SUB (4 KiB) bytes, each its own blob, so that a 4 KiB
 read decrypts 4 KiB, not 128 (older caches' 32 KiB sub-blocks are still read). A sub-block's
-associated data names the sub-block size's format, the chunk's length and the sub-block's
-number: sub-blocks cannot be swapped, moved or dropped; it also names a random id of the
+associated data names its form (cipher and sub-block size), the chunk's length and the
+sub-block's number: sub-blocks cannot be swapped, moved or dropped; it also names a random id of the
 write that sealed the chunk (kept in the slot's header), so sub-blocks of two writes of the
 chunk (a slot torn by a crash in the middle of a rewrite) cannot be mixed either.
 """
