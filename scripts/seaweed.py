@@ -47,6 +47,20 @@ def weed_binary() -> str:
     return found
 
 
+def s3_client(endpoint: str, config=None, verify=None):
+    """A boto3 S3 client for a SeaweedFS started here (its credentials, path-style, and CRC32
+    checksums only where required: see SeaweedFS.client)."""
+    import boto3
+    from botocore.config import Config
+    cfg = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                 response_checksum_validation="when_required")
+    if config is not None:
+        cfg = cfg.merge(config)
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
+                        aws_secret_access_key=SECRET_KEY, region_name="us-east-1", config=cfg,
+                        verify=verify)
+
+
 class SeaweedFS:
     def __init__(self, data_dir: str, s3_port: int | None = None, https: tuple | None = None,
                  extra_args: list[str] | tuple = ()):
@@ -128,15 +142,7 @@ class SeaweedFS:
             r.read()
 
     def client(self, config=None, endpoint: str | None = None, verify=None):
-        import boto3
-        from botocore.config import Config
-        cfg = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
-                     response_checksum_validation="when_required")
-        if config is not None:
-            cfg = cfg.merge(config)
-        return boto3.client("s3", endpoint_url=endpoint or self.endpoint,
-                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                            region_name="us-east-1", config=cfg, verify=verify)
+        return s3_client(endpoint or self.endpoint, config, verify)
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
