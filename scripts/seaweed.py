@@ -48,8 +48,9 @@ def weed_binary() -> str:
 
 
 def s3_client(endpoint: str, config=None, verify=None):
-    """A boto3 S3 client for a SeaweedFS started here (its credentials, path-style, and CRC32
-    checksums only where required: see SeaweedFS.client)."""
+    """A boto3 S3 client for a SeaweedFS started here: its credentials, path-style, and CRC32
+    checksums only where an operation requires them (SeaweedFS refuses botocore's default
+    streaming checksum trailer over https; it also costs a CRC32 of every byte sent)."""
     import boto3
     from botocore.config import Config
     cfg = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
