@@ -6,30 +6,31 @@ Each check yields (status, message) with status OK, WARN or FAIL; exit 0 only wi
 from __future__ import annotations
 
 import os
-import urllib.parse
 
 from .errors import PermissionDenied, SsecfsError, UserError
 from .keys import Key, KeyRing
-from .s3store import SSEC_BLOCKED_HINT, is_loopback
+from .s3store import SSEC_BLOCKED_HINT, Transport, is_loopback
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MAX_SKEW = 300.0
 
 
-def check_transport(endpoint_url: str | None):
-    if not endpoint_url:
-        return OK, "transport: https to AWS"
-    u = urllib.parse.urlsplit(endpoint_url)
-    if u.scheme == "https":
-        return OK, f"transport: https to {u.hostname}"
-    if is_loopback(u.hostname or ""):
-        return WARN, f"transport: plain http to loopback {u.hostname} (keys never leave this host)"
-    return FAIL, f"transport: plain http to {u.hostname}: keys would cross the network in clear"
+def check_transport(t: Transport):
+    """The endpoint and proxy the store's requests use, as resolved (resolve_transport)."""
+    if t.scheme == "https":
+        via = (f", through proxy {t.proxy_shown()} (a CONNECT tunnel: the proxy sees only TLS)"
+               if t.proxy else "")
+        return OK, f"transport: https to {t.host} ({t.where}){via}"
+    if is_loopback(t.host):
+        return WARN, (f"transport: plain http to loopback {t.host} ({t.where}; keys never "
+                      "leave this host, no proxy is used)")
+    return FAIL, (f"transport: plain http to {t.host} ({t.where}): keys would cross the "
+                  "network in clear")
 
 
 def run_checks(store, prefix: str, sample: int = 20):
     """Yields (status, message). `store` is an S3Store."""
-    yield check_transport(store.endpoint_url)
+    yield check_transport(store.transport)
     try:
         store.check_bucket()
     except UserError as e:

@@ -18,11 +18,14 @@ import os
 import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import boto3
+import botocore.configprovider
 import botocore.exceptions
 import botocore.httpsession
+import botocore.session
+import botocore.utils
 from botocore.config import Config
 from cachetools import LRUCache
 
@@ -60,17 +63,163 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_endpoint(url: str | None) -> None:
-    """Refuse to send keys over plain HTTP to anything but loopback."""
+def check_endpoint(url: str | None,
+                   source: str = "--endpoint-url") -> urllib.parse.SplitResult | None:
+    """The plain-http rule: keys never cross the network in clear, so http:// is allowed to
+    loopback only. `source` names where the URL came from, for the one-line refusal."""
     if not url:
-        return
+        return None
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"bad endpoint URL {url!r}: expected http(s)://host[:port]", 2)
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
+    try:
+        host = parts.hostname
+        parts.port                               # noqa: B018 - raises on a bad port
+    except ValueError:
+        host = None
+    if parts.scheme not in ("http", "https") or not host:
+        raise UserError(f"bad endpoint URL {url!r} (from {source}): expected "
+                        "http(s)://host[:port]", 2)
+    if parts.scheme == "http" and not is_loopback(host):
         raise UserError(
-            f"refusing plain http:// to {parts.hostname}: SSE-C keys would cross the network "
-            "unencrypted; use https://", EXIT_SECURITY)
+            f"refusing plain http:// to {host} (from {source}): SSE-C keys would cross the "
+            "network unencrypted; use https://", EXIT_SECURITY)
+    return parts
+
+
+AWS_DEFAULT = "the AWS default endpoint"
+
+
+@dataclass(frozen=True)
+class Transport:
+    """Where every request of the store goes, resolved once (resolve_transport) from the chain
+    botocore itself reads, and handed whole to whatever sends the requests."""
+    url: str                  # as the S3 client is given it (path-style requests below it)
+    scheme: str               # "https", or "http" (loopback only)
+    host: str
+    port: int
+    source: str               # "--endpoint-url", "AWS_ENDPOINT_URL_S3", a profile..., AWS_DEFAULT
+    custom: bool              # an endpoint other than AWS's own: path-style requests
+    region: str
+    proxy: str | None = None  # the proxy requests go through (https only: a CONNECT tunnel)
+    ca_bundle: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"from {self.source}" if self.custom else self.source
+
+    def botocore_proxies(self) -> dict:
+        # Both schemes named: botocore reads the environment's proxies only when the client's
+        # `proxies` is None, and an entry set to None sends that scheme directly.
+        return {"http": None, "https": self.proxy if self.scheme == "https" else None}
+
+    def proxy_shown(self) -> str | None:
+        """The proxy URL without its user name and password (for messages and logs)."""
+        return botocore.httpsession.mask_proxy_url(self.proxy) if self.proxy else None
+
+
+def _session(profile: str | None) -> botocore.session.Session:
+    bs = botocore.session.Session()
+    if profile:
+        bs.set_config_variable("profile", profile)
+    return bs
+
+
+def _config_errors(fn, *args, **kw):
+    """Call fn, turning a broken AWS configuration into one line and an exit code."""
+    try:
+        return fn(*args, **kw)
+    except botocore.exceptions.ProfileNotFound as e:
+        raise UserError(f"AWS profile {e.kwargs.get('profile')!r} not found", EXIT_STORE) from None
+    except (botocore.exceptions.InvalidConfigError, botocore.exceptions.ConfigParseError) as e:
+        raise UserError(f"AWS configuration: {e}", EXIT_STORE) from None
+    except botocore.exceptions.InvalidRegionError as e:
+        raise UserError(str(e), 2) from None
+
+
+def _endpoint_sources(bs: botocore.session.Session):
+    """(name, URL) of each place botocore takes an S3 endpoint from, in its order
+    (botocore.configprovider.ConfiguredEndpointProvider); used to name the source only."""
+    yield "AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL_S3")
+    yield "AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT_URL")
+    scoped = bs.get_scoped_config()
+    profile = bs.get_config_variable("profile") or "default"
+    in_file = os.path.expanduser(str(bs.get_config_variable("config_file")))
+    section = scoped.get("services")
+    if section:
+        s3 = bs.full_config.get("services", {}).get(section, {}).get("s3")
+        yield (f"[services {section}] of profile {profile!r} in {in_file}",
+               s3.get("endpoint_url") if isinstance(s3, dict) else None)
+    yield f"endpoint_url of profile {profile!r} in {in_file}", scoped.get("endpoint_url")
+
+
+def _configured_endpoint(bs: botocore.session.Session) -> tuple[str | None, str]:
+    """The endpoint botocore's own chain gives an S3 client made without endpoint_url, and
+    where it came from."""
+    if bs.get_config_variable("ignore_configured_endpoint_urls"):
+        return None, AWS_DEFAULT
+    url = botocore.configprovider.ConfiguredEndpointProvider(
+        full_config=bs.full_config, scoped_config=bs.get_scoped_config(),
+        client_name="s3").provide()
+    if not url:
+        return None, AWS_DEFAULT
+    # A source botocore reads but this list does not know still gets the rule, under a
+    # general name.
+    name = next((n for n, v in _endpoint_sources(bs) if v == url), "the AWS configuration")
+    return url, name
+
+
+def _aws_endpoint(bs: botocore.session.Session, region: str) -> str:
+    """AWS's own endpoint for the region, as an S3 client made by the store would use it.
+    Making a client connects nowhere; the placeholder credentials keep botocore from looking
+    for real ones (which may ask the instance metadata service)."""
+    # The region goes in the Config, as S3Store gives it: botocore picks the legacy global
+    # endpoint for us-east-1 when it comes as create_client's argument instead.
+    client = bs.create_client(
+        "s3", aws_access_key_id="resolve", aws_secret_access_key="resolve",
+        config=Config(region_name=region, ignore_configured_endpoint_urls=True,
+                      signature_version="s3v4", s3={"addressing_style": "auto"}))
+    try:
+        return client.meta.endpoint_url
+    finally:
+        client.close()
+
+
+def _proxy_for(url: str, scheme: str) -> str | None:
+    """The proxy botocore would take from the environment (HTTPS_PROXY, NO_PROXY...) for an
+    https endpoint. Plain http (loopback only) never goes through a proxy: the proxy would
+    read the keys."""
+    if scheme != "https":
+        return None
+    proxies = botocore.utils.get_environ_proxies(url)
+    return botocore.httpsession.ProxyConfiguration(proxies=proxies).proxy_url_for(url) or None
+
+
+def resolve_transport(endpoint_url: str | None = None, *, profile: str | None = None,
+                      region: str | None = None, ca_bundle: str | None = None,
+                      session: botocore.session.Session | None = None) -> Transport:
+    """Where the store's requests will go, from --endpoint-url or else the configuration
+    botocore reads (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's `services` section,
+    the profile's endpoint_url; AWS_IGNORE_CONFIGURED_ENDPOINT_URLS turns those off). Refuses
+    plain http to anything but loopback (UserError, EXIT_SECURITY) before any connection."""
+    bs = session or _session(profile)
+    return _config_errors(_resolve, bs, endpoint_url, region, ca_bundle)
+
+
+def _resolve(bs, endpoint_url, region, ca_bundle) -> Transport:
+    if endpoint_url:
+        url, source = endpoint_url, "--endpoint-url"
+    else:
+        url, source = _configured_endpoint(bs)
+    parts = check_endpoint(url, source)          # first: nothing else is looked up for it
+    region = region or bs.get_config_variable("region") or "us-east-1"
+    custom = parts is not None
+    if not custom:
+        url = _aws_endpoint(bs, region)
+        parts = check_endpoint(url, source)
+    return Transport(url=url, scheme=parts.scheme, host=parts.hostname,
+                     port=parts.port or (443 if parts.scheme == "https" else 80),
+                     source=source, custom=custom, region=region,
+                     proxy=_proxy_for(url, parts.scheme),
+                     ca_bundle=ca_bundle or bs.get_config_variable("ca_bundle"))
 
 
 def _http_date(value: str | None) -> float | None:
@@ -106,18 +255,20 @@ class S3Store:
                  region: str | None = None, profile: str | None = None,
                  ca_bundle: str | None = None, workers: int = 8,
                  max_attempts: int = 5, connect_timeout: float = 5, read_timeout: float = 60):
-        check_endpoint(endpoint_url)
+        bs = _session(profile)
+        # Resolved once; the client below is given exactly this endpoint and these proxies.
+        self.transport = t = resolve_transport(endpoint_url, region=region, ca_bundle=ca_bundle,
+                                               session=bs)
         self.bucket = bucket
         self.ring = ring
-        self.endpoint_url = endpoint_url
-        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        self.endpoint_url = t.url if t.custom else None
         cfg = Config(
-            region_name=region or session.region_name or "us-east-1",
+            region_name=t.region,
             # payload_signing_enabled=False: no SHA-256 of every uploaded byte for SigV4
             # (UNSIGNED-PAYLOAD). botocore already does this over https when a checksum is
             # sent; integrity in transit comes from TLS, and plain http is only allowed to
             # loopback (check_endpoint).
-            s3={"addressing_style": "path" if endpoint_url else "auto",
+            s3={"addressing_style": "path" if t.custom else "auto",
                 "payload_signing_enabled": False},
             signature_version="s3v4",
             request_checksum_calculation="when_required",
@@ -126,26 +277,38 @@ class S3Store:
             max_pool_connections=max(16, workers * 2 + 4),
             connect_timeout=connect_timeout, read_timeout=read_timeout,
             tcp_keepalive=True,
+            # the endpoint is t.url or AWS's own, never one botocore finds on its own
+            ignore_configured_endpoint_urls=True,
+            proxies=t.botocore_proxies(),
+            # an https proxy must tunnel (CONNECT), never receive the requests themselves
+            proxies_config={"proxy_use_forwarding_for_https": False},
         )
-        self.client = session.client("s3", endpoint_url=endpoint_url, config=cfg,
-                                     verify=ca_bundle if ca_bundle else None)
-        self.raw = self._make_raw(session, cfg, ca_bundle, connect_timeout, read_timeout)
+        session = boto3.session.Session(botocore_session=bs)
+        self.client = session.client("s3", endpoint_url=self.endpoint_url, config=cfg,
+                                     verify=t.ca_bundle or None)
+        if self.client.meta.endpoint_url != t.url:
+            raise UserError(f"the S3 client resolved {self.client.meta.endpoint_url}, not "
+                            f"{t.url} ({t.where}): refusing to guess", EXIT_SECURITY)
+        log.info("endpoint %s (%s)%s", t.url, t.where,
+                 f" through proxy {t.proxy_shown()}" if t.proxy else "")
+        self.raw = self._make_raw(bs, cfg, connect_timeout, read_timeout)
         self._key_hint: LRUCache = LRUCache(maxsize=100_000)
         self._hint_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3part")
         self._upc_unsupported = False
 
-    def _make_raw(self, session, cfg, ca_bundle, connect_timeout, read_timeout) -> RawS3 | None:
+    def _make_raw(self, session, cfg, connect_timeout, read_timeout) -> RawS3 | None:
         """The lean path for HEAD and small GETs (s3raw), where it applies: a path-style
-        endpoint, credentials, no HTTP(S) proxy (botocore handles those)."""
-        if not self.endpoint_url or any(os.environ.get(v) for v in (
-                "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "SSECFS_NO_RAW")):
+        endpoint reached directly (it cannot tunnel through a proxy: botocore carries every
+        request when one applies), and credentials."""
+        t = self.transport
+        if not t.custom or t.proxy or os.environ.get("SSECFS_NO_RAW"):
             return None
         creds = session.get_credentials()
         if creds is None:
             return None
-        ca = ca_bundle or botocore.httpsession.get_cert_path(True)
-        return RawS3(self.endpoint_url, self.bucket, cfg.region_name, creds, ca,
+        ca = t.ca_bundle or botocore.httpsession.get_cert_path(True)
+        return RawS3(t.url, self.bucket, t.region, creds, ca,
                      connect_timeout, read_timeout, maxsize=max(cfg.max_pool_connections, 48))
 
     def _raw(self, op: str, method: str, key: str, headers: dict, body: bytes | None = None,
