@@ -3,8 +3,11 @@ that answer lookups without a request (attributes, directory listings, HEAD answ
 readdir HEAD prefetch). A mixin of fs.Filesystem (same object, same locks: see the lock order
 in fs.py); split out to keep modules small.
 
-Metadata (s3fs-compatible): mode, uid, gid, mtime, ctime as decimal strings. An object
-without them (put by another tool) gets the mount's owner, mode 0644 and its Last-Modified.
+Metadata (s3fs-compatible): mode, uid, gid, mtime, ctime as decimal strings. It is believed
+only of objects a key of the ring opens (`_meta_of`): anyone who may write to the bucket can
+store an object without SSE-C, or under another key, with any metadata. What an object lacks,
+or may not claim, is the mount's default (FsConfig uid, gid, file_mode, dir_mode) and its
+Last-Modified; the root and directories without a marker get the defaults too.
 
 Consistency: every cache here lives for the attribute timeout at most, and every change made
 through this mount updates or voids what it touches. `_seq` counts our changes: a lookup's
@@ -25,9 +28,10 @@ from dataclasses import dataclass, replace
 
 from cachetools import LRUCache, TTLCache
 
+from .config import ID_MAX
 from .dirindex import HEAL_MIN, INDEX_NAME, DirIndexes
 from .errors import KeyMismatch, NotFound, PermissionDenied
-from .store import ObjectInfo
+from .store import OPEN, ObjectInfo
 
 log = logging.getLogger("ssecfs.fs")
 
@@ -152,25 +156,66 @@ class AttrOps:
         self._head_pool = ThreadPoolExecutor(max_workers=HEAD_WORKERS, thread_name_prefix="head")
         # Per-directory attribute indexes (dirindex.py): a cold `ls -l` without a HEAD per file.
         self._use_index = config.dir_index
-        self.dirindex = DirIndexes(self.store, self._attr_of_info, self._head_pool,
+        self.dirindex = DirIndexes(self.store, self._index_attr_of, self._head_pool,
                                    writable=config.dir_index and not config.read_only)
 
     def _default_meta(self, mode: int) -> dict:
         t = _now()
         return {"mode": mode, "uid": self.uid, "gid": self.gid, "mtime": t, "ctime": t}
 
-    def _meta_from(self, md: dict, default_mode: int, fallback_time: float) -> dict:
-        def num(name, default, conv=int):
+    def _default_mode(self, kind: int) -> int:
+        """The mode of what carries none we trust: kind is stat.S_IFREG or stat.S_IFDIR."""
+        return kind | (self.dir_mode if kind == stat.S_IFDIR else self.file_mode)
+
+    @staticmethod
+    def _own_meta(info: ObjectInfo, kind: int) -> dict:
+        """The attributes an object's metadata sets, each only if well-formed, and none of an
+        object that no key of the ring opens (plaintext, or another key: anyone with write
+        access to the bucket can make such objects, e.g. a directory marker owned by an
+        accomplice, mode 0777, or a file mode 04755 owned by root; nothing vouches for them).
+        kind (stat.S_IFREG or stat.S_IFDIR): the type of a mode without one."""
+        if info.access != OPEN:
+            return {}
+        md = info.metadata
+        own = {}
+        for name, conv in (("mode", int), ("uid", int), ("gid", int), ("mtime", float),
+                           ("ctime", float)):
             try:
-                return conv(md[name])
+                own[name] = conv(md[name])
             except (KeyError, ValueError, TypeError):
-                return default
-        mode = num("mode", default_mode)
-        if stat.S_IFMT(mode) == 0:
-            mode |= stat.S_IFMT(default_mode)
-        mtime = num("mtime", fallback_time, float)
-        return {"mode": mode, "uid": num("uid", self.uid), "gid": num("gid", self.gid),
-                "mtime": mtime, "ctime": num("ctime", mtime, float)}
+                pass
+        if not 0 <= own.get("mode", 0) <= 0o177777:
+            del own["mode"]
+        elif "mode" in own and stat.S_IFMT(own["mode"]) == 0:
+            own["mode"] |= kind
+        for name in ("uid", "gid"):
+            if not 0 <= own.get(name, 0) <= ID_MAX:
+                del own[name]
+        return own
+
+    def _meta_of(self, info: ObjectInfo, kind: int) -> dict:
+        """mode, uid, gid, mtime, ctime of an object: what its metadata sets (_own_meta),
+        the rest the mount's defaults and the object's Last-Modified (set by the server)."""
+        own = self._own_meta(info, kind)
+        mtime = own.get("mtime", info.mtime)
+        return {"mode": own.get("mode", self._default_mode(kind)),
+                "uid": own.get("uid", self.uid), "gid": own.get("gid", self.gid),
+                "mtime": mtime, "ctime": own.get("ctime", mtime)}
+
+    def _index_attr_of(self, info: ObjectInfo) -> Attr:
+        """An object's attributes as a directory index keeps them: mode, uid and gid -1 where
+        the object sets none (each mount that reads the index applies its own defaults)."""
+        own = self._own_meta(info, stat.S_IFREG)
+        mtime = own.get("mtime", info.mtime)
+        return Attr(mode=own.get("mode", -1), size=info.size, mtime=mtime,
+                    ctime=own.get("ctime", mtime), uid=own.get("uid", -1),
+                    gid=own.get("gid", -1))
+
+    def _attr_of_entry(self, e) -> Attr:
+        """The attributes of a file from an index entry (dirindex.Entry; -1: our default)."""
+        return Attr(e.mode if e.mode != -1 else self._default_mode(stat.S_IFREG), e.size,
+                    e.mtime, e.ctime, e.uid if e.uid != -1 else self.uid,
+                    e.gid if e.gid != -1 else self.gid)
 
     @staticmethod
     def _meta_headers(meta: dict) -> dict:
@@ -209,11 +254,10 @@ class AttrOps:
         i = key.rfind("/")
         return key[:i + 1], key[i + 1:]
 
-    def _observe(self, key: str, info: ObjectInfo, attr: Attr) -> None:
-        """One answer of the server about key (and the attributes read from it): material
-        for its directory's index."""
+    def _observe(self, key: str, info: ObjectInfo) -> None:
+        """One answer of the server about key: material for its directory's index."""
         if self._use_index:
-            self.dirindex.observe(*self._dkey_name(key), info, attr)
+            self.dirindex.observe(*self._dkey_name(key), info)
 
     def _seed_from_index(self, idx: dict, batch: list, seq0: int) -> int:
         """Attributes of listed files from their directory's index or the answers this mount
@@ -224,7 +268,7 @@ class AttrOps:
         for path, key, o in batch:
             e = idx.get(self._dkey_name(key)[1])
             if e is not None and e.matches(o):
-                seeds.append((path, Attr(e.mode, e.size, e.mtime, e.ctime, e.uid, e.gid)))
+                seeds.append((path, self._attr_of_entry(e)))
         unseeded = len(batch)
         with self._attr_lock:
             for path, a in seeds:
@@ -237,7 +281,7 @@ class AttrOps:
 
     def getattr(self, path: str) -> Attr:
         if path == "/":
-            return Attr(mode=stat.S_IFDIR | 0o755, size=0, mtime=self.mount_time,
+            return Attr(mode=self._default_mode(stat.S_IFDIR), size=0, mtime=self.mount_time,
                         ctime=self.mount_time, uid=self.uid, gid=self.gid, nlink=2)
         if path.endswith("/" + INDEX_NAME):
             raise NotFound(path)             # reserved for the directory index (hidden)
@@ -540,7 +584,7 @@ class AttrOps:
         try:
             info = self.store.head(key)
             attr = self._attr_of_info(info)
-            self._observe(key, info, attr)      # kept before a getattr can see the answer
+            self._observe(key, info)            # kept before a getattr can see the answer
             self._cache_attr(path, attr, seq0, info)
         except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
             pass
@@ -553,7 +597,7 @@ class AttrOps:
         try:
             info = self._head_keep_start(path, key)
             attr = self._attr_of_info(info)
-            self._observe(key, info, attr)
+            self._observe(key, info)
             with self._attr_lock:
                 if not self._changes.changed_since(path, seq0):
                     self._infos[path] = info
@@ -585,7 +629,7 @@ class AttrOps:
         return got[1] if got is not None and got[0] == etag else None
 
     def _attr_of_info(self, info: ObjectInfo) -> Attr:
-        m = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)
+        m = self._meta_of(info, stat.S_IFREG)
         return Attr(mode=m["mode"], size=info.size, mtime=m["mtime"], ctime=m["ctime"],
                     uid=m["uid"], gid=m["gid"])
 
@@ -601,15 +645,15 @@ class AttrOps:
             if page.objects and page.objects[0].key == dkey:
                 try:
                     info = self.store.head(dkey)
-                    m = self._meta_from(info.metadata, stat.S_IFDIR | 0o755, info.mtime)
+                    m = self._meta_of(info, stat.S_IFDIR)
                     if stat.S_ISDIR(m["mode"]):
                         return Attr(m["mode"], 0, m["mtime"], m["ctime"], m["uid"], m["gid"], 2)
                 except (NotFound, KeyMismatch, PermissionDenied):
                     pass
             t = page.objects[0].mtime if page.objects else self.mount_time
-            return Attr(stat.S_IFDIR | 0o755, 0, t, t, self.uid, self.gid, 2)
+            return Attr(self._default_mode(stat.S_IFDIR), 0, t, t, self.uid, self.gid, 2)
         if self._has_pending_under(path):
-            return Attr(stat.S_IFDIR | 0o755, 0, self.mount_time, self.mount_time,
+            return Attr(self._default_mode(stat.S_IFDIR), 0, self.mount_time, self.mount_time,
                         self.uid, self.gid, 2)
         raise NotFound(path)
 

@@ -23,6 +23,9 @@ class StoreConfig:
             raise UserError(f"invalid bucket name {b!r} (3-63 characters: letters, digits, - . _)", 2)
 
 
+ID_MAX = 0xFFFFFFFE          # (uid_t) -1 means "no change" to chown(2): never an owner
+
+
 @dataclass(frozen=True)
 class FsConfig:
     prefix: str = ""                 # "" or ends with "/"
@@ -32,12 +35,26 @@ class FsConfig:
     upload_workers: int = 8
     fsync_timeout: float = 0.0       # 0: wait until durable, however long
     dir_index: bool = True           # read and write per-directory attribute indexes
+    # Owner and permission bits of what carries no attributes we can trust: objects without
+    # ssecfs metadata or that no key of the ring opens, the root, directories without a
+    # marker (attrs.AttrOps._meta_of). None: the mounting process's uid / gid.
     uid: int | None = None
     gid: int | None = None
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
 
     def __post_init__(self):
         if self.prefix and (not self.prefix.endswith("/") or self.prefix.startswith("/")):
             raise UserError(f"invalid prefix {self.prefix!r}", 2)
+        for name in ("uid", "gid"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and 0 <= v <= ID_MAX):
+                raise UserError(f"--{name} must be a number from 0 to {ID_MAX}", 2)
+        for name in ("file_mode", "dir_mode"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and 0 <= v <= 0o777):
+                raise UserError(f"--{name.replace('_', '-')} must be permission bits "
+                                "from 000 to 777 (octal)", 2)
         if self.upload_workers < 1:
             raise UserError("--upload-workers must be at least 1", 2)
         if self.writeback_delay < 0 or self.attr_timeout < 0 or self.fsync_timeout < 0:
@@ -83,3 +100,22 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise UserError(f"invalid size {text!r}: must be positive", 2)
     return int(value)
+
+
+def parse_id(text: str, option: str) -> int:
+    """'1000' -> 1000: a numeric user or group id, as mount(8) options give them."""
+    t = text.strip()
+    if not t.isdigit() or int(t) > ID_MAX:
+        hint = "getent group NAME" if "gid" in option else "id -u NAME"
+        raise UserError(f"invalid {option} {text!r}: a numeric id from 0 to {ID_MAX} "
+                        f"(`{hint}` tells it)", 2)
+    return int(t)
+
+
+def parse_mode(text: str, option: str) -> int:
+    """'0640', '640' -> 0o640: permission bits in octal (no set-id or sticky bits)."""
+    t = text.strip()
+    if not t or any(c not in "01234567" for c in t) or int(t, 8) > 0o777:
+        raise UserError(f"invalid {option} {text!r}: permission bits in octal, from 000 to "
+                        "777 (e.g. 0640)", 2)
+    return int(t, 8)

@@ -5,8 +5,11 @@ A file's mode, owner and times live in its object's metadata, which only a HEAD 
 the key returns; a listing gives key, size, ETag and Last-Modified. The index is one object
 per directory, `DIR/.ssecfs-index` (SSE-C like every object), mapping each file's name to
 the attributes last seen for it together with the ETag, size and Last-Modified of the version
-they were seen on. A listed file whose ETag, size and Last-Modified equal its entry's gets the
-entry's attributes; any other file is asked with a HEAD, as without an index.
+they were seen on: those its metadata sets, -1 for a mode, uid or gid it does not set (each
+mount that reads the index applies its own defaults there: FsConfig file_mode, uid, gid).
+Only answers about objects a key of the ring opens make entries. A listed file whose ETag,
+size and Last-Modified equal its entry's gets the entry's attributes; any other file is asked
+with a HEAD, as without an index.
 
 Why that match is sound: an entry is made from ONE answer of the server (a HEAD or GET), so
 its attributes belong to the version with that ETag and Last-Modified. Another version with
@@ -37,6 +40,7 @@ from typing import Callable
 
 from cachetools import LRUCache
 
+from .config import ID_MAX
 from .errors import KeyMismatch, NotFound, PermissionDenied
 from .store import OPEN, ListedObject, ObjectInfo, Store
 
@@ -61,9 +65,9 @@ class Entry:
     etag: str
     lm: int              # Last-Modified of the version, whole seconds
     size: int
-    mode: int
-    uid: int
-    gid: int
+    mode: int            # -1: not in the object's metadata (the reading mount's default)
+    uid: int             # -1: likewise
+    gid: int             # -1: likewise
     mtime: float
     ctime: float
     seen: int            # server date of the answer the attributes come from, whole seconds
@@ -104,7 +108,9 @@ def decode(data: bytes) -> dict[str, Entry]:
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in
                         (row[1], row[2], row[3], row[4], row[5], row[8]))
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                        for v in (row[6], row[7]))):
+                        for v in (row[6], row[7]))
+                and -1 <= row[3] <= 0o177777 and -1 <= row[4] <= ID_MAX
+                and -1 <= row[5] <= ID_MAX):
             raise ValueError(f"bad entry for {name!r}")
         out[name] = Entry(row[0], row[1], row[2], row[3], row[4], row[5], float(row[6]),
                           float(row[7]), row[8])
@@ -132,8 +138,9 @@ class _Observations(LRUCache):
 class DirIndexes:
     """Observations per directory, loading indexes for listings, and the background builder.
 
-    store: the object store; attr_of(info) -> Attr reads a HEAD answer as the filesystem does;
-    writable: False on a read-only mount (indexes are read, never written)."""
+    store: the object store; attr_of(info) -> Attr: a HEAD answer's attributes as an entry
+    keeps them (-1 for what the object does not set); writable: False on a read-only mount
+    (indexes are read, never written)."""
 
     def __init__(self, store: Store, attr_of: Callable, head_pool: ThreadPoolExecutor,
                  writable: bool):
@@ -160,12 +167,12 @@ class DirIndexes:
         self._thread: threading.Thread | None = None
 
     # -- what the filesystem tells us -----------------------------------------------------
-    def observe(self, dkey: str, name: str, info: ObjectInfo, attr=None) -> Entry | None:
-        """One answer of the server about a file; attr: what the filesystem read from it
-        (read here if not given). Returns the entry it makes, if it can make one."""
+    def observe(self, dkey: str, name: str, info: ObjectInfo) -> Entry | None:
+        """One answer of the server about a file. Returns the entry it makes, if it can make
+        one (never of an object no key of the ring opens: its metadata is no one's word)."""
         if info.access != OPEN or info.observed is None:
             return None
-        e = entry_of(info, attr if attr is not None else self.attr_of(info))
+        e = entry_of(info, self.attr_of(info))
         if e is None:
             return None
         with self._lock:

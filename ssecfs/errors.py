@@ -50,6 +50,10 @@ class PermissionDenied(SsecfsError):
     pass
 
 
+class NotPermitted(PermissionDenied):
+    """An operation only the owner (or root) may do: EPERM, where PermissionDenied is EACCES."""
+
+
 class KeyMismatch(SsecfsError):
     """No key of the ring opens this object (wrong key, or a plaintext object we refuse)."""
 

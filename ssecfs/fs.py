@@ -121,8 +121,11 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         self.cache = cache
         self.cfg = config
         self.prefix = config.prefix
+        # the defaults of what carries no trusted attributes (attrs.AttrOps._meta_of)
         self.uid = config.uid if config.uid is not None else os.getuid()
         self.gid = config.gid if config.gid is not None else os.getgid()
+        self.file_mode = config.file_mode
+        self.dir_mode = config.dir_mode
         self._ns_lock = threading.RLock()
         self._files_lock = threading.Lock()
         self._files: dict[str, FileState] = {}
@@ -194,6 +197,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         return st
 
     def create(self, path: str, mode: int, uid: int | None = None, gid: int | None = None) -> int:
+        """uid, gid: the creating process's (the FUSE request's; None: the mount's defaults)."""
         self._check_writable()
         with self._ns_lock:
             old = self._state(path)
@@ -202,9 +206,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                 fh = self.open(path, os.O_RDWR)
                 self.truncate(path, 0, fh)
                 return fh
-            meta = self._default_meta(stat.S_IFREG | (mode & 0o7777))
-            if uid is not None:
-                meta["uid"], meta["gid"] = uid, gid
+            meta = self._new_meta(path, stat.S_IFREG | (mode & 0o7777), uid, gid)
             st = FileState(path, self.key_of(path), meta)
             st.opens = st.writers = 1
             st.generation = st.data_generation = 1
@@ -264,7 +266,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         if info.access == PLAINTEXT:
             log.warning("%s: object is stored without SSE-C (plaintext); refused", path)
             raise KeyMismatch(path)
-        m = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)
+        m = self._meta_of(info, stat.S_IFREG)
         if stat.S_ISDIR(m["mode"]):
             raise IsADirectory(path)
         st = FileState(path, key, m, info.size, Remote(key, info.etag, info.size, info.key_fp))

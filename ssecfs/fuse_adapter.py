@@ -20,11 +20,13 @@ from fuse import FuseOSError, Operations, fuse_get_context
 from . import errors as E
 from .attrs import Attr
 from .fs import Filesystem
+from .namespace import Caller
 from .threadstates import ThreadStatePins
 
 log = logging.getLogger("ssecfs.fuse")
 
 ERRNO_TABLE: dict[type, int] = {
+    E.NotPermitted: errno.EPERM,
     E.NotFound: errno.ENOENT,
     E.Exists: errno.EEXIST,
     E.NotEmpty: errno.ENOTEMPTY,
@@ -56,6 +58,25 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO
+
+
+def groups_of(pid: int) -> frozenset:
+    """The supplementary groups of a process (thread), as libfuse's fuse_getgroups reads
+    them; none if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
+def caller() -> Caller:
+    """Who sent the request being served (chown and chmod rules depend on it)."""
+    uid, gid, pid = fuse_get_context()
+    return Caller(uid, gid, groups_of(pid))
 
 
 UTIME_NOW = (1 << 30) - 1
@@ -127,11 +148,11 @@ class FuseAdapter(Operations):
         return 0
 
     def chmod(self, path, mode):
-        self.fs.chmod(path, mode)
+        self.fs.chmod(path, mode, caller())
         return 0
 
     def chown(self, path, uid, gid):
-        self.fs.chown(path, uid, gid)
+        self.fs.chown(path, uid, gid, caller())
         return 0
 
     def utimens(self, path, times=None):
@@ -162,7 +183,8 @@ class FuseAdapter(Operations):
             raise self._fuse_error("readdir", path, e) from None
 
     def mkdir(self, path, mode):
-        self.fs.mkdir(path, mode)
+        uid, gid, _ = fuse_get_context()
+        self.fs.mkdir(path, mode, uid, gid)
         return 0
 
     def rmdir(self, path):
@@ -232,8 +254,8 @@ class FuseAdapter(Operations):
 
     def mknod(self, path, mode, dev):
         if stat.S_ISREG(mode):
-            fh = self.create(path, mode)
-            self.release(path, fh)
+            uid, gid, _ = fuse_get_context()
+            self.fs.release(self.fs.create(path, mode, uid, gid))
             return 0
         raise FuseOSError(errno.EPERM)
 

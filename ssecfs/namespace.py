@@ -1,16 +1,22 @@
 """Namespace operations of the filesystem: directories, unlink, rename, metadata changes,
 symlinks. A mixin of fs.Filesystem (same object, same locks: see the lock order in fs.py);
 split out only to keep modules small.
+
+Ownership: a new file, directory or symlink belongs to the process that makes it (the FUSE
+adapter passes its uid and gid), with the group of a set-group-ID parent. chown and chmod
+follow the POSIX rules for the Caller that asks (the kernel checks them too, the mount uses
+default_permissions; this keeps the filesystem right on its own).
 """
 
 from __future__ import annotations
 
 import logging
+import posixpath
 import stat
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
-                     NotFound, NotSupported, PermissionDenied)
+                     NotFound, NotPermitted, NotSupported, PermissionDenied)
 from .attrs import LISTING_CACHE_MAX, _now
 from .dirindex import HEAL_MIN, INDEX_NAME, MAX_ENTRIES
 from .store import OPEN
@@ -19,6 +25,18 @@ log = logging.getLogger("ssecfs.fs")
 
 DELETE_STREAMS = 4        # DeleteObjects requests at once when a moved tree is removed
 DELETE_MIN_BATCH = 25     # keys per request at least (fewer keys: one request)
+NO_ID = (-1, 0xFFFFFFFF)  # chown(2): leave the owner (group) as it is
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The process asking for a change of owner or mode (from the FUSE request)."""
+    uid: int
+    gid: int
+    groups: frozenset = frozenset()      # supplementary groups
+
+    def may_use_group(self, gid: int) -> bool:
+        return self.uid == 0 or gid == self.gid or gid in self.groups
 
 
 class NamespaceOps:
@@ -96,13 +114,32 @@ class NamespaceOps:
         for name in sorted(local - seen_local):
             yield name
 
-    def mkdir(self, path: str, mode: int) -> None:
+    def _new_meta(self, path: str, mode: int, uid: int | None, gid: int | None) -> dict:
+        """Metadata of a new entry at path: owned by uid, gid (the creating process's; None:
+        the mount's defaults). In a set-group-ID directory the group is the directory's, and
+        a new directory is set-group-ID too (as Linux does)."""
+        meta = self._default_meta(mode)
+        if uid is not None:
+            meta["uid"] = uid
+        if gid is not None:
+            meta["gid"] = gid
+        try:
+            parent = self.getattr(posixpath.dirname(path) or "/")
+        except NotFound:
+            return meta
+        if parent.mode & stat.S_ISGID:
+            meta["gid"] = parent.gid
+            if stat.S_ISDIR(mode):
+                meta["mode"] |= stat.S_ISGID
+        return meta
+
+    def mkdir(self, path: str, mode: int, uid: int | None = None, gid: int | None = None) -> None:
         self._check_writable()
         with self._ns_lock:
             if self._exists(path):
                 raise Exists(path)
             self._check_parent(path)
-            meta = self._default_meta(stat.S_IFDIR | (mode & 0o7777))
+            meta = self._new_meta(path, stat.S_IFDIR | (mode & 0o7777), uid, gid)
             self.store.put(self.dir_key(path), b"", self._meta_headers(meta))
             self._remember_dir_meta(path, meta)
             self._invalidate(path)
@@ -317,9 +354,9 @@ class NamespaceOps:
                         self._drain(futs, copied)
             self._drain(futs, copied)
             if okey not in copied:
-                # no marker: make one so an empty directory survives the move
-                copied[okey] = self.store.put(nkey, b"", self._meta_headers(
-                    self._default_meta(stat.S_IFDIR | 0o755)))
+                # no marker: make one so an empty directory survives the move; without
+                # metadata, like the directory it replaces (the mount's defaults)
+                copied[okey] = self.store.put(nkey, b"", {})
         except BaseException:
             made = [info.key for info in copied.values() if info is not None]
             log.warning("moving %r failed; removing the %d copies already made", okey, len(made))
@@ -412,7 +449,9 @@ class NamespaceOps:
                 pass    # under an older key (or big): HEAD to learn which, then copy
         info = self.store.head(src)
         if src.endswith("/") and info.size == 0:
-            return self.store.put(dst, b"", info.metadata)
+            # a directory marker, made anew under our key: it must not make metadata that
+            # no key vouched for (a plaintext marker's owner, mode 0777) trusted
+            return self.store.put(dst, b"", info.metadata if info.access == OPEN else {})
         if info.access != OPEN:
             raise KeyMismatch(src)
         return self.store.copy(src, dst, info.size, info.metadata, info.key_fp)
@@ -420,16 +459,25 @@ class NamespaceOps:
     # ===================================================================== metadata changes
     def _change_meta(self, path: str, **changes) -> None:
         self._check_writable()
+        if path == "/":
+            raise NotPermitted("/: the owner, group and mode of the mount's root are mount "
+                               "options (--uid, --gid, --dir-mode)")
         with self._ns_lock:
             st = self._state(path)
             if st is not None:
                 with st.lock:
-                    st.meta.update(changes)
-                    if set(changes) - {"ctime"}:      # fixed when a multipart upload begins
-                        self._stream_drop(st, "metadata changed", for_good=True)
-                    self._begin_change(st, data=False)
-                self._persist_and_schedule(st)
-                return
+                    # an upload that just ended may have dropped it from the table (clean):
+                    # then the object is up to date and is changed instead (below)
+                    with self._files_lock:
+                        live = self._files.get(path) is st
+                    if live:
+                        st.meta.update(changes)
+                        if set(changes) - {"ctime"}:  # fixed when a multipart upload begins
+                            self._stream_drop(st, "metadata changed", for_good=True)
+                        self._begin_change(st, data=False)
+                if live:
+                    self._persist_and_schedule(st)
+                    return
             attr = self.getattr(path)
             if stat.S_ISDIR(attr.mode):
                 meta = {"mode": attr.mode, "uid": attr.uid, "gid": attr.gid,
@@ -441,25 +489,54 @@ class NamespaceOps:
                 info = self.store.head(key)
                 if info.access != OPEN:
                     raise KeyMismatch(path)
-                meta = self._meta_from(info.metadata, stat.S_IFREG | 0o644, info.mtime)
+                meta = self._meta_of(info, stat.S_IFREG)
                 meta.update(changes)
                 meta.setdefault("ctime", _now())
                 self.store.copy(key, key, info.size, self._meta_headers(meta), info.key_fp)
             self._invalidate(path)
 
-    def chmod(self, path: str, mode: int) -> None:
+    def chmod(self, path: str, mode: int, caller: Caller | None = None) -> None:
+        """Only the owner (or root) changes the mode, and sets set-group-ID only with a group
+        it belongs to. A change that only clears set-id bits is allowed to anyone: the kernel
+        asks for it, on behalf of the writer, when someone else writes to or truncates such a
+        file. caller None: no check."""
         attr = self.getattr(path)
-        self._change_meta(path, mode=stat.S_IFMT(attr.mode) | (mode & 0o7777), ctime=_now())
+        mode &= 0o7777
+        old = stat.S_IMODE(attr.mode)
+        if caller is not None and caller.uid != 0:
+            if caller.uid != attr.uid:
+                if mode == old or mode != old & ~(stat.S_ISUID | stat.S_ISGID):
+                    raise NotPermitted(f"chmod {path}: not the owner")
+            elif not caller.may_use_group(attr.gid):
+                mode &= ~stat.S_ISGID
+        self._change_meta(path, mode=stat.S_IFMT(attr.mode) | mode, ctime=_now())
 
-    def chown(self, path: str, uid: int, gid: int) -> None:
+    def chown(self, path: str, uid: int, gid: int, caller: Caller | None = None) -> None:
+        """POSIX with _POSIX_CHOWN_RESTRICTED, as Linux: only root changes the owner; the
+        owner may change the group to one it belongs to. A change of a file's owner or group
+        clears its set-user-ID bit, and its set-group-ID bit if group-execute is set (without
+        it the bit marks mandatory locking, not a privilege). caller None: no check."""
         attr = self.getattr(path)
-        ch = {"ctime": _now()}
-        if uid != -1 and uid != 0xFFFFFFFF:
-            ch["uid"] = uid
-        if gid != -1 and gid != 0xFFFFFFFF:
-            ch["gid"] = gid
-        if len(ch) > 1 and (ch.get("uid", attr.uid), ch.get("gid", attr.gid)) != (attr.uid, attr.gid):
-            self._change_meta(path, **ch)
+        new_uid = None if uid in NO_ID else uid
+        new_gid = None if gid in NO_ID else gid
+        if caller is not None and caller.uid != 0:
+            if new_uid is not None and (caller.uid != attr.uid or new_uid != attr.uid):
+                raise NotPermitted(f"chown {path}: only root may change the owner")
+            if new_gid is not None and (caller.uid != attr.uid or not (
+                    new_gid == attr.gid or caller.may_use_group(new_gid))):
+                raise NotPermitted(f"chown {path}: only the owner may change the group, to "
+                                   "one it belongs to")
+        if new_uid is None and new_gid is None:
+            return
+        ch = {"uid": attr.uid if new_uid is None else new_uid,
+              "gid": attr.gid if new_gid is None else new_gid}
+        mode = attr.mode
+        if not stat.S_ISDIR(mode):
+            mode &= ~stat.S_ISUID
+            if mode & stat.S_IXGRP:
+                mode &= ~stat.S_ISGID
+        if (ch["uid"], ch["gid"], mode) != (attr.uid, attr.gid, attr.mode):
+            self._change_meta(path, **ch, mode=mode, ctime=_now())
 
     def utimens(self, path: str, atime: float, mtime: float) -> None:
         self._change_meta(path, mtime=mtime, ctime=_now())
@@ -471,9 +548,7 @@ class NamespaceOps:
             if self._exists(path):
                 raise Exists(path)
             self._check_parent(path)
-            meta = self._default_meta(stat.S_IFLNK | 0o777)
-            if uid is not None:
-                meta["uid"], meta["gid"] = uid, gid
+            meta = self._new_meta(path, stat.S_IFLNK | 0o777, uid, gid)
             self.store.put(self.key_of(path), target.encode("utf-8", "surrogateescape"),
                            self._meta_headers(meta))
             self._invalidate(path)

@@ -11,7 +11,10 @@ Test hooks
   * ``calls``: a Counter of calls per operation name ("head", "get_range", "put", ...);
   * ``fail(op, n, exc)``: the next n calls of op raise exc (default StoreUnavailable);
   * ``before[op] = fn``: fn(*args) runs before op (e.g. to block an upload on an Event);
-  * ``put_plain`` / ``put_foreign``: objects stored without SSE-C or under another key;
+  * ``put_plain`` / ``put_foreign``: objects stored without SSE-C or under another key, with
+    any metadata (what someone with write access to the bucket but no key can make). As from
+    S3Store, head() reports a plaintext object's metadata (PLAINTEXT: anyone may have set
+    it) and none of a LOCKED one (S3Store learns of it from a listing, the HEAD is refused);
   * ``data(key)`` / ``key_fp_of(key)`` / ``meta(key)``: what the "server" holds.
 """
 

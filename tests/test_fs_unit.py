@@ -794,6 +794,27 @@ def test_chmod_of_open_clean_file_is_metadata_only(fs, store):
     assert store.calls["upload"] == 0, "a metadata change must not re-upload the data"
 
 
+def test_chmod_as_the_upload_of_the_file_ends_is_seen_at_once(fs, store, monkeypatch):
+    """The upload of a closed file ends (and the clean file leaves the table of open files)
+    between the moment chmod finds the file there and the moment it changes it: the change
+    must still show in the next stat, and reach the object once."""
+    fs.release(fs.create("/f", 0o644))              # its upload is queued (delay 0)
+    real = fs._state
+
+    def state_then_upload_ends(path):
+        st = real(path)
+        if sys._getframe(1).f_code.co_name == "_change_meta":
+            settle(fs)
+        return st
+    monkeypatch.setattr(fs, "_state", state_then_upload_ends)
+    fs.chmod("/f", 0o600)
+    monkeypatch.undo()
+    assert stat.S_IMODE(fs.getattr("/f").mode) == 0o600
+    settle(fs)
+    assert int(store.meta("f")["mode"]) == REG | 0o600
+    assert stat.S_IMODE(fs.getattr("/f").mode) == 0o600
+
+
 def test_chmod_directory(fs, store):
     fs.mkdir("/dd", 0o755)
     fs.chmod("/dd", 0o700)

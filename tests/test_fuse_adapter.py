@@ -1,6 +1,7 @@
 """SsecfsFUSE.read, the one callback that bypasses fusepy's dispatch: what it copies into the
 kernel's reply buffer for each kind of answer the filesystem gives (bytes, or a view of a
-fetched buffer). Mounted reads of every kind are covered by the mount tests."""
+fetched buffer). Mounted reads of every kind are covered by the mount tests. And what the
+adapter passes on of the caller of a request (owner of new entries, chown/chmod rules)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 from types import SimpleNamespace
 
 import fuse
 import pytest
 
-from ssecfs.fuse_adapter import SsecfsFUSE
+from ssecfs import errors, fuse_adapter
+from ssecfs.fuse_adapter import FuseAdapter, SsecfsFUSE
 
 
 def call_read(answer, size=1 << 17):
@@ -60,3 +63,47 @@ def test_empty_answer_and_too_long_answer():
     with pytest.raises(fuse.FuseOSError) as e:
         call_read(b"x" * 11, size=10)
     assert e.value.errno == errno.EIO
+
+
+class Recorder:
+    """A filesystem that records what the adapter asks of it (every call answers 7)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name, args))
+            return 7
+        return call
+
+
+def test_new_entries_and_changes_of_owner_carry_the_callers_identity(monkeypatch):
+    from ssecfs.namespace import Caller
+    monkeypatch.setattr(fuse_adapter, "fuse_get_context", lambda: (1001, 1002, os.getpid()))
+    fs = Recorder()
+    a = FuseAdapter(fs)
+    a.mkdir("/d", 0o755)
+    a.mknod("/n", stat.S_IFREG | 0o600, 0)
+    a.create("/f", 0o644)
+    a.symlink("/l", "f")
+    a.chown("/f", 5, 6)
+    a.chmod("/f", 0o600)
+    me = Caller(1001, 1002, frozenset(os.getgroups()))
+    assert fs.calls == [("mkdir", ("/d", 0o755, 1001, 1002)),
+                        ("create", ("/n", stat.S_IFREG | 0o600, 1001, 1002)), ("release", (7,)),
+                        ("create", ("/f", 0o644, 1001, 1002)),
+                        ("symlink", ("/l", "f", 1001, 1002)),
+                        ("chown", ("/f", 5, 6, me)), ("chmod", ("/f", 0o600, me))]
+
+
+def test_supplementary_groups_of_a_caller_and_of_one_gone():
+    assert fuse_adapter.groups_of(os.getpid()) == frozenset(os.getgroups())
+    assert fuse_adapter.groups_of(2 ** 22 + 1) == frozenset()      # above pid_max: no such
+
+
+def test_a_change_only_the_owner_may_make_is_eperm_not_eacces():
+    from ssecfs.errors import NotPermitted
+    assert FuseAdapter._fuse_error("chown", "/f", NotPermitted("x")).errno == errno.EPERM
+    assert FuseAdapter._fuse_error("open", "/f", errors.PermissionDenied("x")).errno == \
+        errno.EACCES

@@ -35,6 +35,7 @@ from botocore.exceptions import ClientError
 from conftest import _alive, fuse_available, make_keyfile
 from helpers import REPO, sse, wait_until
 from ssecfs import cli
+from ssecfs.daemon import default_log_file
 from ssecfs.errors import UserError
 
 UNIT = os.path.join(REPO, "systemd", "ssecfs@.service")
@@ -293,6 +294,7 @@ def test_unit_contract():
     assert u.one("Service", "Restart") == "on-failure"
     assert "/dev/fuse rw" in u.get("Service", "DeviceAllow")
     assert u.one("Service", "NoNewPrivileges") == "yes"
+    assert u.one("Service", "LimitCORE") == "0"
     assert "umount" in u.one("Service", "ExecStop")
     stop = u.one("Service", "TimeoutStopSec")
     assert re.fullmatch(r"(\d+)min", stop) and int(stop[:-3]) >= 10, stop
@@ -374,10 +376,14 @@ SAMPLE_VALUES = {"keyfile": "/etc/ssecfs/other.key", "endpoint_url": "https://s3
                  "region": "eu-west-3", "profile": "backup", "cache_dir": "/var/cache/x",
                  "cache_size": "3G", "log_level": "debug", "log_file": "/var/log/x.log",
                  "writeback_delay": "7.5", "upload_workers": "3", "attr_timeout": "4",
-                 "fsync_timeout": "9", "flush_timeout": "600"}
+                 "fsync_timeout": "9", "flush_timeout": "600", "uid": "1234", "gid": "2345",
+                 "file_mode": "0640", "dir_mode": "0750"}
 
 
-def test_every_cli_option_has_an_o_spelling(tmp_path):
+def test_every_cli_option_has_an_o_spelling(tmp_path, monkeypatch):
+    cfg = tmp_path / "aws-config"          # the profile SAMPLE_VALUES names must exist
+    cfg.write_text("[profile backup]\nregion = eu-west-3\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(cfg))
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     values = {**SAMPLE_VALUES, "ca_bundle": str(ca)}
@@ -889,7 +895,7 @@ def test_mount_t_fuse_ssecfs_then_umount_and_fusermount(seaweed, s3, bucket, key
     for round_, unmount in enumerate((["umount", str(mp)], ["fusermount", "-u", str(mp)])):
         r = subprocess.run(["mount", "-t", "fuse.ssecfs", f"{bucket}:docs", str(mp), "-o", opts],
                            env=env, capture_output=True, text=True, timeout=120)
-        log = lambda: read(cache / "ssecfs.log")  # noqa: E731
+        log = lambda: read(default_log_file(str(cache)))  # noqa: E731
         assert r.returncode == 0, f"mount failed: {r.stderr}\n{log()}"
         assert os.path.ismount(mp) and fs_type_at(str(mp)) == "fuse.ssecfs"
         with open(mp / "seen.txt", "rb") as f:
