@@ -19,7 +19,8 @@ import sys
 import time
 
 from . import __version__
-from .config import FsConfig, MountConfig, StoreConfig, parse_size, parse_source
+from .config import (FsConfig, MountConfig, StoreConfig, parse_id, parse_mode, parse_size,
+                     parse_source)
 from .errors import UserError
 
 log = logging.getLogger("ssecfs")
@@ -27,7 +28,8 @@ log = logging.getLogger("ssecfs")
 # -o spellings of CLI options (fstab / mount.fuse); value-less ones are flags.
 O_VALUE = {"keyfile", "endpoint_url", "region", "profile", "ca_bundle", "cache_dir",
            "cache_size", "log_level", "log_file", "writeback_delay", "upload_workers",
-           "attr_timeout", "fsync_timeout", "flush_timeout", "uid", "gid"}
+           "attr_timeout", "fsync_timeout", "flush_timeout", "uid", "gid", "file_mode",
+           "dir_mode"}
 O_FLAG = {"ro": "read_only", "read_only": "read_only", "allow_other": "allow_other",
           "foreground": "foreground", "force": "force", "no_dir_index": "no_dir_index"}
 # Options mount(8)/mount.fuse add or that only matter to mount(8): accepted and ignored.
@@ -64,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", "-f", action="store_true", help="stay attached (systemd)")
     m.add_argument("--read-only", "--ro", action="store_true", dest="read_only")
     m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    m.add_argument("--uid", help="owner of the root, of directories without a marker and of "
+                   "objects without trusted ssecfs metadata (written by other tools, or opened "
+                   "by no key of the ring); default: the mounting user")
+    m.add_argument("--gid", help="their group (default: the mounting user's)")
+    m.add_argument("--file-mode", help="permission bits of such files, octal (default 0644; "
+                   "0600 with --allow-other)")
+    m.add_argument("--dir-mode", help="permission bits of such directories, octal (default "
+                   "0755; 0700 with --allow-other)")
     m.add_argument("--force", action="store_true",
                    help="mount even if no key of the ring opens any sampled object")
     m.add_argument("--no-dir-index", action="store_true",
@@ -74,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR",
                                                           "debug", "info", "warning", "error"])
     m.add_argument("--log-file", help="log here instead of stderr (default when daemonized: "
-                   "CACHE_DIR/ssecfs.log)")
+                   "/var/log/ssecfs/CACHE-ID.log, or ~/.local/state/ssecfs/ for other users)")
     m.add_argument("--writeback-delay", type=float, default=None,
                    help="seconds to wait after close before uploading (default 2)")
     m.add_argument("--upload-workers", type=int, default=None, help="parallel uploads (default 8)")
@@ -143,8 +153,10 @@ def apply_o_options(args: argparse.Namespace) -> None:
     args.fuse_options = tuple(fuse_opts)
 
 
-def default_cache_dir(store: StoreConfig, prefix: str) -> str:
-    ident = hashlib.sha256(f"{store.endpoint_url}|{store.bucket}|{prefix}".encode()).hexdigest()[:12]
+def default_cache_dir(store: StoreConfig, endpoint: str, prefix: str) -> str:
+    """One cache per endpoint (as resolved: from the flag or the AWS configuration), bucket
+    and prefix."""
+    ident = hashlib.sha256(f"{endpoint}|{store.bucket}|{prefix}".encode()).hexdigest()[:12]
     base = "/var/cache/ssecfs" if os.getuid() == 0 else os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ssecfs")
     if os.environ.get("CACHE_DIRECTORY"):          # systemd CacheDirectory=
@@ -161,9 +173,8 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
     bucket, prefix = parse_source(args.source)
     store = StoreConfig(bucket=bucket, endpoint_url=args.endpoint_url, region=args.region,
                         profile=args.profile, ca_bundle=args.ca_bundle)
-    if store.endpoint_url:
-        from .s3store import check_endpoint
-        check_endpoint(store.endpoint_url)
+    from .s3store import resolve_transport   # refuses here, before the daemon starts
+    transport = resolve_transport(store.endpoint_url, profile=store.profile, region=store.region)
     if args.ca_bundle and not os.path.isfile(args.ca_bundle):
         raise UserError(f"--ca-bundle {args.ca_bundle}: no such file", 2)
 
@@ -180,9 +191,14 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
                   upload_workers=num(args.upload_workers, 8, int),
                   fsync_timeout=num(args.fsync_timeout, 0.0),
                   dir_index=not getattr(args, "no_dir_index", False),
-                  uid=num(getattr(args, "uid", None), None, int),
-                  gid=num(getattr(args, "gid", None), None, int))
-    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(store, prefix))
+                  uid=parse_id(args.uid, "--uid") if args.uid else os.getuid(),
+                  gid=parse_id(args.gid, "--gid") if args.gid else os.getgid(),
+                  # under --allow-other, what nobody vouched for is the mounting user's only
+                  file_mode=parse_mode(args.file_mode, "--file-mode") if args.file_mode
+                  else 0o600 if args.allow_other else 0o644,
+                  dir_mode=parse_mode(args.dir_mode, "--dir-mode") if args.dir_mode
+                  else 0o700 if args.allow_other else 0o755)
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(store, transport.url, prefix))
     cache_size = parse_size(args.cache_size) if args.cache_size else default_cache_size(cache_dir)
     return MountConfig(store=store, fs=fs, mountpoint=os.path.abspath(args.mountpoint),
                        keyfile=os.path.abspath(args.keyfile) if os.sep in args.keyfile
@@ -197,7 +213,12 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
 # ---------------------------------------------------------------------------- commands
 def cmd_mount(args: argparse.Namespace) -> int:
     from . import daemon
-    cfg = build_mount_config(args)
+    try:
+        cfg = build_mount_config(args)
+    except UserError as e:
+        if args.ready_fd is not None:       # the daemon `ssecfs mount` started: tell it why
+            os.write(args.ready_fd, f"ERROR {e.exit_code} {e}\n".encode())
+        raise
     if cfg.foreground:
         daemon.setup_logging(cfg.log_level, args.log_file)
         return daemon.run(cfg, ready_fd=args.ready_fd)
@@ -207,8 +228,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
     """Start ourselves again with --foreground in a new session and wait for its first line:
     READY (exit 0) or ERROR CODE MESSAGE (print MESSAGE, exit CODE)."""
+    from .daemon import default_log_file, open_log_file
     os.makedirs(cfg.cache_dir, mode=0o700, exist_ok=True)
-    log_file = args.log_file or os.path.join(cfg.cache_dir, "ssecfs.log")
+    log_file = os.path.abspath(args.log_file or default_log_file(cfg.cache_dir))
+    os.close(open_log_file(log_file))       # its problems are said here, in one line
     argv = [sys.executable, "-m", "ssecfs", "mount", cfg.source, cfg.mountpoint,
             "--keyfile", cfg.keyfile, "--cache-dir", cfg.cache_dir,
             "--cache-size", str(cfg.cache_size), "--foreground", "--log-file", log_file,
@@ -217,7 +240,9 @@ def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
             "--upload-workers", str(cfg.fs.upload_workers),
             "--attr-timeout", str(cfg.fs.attr_timeout),
             "--fsync-timeout", str(cfg.fs.fsync_timeout),
-            "--flush-timeout", str(cfg.flush_timeout)]
+            "--flush-timeout", str(cfg.flush_timeout),
+            "--uid", str(cfg.fs.uid), "--gid", str(cfg.fs.gid),
+            "--file-mode", f"{cfg.fs.file_mode:04o}", "--dir-mode", f"{cfg.fs.dir_mode:04o}"]
     for flag, val in (("--endpoint-url", cfg.store.endpoint_url), ("--region", cfg.store.region),
                       ("--profile", cfg.store.profile), ("--ca-bundle", cfg.store.ca_bundle)):
         if val:
@@ -228,8 +253,6 @@ def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
             argv.append(flag)
     if cfg.fuse_options:
         argv += ["-o", ",".join(cfg.fuse_options)]
-    if cfg.fs.uid is not None:
-        argv += ["-o", f"uid={cfg.fs.uid},gid={cfg.fs.gid}"]
     r, w = os.pipe()
     argv += ["--ready-fd", str(w)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -368,7 +391,9 @@ def _store_for(args: argparse.Namespace):
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:
+    from .daemon import harden_process
     from .rekey import rekey, summary
+    harden_process()
     logging.basicConfig(level=logging.WARNING, format="ssecfs: %(message)s")
     store, prefix = _store_for(args)
     store.check_bucket()
@@ -381,6 +406,8 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import FAIL, run_checks
+    from .daemon import harden_process
+    harden_process()
     store, prefix = _store_for(args)
     failed = False
     for status, msg in run_checks(store, prefix, args.sample):

@@ -6,10 +6,14 @@ unmount (umount, fusermount -u, SIGTERM, SIGINT) uploads every pending file befo
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -26,6 +30,7 @@ from .store import LOCKED
 
 log = logging.getLogger("ssecfs")
 
+EXIT_SECURITY = 5
 EXIT_MOUNTPOINT = 7
 EXIT_WRONG_KEY = 8
 FUSE_MAX_WRITE = 131072
@@ -59,13 +64,49 @@ def under_systemd() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
 
 
+def default_log_file(cache_dir: str) -> str:
+    """Where a daemonized mount logs unless told otherwise: not in the cache directory (the
+    log names files, and the cache holds nothing in clear), but in /var/log/ssecfs (root) or
+    $XDG_STATE_HOME/ssecfs, one file per cache directory."""
+    if os.geteuid() == 0:
+        base = "/var/log/ssecfs"
+    else:
+        base = os.path.join(os.environ.get("XDG_STATE_HOME")
+                            or os.path.expanduser("~/.local/state"), "ssecfs")
+    cache_dir = os.path.abspath(cache_dir)
+    h = hashlib.sha256(cache_dir.encode()).hexdigest()[:8]
+    return os.path.join(base, f"{os.path.basename(cache_dir)}-{h}.log")
+
+
+def open_log_file(path: str) -> int:
+    """The log file, opened for appending: never through a symbolic link, a regular file of
+    ours, mode 0600 (its lines name files). UserError (one line) otherwise."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        private_dir(parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as e:
+        why = "is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise UserError(f"log file {path}: {why}", 2) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise UserError(f"log file {path}: not a regular file of uid {os.geteuid()}", 2)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
+
+
 def setup_logging(level: str, log_file: str | None = None) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     if log_file:
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        handler: logging.Handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        handler: logging.Handler = logging.StreamHandler(
+            os.fdopen(open_log_file(log_file), "a", buffering=1))
     else:
         handler = logging.StreamHandler(sys.stderr)
     fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd() and not log_file else \
@@ -102,26 +143,104 @@ def sd_notify(message: str) -> bool:
         return False
 
 
+# ---------------------------------------------------------------------------- hardening
+_PR_SET_DUMPABLE = 4
+
+
+def harden_process() -> None:
+    """No core dump, and no ptrace or /proc/PID/mem by other processes of the same user: a
+    crash or a curious process must not carry the keys, the cache keys or plaintext buffers
+    out of this process. Done before any key is read."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise UserError("cannot make the process non-dumpable (prctl PR_SET_DUMPABLE: "
+                        f"{os.strerror(ctypes.get_errno())})", EXIT_SECURITY)
+
+
 # ---------------------------------------------------------------------------- registry
 def runtime_dir() -> str:
-    if os.getuid() == 0:
+    """Where the registry and control sockets live: private to this user, never a shared
+    /tmp path another user could have made first."""
+    if os.geteuid() == 0:
         return "/run/ssecfs"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/ssecfs-{os.getuid()}", "ssecfs")
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return os.path.join(base, "ssecfs")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "ssecfs", "run")
+
+
+def _private_problem(path: str) -> str | None:
+    """Why `path` is not a directory only this user controls (None if it is)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}, not {os.geteuid()}"
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def private_dir(path: str) -> str:
+    """Create `path` (mode 0700, parents as needed) or check the one there: ours, not a
+    link, not writable by anyone else; else UserError (a security refusal)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    why = _private_problem(path)
+    if why:
+        raise UserError(f"directory {path} {why}: refusing to use it (another user could "
+                        "plant files there)", EXIT_SECURITY)
+    if stat.S_IMODE(os.lstat(path).st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _mount_id(mountpoint: str) -> str:
+    return hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
 
 
 def registry_path(mountpoint: str) -> str:
-    h = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    return os.path.join(runtime_dir(), f"mount-{h}.json")
+    return os.path.join(runtime_dir(), f"mount-{_mount_id(mountpoint)}.json")
 
 
 def control_path(mountpoint: str) -> str:
-    h = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    return os.path.join(runtime_dir(), f"control-{h}.sock")
+    return os.path.join(runtime_dir(), f"control-{_mount_id(mountpoint)}.sock")
+
+
+def write_registry(mountpoint: str, doc: dict) -> str:
+    """Write the registry entry of a mount atomically, through no link, mode 0600."""
+    path = registry_path(mountpoint)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+    return path
 
 
 def read_registry(mountpoint: str) -> dict | None:
+    """The registry entry of a mount; None if there is none, or if the runtime directory is
+    not this user's alone (what another user put there is not believed)."""
+    if _private_problem(runtime_dir()):
+        return None
     try:
-        with open(registry_path(mountpoint)) as f:
+        fd = os.open(registry_path(mountpoint), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -259,9 +378,11 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
             ready_fd = None
 
     try:
+        harden_process()
         ring = load_keyring(cfg.keyfile)
         install_redaction(ring)
         check_mountpoint(cfg.mountpoint, nonempty_ok="nonempty" in cfg.fuse_options)
+        private_dir(runtime_dir())
         store, cache, fs = build(cfg, ring)
         preflight(cfg, store)
         cache.open()
@@ -274,14 +395,12 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     if fs.bad_entries:
         log.error("%d cache entries could not be opened with this key ring; they are kept in %s",
                   len(fs.bad_entries), cfg.cache_dir)
-    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
     control = ControlServer(control_path(cfg.mountpoint),
                             lambda: {"mountpoint": cfg.mountpoint, "source": cfg.source,
                                      "pid": os.getpid(), **fs.status()})
-    reg = registry_path(cfg.mountpoint)
-    with open(reg, "w") as f:
-        json.dump({"pid": os.getpid(), "mountpoint": os.path.realpath(cfg.mountpoint),
-                   "cache_dir": cfg.cache_dir, "control": control.path, "source": cfg.source}, f)
+    reg = write_registry(cfg.mountpoint, {
+        "pid": os.getpid(), "mountpoint": os.path.realpath(cfg.mountpoint),
+        "cache_dir": cfg.cache_dir, "control": control.path, "source": cfg.source})
 
     stop_status = threading.Event()
 

@@ -150,12 +150,34 @@ def resolve_keyfile_path(path: str) -> str:
 
 
 def _check_permissions(path: str, st: os.stat_result) -> None:
+    """As ssh does for its keys: a key file only its owner (this user, or root) can read or
+    replace, in directories nobody else can swap it in. Whoever can write the file or its
+    directory can make us encrypt under a key they know."""
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"{path}: not a regular file", EXIT_KEYFILE)
+    if st.st_uid not in (0, os.geteuid()):
+        raise UserError(f"{path}: key file belongs to uid {st.st_uid}, not to this user "
+                        f"({os.geteuid()}) or root; fix with: chown {os.geteuid()} {path}",
+                        EXIT_KEYFILE)
     if st.st_mode & 0o077:
         raise UserError(
             f"{path}: key file is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"fix with: chmod 600 {path}", EXIT_KEYFILE)
+    d = os.path.dirname(os.path.realpath(path))
+    while True:
+        dst = os.stat(d)
+        if dst.st_uid not in (0, os.geteuid()):
+            raise UserError(f"{path}: directory {d} belongs to uid {dst.st_uid}, who could "
+                            "replace the key file; keep keys in a directory of yours or root's",
+                            EXIT_KEYFILE)
+        if dst.st_mode & 0o022 and not dst.st_mode & stat.S_ISVTX:
+            raise UserError(f"{path}: directory {d} is writable by others (mode "
+                            f"{stat.S_IMODE(dst.st_mode):04o}), who could replace the key file; "
+                            f"fix with: chmod go-w {d}", EXIT_KEYFILE)
+        parent = os.path.dirname(d)
+        if parent == d:
+            return
+        d = parent
 
 
 def parse_keyfile_bytes(data: bytes, source: str) -> KeyRing:

@@ -65,18 +65,20 @@ def key(tmp_path):
 
 
 class Mount:
-    def __init__(self, path, cache_dir, source, keyfile, endpoint, args):
+    def __init__(self, path, cache_dir, source, keyfile, endpoint, args, log_file=None):
+        from ssecfs.daemon import default_log_file
         self.path = str(path)
         self.cache_dir = str(cache_dir)
         self.source = source
         self.keyfile = keyfile
         self.endpoint = endpoint
-        self.args = list(args)
+        self.log_file = str(log_file) if log_file else default_log_file(self.cache_dir)
+        self.args = list(args) + (["--log-file", self.log_file] if log_file else [])
 
     @property
     def log(self) -> str:
         try:
-            with open(os.path.join(self.cache_dir, "ssecfs.log")) as f:
+            with open(self.log_file) as f:
                 return f.read()
         except OSError:
             return ""
@@ -144,12 +146,14 @@ def mounter(seaweed, tmp_path, bucket):
     made: list[Mount] = []
 
     def make(bucket, keyfile, *args, name="mnt", cache_dir=None, mount=True,
-             endpoint=None) -> Mount:
+             endpoint=None, default_log=False) -> Mount:
+        """default_log: log where the daemon logs by default (else beside the test's files)."""
         mp = tmp_path / name
         mp.mkdir(exist_ok=True)
         cd = cache_dir or (tmp_path / f"cache-{name}")
         m = Mount(mp, cd, bucket, keyfile, endpoint or seaweed.endpoint,
-                  ["--writeback-delay", "0.2", *args])
+                  ["--writeback-delay", "0.2", *args],
+                  log_file=None if default_log else tmp_path / f"ssecfs-{name}.log")
         made.append(m)
         if mount:
             m.mount()

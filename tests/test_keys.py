@@ -370,3 +370,52 @@ def test_keyring_refuses_empty_and_duplicates():
 def test_secret_forms_lists_what_leaks():
     raw = os.urandom(32)
     assert set(Key(raw).secret_forms()) >= {raw, base64.b64encode(raw), raw.hex().encode()}
+
+
+OTHER_UID = 65534      # nobody: a uid that is neither root nor us
+
+
+def test_key_file_of_another_user_refused(tmp_path):
+    """Whoever owns the key file can replace it with a key they know."""
+    raw = os.urandom(32)
+    p = write(tmp_path / "k", raw)
+    os.chown(p, OTHER_UID, -1)
+    expect_user_error(lambda: load_keyring(p), raw, contains=(p, f"uid {OTHER_UID}", "chown"))
+    os.chown(p, os.geteuid(), -1)
+    assert len(load_keyring(p)) == 1
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_key_file_in_directory_writable_by_others_refused(tmp_path, mode):
+    """A directory others can write lets them swap the key file for one of theirs."""
+    d = tmp_path / "keys"
+    d.mkdir()
+    raw = os.urandom(32)
+    p = write(d / "k", raw)
+    os.chmod(d, mode)
+    expect_user_error(lambda: load_keyring(p), raw, contains=(str(d), f"{mode:04o}", "go-w"))
+    os.chmod(d, mode | stat.S_ISVTX)    # sticky (like /tmp): nobody else can replace our file
+    assert len(load_keyring(p)) == 1
+    os.chmod(d, 0o755)
+    assert len(load_keyring(p)) == 1
+
+
+def test_key_file_in_directory_of_another_user_refused(tmp_path):
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o755)
+    raw = os.urandom(32)
+    p = write(d / "k", raw)
+    os.chown(d, OTHER_UID, -1)
+    expect_user_error(lambda: load_keyring(p), raw, contains=(str(d), f"uid {OTHER_UID}"))
+
+
+def test_key_file_through_a_link_checks_the_real_directory(tmp_path):
+    """The directories checked are those of the file itself, not of a link to it."""
+    d = tmp_path / "open"
+    d.mkdir()
+    raw = os.urandom(32)
+    real = write(d / "k", raw)
+    os.chmod(d, 0o777)
+    link = tmp_path / "k.link"
+    os.symlink(real, link)
+    expect_user_error(lambda: load_keyring(str(link)), raw, contains=(str(d),))

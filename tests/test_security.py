@@ -56,7 +56,7 @@ def test_key_never_in_logs_or_ps(mounter, bucket, key, s3, tmp_path):
     os.chmod(os.path.join(m.path, "g.bin"), 0o600)
     ps = subprocess.run(["ps", "auxww"], capture_output=True).stdout
     m.umount()
-    log = open(os.path.join(m.cache_dir, "ssecfs.log"), "rb").read()
+    log = open(m.log_file, "rb").read()
     assert b"DEBUG" in log, "the debug log level was not in effect"
     for form in secret_forms(raw):
         assert form not in log, "key material in the daemon log"
