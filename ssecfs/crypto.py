@@ -1,24 +1,33 @@
 """AEAD sealing of cache chunks and journal records. Pure: bytes in, bytes out.
 
-Format of a sealed blob:  nonce (12 bytes) || ciphertext || tag (16), with AES-256-OCB3
-(RFC 7253) for the chunks written now, AES-256-GCM for journal records and for the chunks of
-older caches. The associated data binds the blob to what it is (format, kind, file id, index,
-length), so a blob moved to another file or position, or truncated, fails authentication.
+Keys. A ring key's cache key (keys.Key.cache_key) seals nothing itself: `Sealer` holds it
+and derives, for each cache entry (one file version, named by 16 random bytes), that entry's
+own keys: HKDF-SHA256(cache key, salt = entry id, info = ENTRY_KDF_INFO), 64 bytes, the
+first 32 an AES-256-GCM key (the entry's journal records; its chunks where OpenSSL lacks
+OCB3), the last 32 an AES-256-OCB3 key (its chunks). No AES key serves two modes, and no
+two entries share a key: a random nonce that repeats across entries, mounts or machines
+never meets the same key, and a blob of one entry copied into another's file fails
+authentication there.
 
-Why OCB3 for chunks: every byte written through the mount is sealed once and opened once more
-for its upload, every byte fetched is sealed once; on the benchmark machine (AMD EPYC, AES-NI
-and VAES but no AVX-512) OpenSSL seals 128 KiB with OCB3 in 0.26 s per GiB against 0.57 for
-GCM, and opens in 0.27 against 0.44. Its key is derived from the cache key (HKDF, its own
-label), so no AES key serves two modes. Where OpenSSL lacks OCB (a FIPS build), chunks are
-sealed with GCM as before (forms 1 and 3), and slots sealed with OCB cannot be read there.
+A sealed blob is  nonce (12 bytes) || ciphertext || tag (16). Its associated data binds it
+to what it is: the format version, the kind (chunk or record), the form (cipher and shape),
+the entry id, the chunk index, the chunk's generation (a number the cache gives each write
+of a chunk in an entry, higher for each later write) and its length; a blob moved to
+another entry, index or generation, or cut short, fails authentication.
 
-A cache chunk (up to 128 KiB) is sealed as one blob, or (a chunk read at random, see
-cache.py) as consecutive sub-blocks of SUB (4 KiB) bytes, each its own blob, so that a 4 KiB
-read decrypts 4 KiB, not 128 (older caches' 32 KiB sub-blocks are still read). A sub-block's
-associated data names its form (cipher and sub-block size), the chunk's length and the
-sub-block's number: sub-blocks cannot be swapped, moved or dropped; it also names a random id of the
-write that sealed the chunk (kept in the slot's header), so sub-blocks of two writes of the
-chunk (a slot torn by a crash in the middle of a rewrite) cannot be mixed either.
+Why OCB3 for chunks: every byte written through the mount is sealed once and opened once
+more for its upload, every byte fetched is sealed once; on the benchmark machine (AMD EPYC,
+AES-NI and VAES but no AVX-512) OpenSSL seals 128 KiB with OCB3 in 0.26 s per GiB against
+0.57 for GCM, and opens in 0.27 against 0.44. Where OpenSSL lacks OCB3 (a FIPS build), chunks
+are sealed with GCM: the forms WHOLE_GCM and SPLIT_GCM of the same format; slots sealed with
+OCB3 cannot be read there.
+
+A cache chunk (up to 128 KiB) is sealed as one blob (a "whole" form), or (a chunk read at
+random, see cache.py) as consecutive sub-blocks of SUB (4 KiB) bytes, each its own blob (a
+"split" form), so that a 4 KiB read decrypts 4 KiB, not 128. A sub-block's associated data
+also names its number and a random id of the write that sealed the chunk (kept in the slot's
+header): sub-blocks cannot be swapped, moved or dropped, nor sub-blocks of two writes of the
+chunk (a slot torn by a crash in the middle of a write) mixed.
 """
 
 from __future__ import annotations
@@ -33,54 +42,81 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import IntegrityError
 
-FORMAT_VERSION = 1                  # records; also the number of form 1 below
+FORMAT_VERSION = 6                  # the cache format (cache.VERSION_TEXT), in every AAD
 NONCE_LEN = 12
 TAG_LEN = 16
 OVERHEAD = NONCE_LEN + TAG_LEN
 SUB = 4 * 1024                      # plaintext bytes per sealed sub-block of a chunk
 SUB_SEALED = SUB + OVERHEAD         # its size sealed (the last one of a chunk may be shorter)
-SUB_V2 = 32 * 1024                  # the sub-blocks of an older slot ("SSC2"), still read
+WRITE_ID_LEN = 8
 # The forms of a sealed chunk: number -> (sub-block size, 0 if sealed as one blob; sealed
-# with OCB3). The number is the digit of the slot's magic ("SSC1".."SSC5") and the format its
-# associated data names, so a slot's header cannot claim another form.
-FORMS = {1: (0, False), 2: (SUB_V2, False), 3: (SUB, False), 4: (0, True), 5: (SUB, True)}
-WHOLE_OCB, SPLIT_OCB = 4, 5         # the forms written where OpenSSL has OCB3
-WHOLE_GCM, SPLIT_GCM = 1, 3         # the forms written where it has not
-OCB_KDF_INFO = b"ssecfs cache chunks, AES-256-OCB3"
+# with OCB3). The number is in the associated data, and the slot's magic names it, so a
+# slot's header cannot claim another form.
+WHOLE_OCB, SPLIT_OCB, WHOLE_GCM, SPLIT_GCM = 1, 2, 3, 4
+FORMS = {WHOLE_OCB: (0, True), SPLIT_OCB: (SUB, True),
+         WHOLE_GCM: (0, False), SPLIT_GCM: (SUB, False)}
+RECORD_FORM = WHOLE_GCM             # records are sealed with the entry's GCM key
+ENTRY_KDF_INFO = b"ssecfs cache entry keys v6: AES-256-GCM | AES-256-OCB3"
 
 
-def _ocb3(key: bytes) -> AESOCB3 | None:
-    sub = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=OCB_KDF_INFO).derive(key)
+def _has_ocb3() -> bool:
     try:
-        return AESOCB3(sub)
+        AESOCB3(bytes(32))
     except UnsupportedAlgorithm:
-        return None
+        return False
+    return True
 
 
 class Sealer:
-    def __init__(self, key: bytes):
-        self._aead = AESGCM(key)           # records, and the chunk forms 1-3
-        self._ocb = _ocb3(key)             # the chunk forms 4 and 5
-        ocb = self._ocb is not None
-        self.whole_form = WHOLE_OCB if ocb else WHOLE_GCM     # the forms new slots get
-        self.split_form = SPLIT_OCB if ocb else SPLIT_GCM
+    """The cache key of one ring key: hands out each entry's `EntrySealer`."""
+
+    def __init__(self, cache_key: bytes):
+        self._key = cache_key
+        self.ocb = _has_ocb3()
+        self.whole_form = WHOLE_OCB if self.ocb else WHOLE_GCM     # the forms new slots get
+        self.split_form = SPLIT_OCB if self.ocb else SPLIT_GCM
 
     def __repr__(self) -> str:
         return "Sealer(<key hidden>)"
 
-    def aead(self, form: int = WHOLE_GCM):
-        """The cipher of a chunk form (WHOLE_GCM, the default, is also the records' one)."""
+    def entry(self, entry_id: bytes) -> "EntrySealer":
+        """The sealer of the entry `entry_id` (16 bytes): its own keys (see above)."""
+        assert len(entry_id) == 16
+        okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=entry_id,
+                   info=ENTRY_KDF_INFO).derive(self._key)
+        return EntrySealer(okm[:32], okm[32:] if self.ocb else None)
+
+
+class EntrySealer:
+    """Seals and opens the blobs of one cache entry."""
+
+    def __init__(self, gcm_key: bytes, ocb_key: bytes | None):
+        self._gcm = AESGCM(gcm_key)
+        self._ocb = AESOCB3(ocb_key) if ocb_key is not None else None
+        ocb = self._ocb is not None
+        self.whole_form = WHOLE_OCB if ocb else WHOLE_GCM
+        self.split_form = SPLIT_OCB if ocb else SPLIT_GCM
+
+    def __repr__(self) -> str:
+        return "EntrySealer(<keys hidden>)"
+
+    def can_open(self, form: int) -> bool:
+        """Whether this OpenSSL offers the cipher of `form`."""
+        return self._ocb is not None or not FORMS[form][1]
+
+    def aead(self, form: int):
+        """The cipher of a chunk form (RECORD_FORM: the records' one)."""
         if not FORMS[form][1]:
-            return self._aead
+            return self._gcm
         if self._ocb is None:
             raise IntegrityError("sealed with AES-OCB3, which this OpenSSL does not offer")
         return self._ocb
 
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        return b"".join(self.seal_parts(plaintext, aad))
+    def seal(self, plaintext: bytes, aad: bytes, form: int = RECORD_FORM) -> bytes:
+        return b"".join(self.seal_parts(plaintext, aad, form=form))
 
     def seal_parts(self, plaintext, aad: bytes, nonce: bytes | None = None,
-                   form: int = WHOLE_GCM) -> tuple[bytes, bytes]:
+                   form: int = RECORD_FORM) -> tuple[bytes, bytes]:
         """(nonce, ciphertext+tag): written side by side (pwritev) without joining them.
         `nonce`: NONCE_LEN random bytes never used before (a caller sealing many chunks draws
         them from one os.urandom call: each call hands the GIL over and back)."""
@@ -88,9 +124,9 @@ class Sealer:
             nonce = os.urandom(NONCE_LEN)
         return nonce, self.aead(form).encrypt(nonce, plaintext, aad)
 
-    def open(self, blob, aad: bytes, form: int = WHOLE_GCM) -> bytes:
+    def open(self, blob, aad: bytes, form: int = RECORD_FORM) -> bytes:
         if len(blob) < OVERHEAD:
-            raise IntegrityError("sealed record too short")
+            raise IntegrityError("sealed blob too short")
         view = memoryview(blob)
         try:
             return self.aead(form).decrypt(view[:NONCE_LEN], view[NONCE_LEN:], aad)
@@ -98,20 +134,20 @@ class Sealer:
             raise IntegrityError("authentication failed") from None
 
 
-def chunk_aad(file_id: bytes, index: int, length: int, form: int = WHOLE_GCM) -> bytes:
-    """A whole chunk sealed as one blob (a slot "SSC1" or "SSC4")."""
-    return b"ssecfs-chunk" + struct.pack(">B16sQI", form, file_id, index, length)
+_CHUNK_HEAD = struct.Struct(">12sBB16sQQI")     # label, version, form, entry, index, gen, len
 
 
-WRITE_ID_LEN = 8
+def chunk_aad(file_id: bytes, index: int, gen: int, length: int, form: int) -> bytes:
+    """A whole chunk sealed as one blob: chunk `index`, written as generation `gen`, holding
+    `length` plaintext bytes."""
+    return _CHUNK_HEAD.pack(b"ssecfs-chunk", FORMAT_VERSION, form, file_id, index, gen, length)
 
 
-def sub_aad(file_id: bytes, index: int, length: int, sub: int, write_id: bytes,
-            form: int = SPLIT_GCM) -> bytes:
-    """Sub-block `sub` of chunk `index` (sealed in the split form `form`), which holds
-    `length` plaintext bytes, as sealed by the write `write_id`."""
-    return b"ssecfs-chunk" + struct.pack(">B16sQIH8s", form, file_id, index, length,
-                                         sub, write_id)
+def sub_aad(file_id: bytes, index: int, gen: int, length: int, sub: int, write_id: bytes,
+            form: int) -> bytes:
+    """Sub-block `sub` of that chunk sealed in the split form `form` by the write
+    `write_id`."""
+    return chunk_aad(file_id, index, gen, length, form) + struct.pack(">H8s", sub, write_id)
 
 
 def sealed_len(length: int, size: int = SUB) -> int:
@@ -122,7 +158,7 @@ def sealed_len(length: int, size: int = SUB) -> int:
 _SUB_NUMBERS = [struct.pack(">H", n) for n in range(64)]
 
 
-def seal_chunk(sealer: "Sealer", plaintext, file_id: bytes, index: int,
+def seal_chunk(sealer: EntrySealer, plaintext, file_id: bytes, index: int, gen: int,
                write_id: bytes) -> list[bytes]:
     """A chunk sealed in 4 KiB sub-blocks, in the sealer's split form: [nonce, ciphertext+tag,
     nonce, ...] (for pwritev). The same bytes as sealing each sub-block with sub_aad; the loop
@@ -131,7 +167,7 @@ def seal_chunk(sealer: "Sealer", plaintext, file_id: bytes, index: int,
     view = memoryview(plaintext)
     length = len(view)
     count = -(-length // SUB)
-    head = sub_aad(file_id, index, length, 0, write_id, form)[:-10]   # up to the sub-block no.
+    head = chunk_aad(file_id, index, gen, length, form)         # up to the sub-block number
     nonces = os.urandom(NONCE_LEN * count)                      # one system call for all
     encrypt = sealer.aead(form).encrypt
     parts: list[bytes] = []
@@ -144,8 +180,8 @@ def seal_chunk(sealer: "Sealer", plaintext, file_id: bytes, index: int,
     return parts
 
 
-def open_subs(sealer: "Sealer", blob, file_id: bytes, index: int, length: int,
-              write_id: bytes, first: int, count: int, form: int = SPLIT_GCM) -> bytes:
+def open_subs(sealer: EntrySealer, blob, file_id: bytes, index: int, gen: int, length: int,
+              write_id: bytes, first: int, count: int, form: int) -> bytes:
     """Plaintext of the `count` consecutive sub-blocks (of the split form `form`) in `blob`,
     the first being number `first`, of a chunk of `length` bytes. IntegrityError if any fails
     authentication, or if `blob` is not exactly their size (a slot cut short must not read as
@@ -157,13 +193,14 @@ def open_subs(sealer: "Sealer", blob, file_id: bytes, index: int, length: int,
             len(view) != sealed_len(end, size) - first * (size + OVERHEAD):
         raise IntegrityError("sealed sub-blocks cut short")
     if count == 1:                  # a random 4 KiB read: one sub-block
-        return sealer.open(view, sub_aad(file_id, index, length, first, write_id, form), form)
+        return sealer.open(view, sub_aad(file_id, index, gen, length, first, write_id, form),
+                           form)
     out = []
     pos = 0
     for sub in range(first, first + count):
         n = min(size, length - sub * size) + OVERHEAD
         out.append(sealer.open(view[pos:pos + n],
-                               sub_aad(file_id, index, length, sub, write_id, form), form))
+                               sub_aad(file_id, index, gen, length, sub, write_id, form), form))
         pos += n
     return b"".join(out)
 

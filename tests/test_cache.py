@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 import time
 
 import pytest
@@ -14,18 +13,18 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from helpers import marker_blob, scan_dir_for, wait_until
 from ssecfs import cache as cache_mod
 from ssecfs import crypto as crypto_mod
-from ssecfs.cache import (BASE, CHUNK, HEADER, RHEADER, RSLOT, SEAL_BATCH, SLOT, SLOT_MAGIC,
-                          SUBS_AT, VERSION_TEXT, Cache, CacheEntry, Slots)
+from ssecfs.cache import (BASE, CHUNK, EXIT_CACHE, HEADER, NEVER, RHEADER, RSLOT, SEAL_BATCH,
+                          SLOT, SLOT_MAGIC, SUBS_AT, VERSION_TEXT, Cache, CacheEntry, Slots)
 from ssecfs.cache import _cost
-from ssecfs.crypto import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, SUB_V2, WHOLE_GCM,
-                           WHOLE_OCB, Sealer, chunk_aad, open_subs, sub_aad)
+from ssecfs.crypto import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, WHOLE_GCM,
+                           WHOLE_OCB, Sealer, open_subs, sub_aad)
 from ssecfs.errors import IntegrityError, NoSpace, UserError
 from ssecfs.keys import Key
 
 COST = _cost(CHUNK)           # accounted bytes of one full chunk (whole 4 KiB blocks)
-# slot forms: written now (AES-OCB3), and those of older caches (AES-GCM; 32 KiB sub-blocks)
+# slot forms: AES-OCB3, and AES-GCM where OpenSSL lacks OCB3; whole, and in sub-blocks
 MAGIC_WHOLE, MAGIC_SPLIT = SLOT_MAGIC[WHOLE_OCB], SLOT_MAGIC[SPLIT_OCB]
-MAGIC_V1, MAGIC_V2, MAGIC_V3 = SLOT_MAGIC[WHOLE_GCM], SLOT_MAGIC[2], SLOT_MAGIC[SPLIT_GCM]
+MAGIC_WHOLE_GCM, MAGIC_SPLIT_GCM = SLOT_MAGIC[WHOLE_GCM], SLOT_MAGIC[SPLIT_GCM]
 
 
 class Keys:
@@ -62,9 +61,26 @@ def cache(cache_dir, keys):
     c.close()
 
 
-def slot_offset(index: int) -> int:
-    """Where chunk `index` of a (format 3) entry lives in its data file."""
-    return BASE + index * SLOT
+def slot_offset(index: int, pos: int = 0) -> int:
+    """Where slot `pos` (0 or 1) of chunk `index` lives in an entry's data file."""
+    return BASE + (2 * index + pos) * SLOT
+
+
+def rescan(e, trusted: bool = True) -> None:
+    """What a restart knows of an entry: only what its slot headers say. trusted: the
+    record recovered confirms every version found (else each is verified at first use)."""
+    with e.io_lock:
+        for m in (e.present, e.slots, e.stale, e._unresolved):
+            m.clear()
+    e._trusted = NEVER if trusted else -1
+    e.scan_slots()
+
+
+def write_header(e, index: int, magic: bytes, length: int, gen: int | None = None,
+                 pos: int = 0) -> None:
+    with open(e.data_path, "r+b") as f:
+        f.seek(slot_offset(index, pos))
+        f.write(HEADER.pack(magic, length, e.slots[index].gen if gen is None else gen))
 
 
 # ------------------------------------------------------------------------- chunks
@@ -137,34 +153,43 @@ def test_tampered_slot_header_fails(cache, split):
     e.sync()
     if split:
         write_split(e, 0, data)
-    magic, others = ((MAGIC_SPLIT, (MAGIC_WHOLE, MAGIC_V3, MAGIC_V1)) if split else
-                     (MAGIC_WHOLE, (MAGIC_SPLIT, MAGIC_V1, MAGIC_V3)))
-    with open(e.data_path, "r+b") as f:
-        f.seek(slot_offset(0))
-        f.write(HEADER.pack(magic, 4999))            # claims one byte less
-    with pytest.raises(IntegrityError):
-        e.read_chunk(0)
-    for other in others:       # claims another form: the other shape, or the same with GCM
-        with open(e.data_path, "r+b") as f:
-            f.seek(slot_offset(0))
-            f.write(HEADER.pack(other, 5000))
+    magic, others = ((MAGIC_SPLIT, (MAGIC_WHOLE, MAGIC_SPLIT_GCM, MAGIC_WHOLE_GCM)) if split
+                     else (MAGIC_WHOLE, (MAGIC_SPLIT, MAGIC_WHOLE_GCM, MAGIC_SPLIT_GCM)))
+    gen = e.slots[0].gen
+    # what the header claims is believed after a restart (rescan): the tags refuse it
+    for claim in [(magic, 4999, gen),                # one byte less
+                  (magic, 5000, gen + 1), (magic, 5000, gen - 1)]:     # another generation
+        write_header(e, 0, *claim)
+        with pytest.raises(IntegrityError):
+            e.read_chunk(0)                          # (not what this process wrote)
+        rescan(e)
+        assert (e.slots[0].gen, e.slots[0].length) == (claim[2], claim[1])
         with pytest.raises(IntegrityError):
             e.read_chunk(0)
-    with open(e.data_path, "r+b") as f:
-        f.seek(slot_offset(0))
-        f.write(HEADER.pack(b"XXXX", 5000))          # bad magic
-    with pytest.raises(IntegrityError):
-        e.read_chunk(0)
+        with pytest.raises(IntegrityError):
+            e.read_range(0, 0, 100)
+    for other in others:       # claims another form: the other shape, or the same with GCM
+        write_header(e, 0, other, 5000, gen)
+        rescan(e)
+        with pytest.raises(IntegrityError):
+            e.read_chunk(0)
+    write_header(e, 0, b"XXXX", 5000, gen)           # bad magic: an absent chunk
+    rescan(e)
+    assert not e.has(0)
+    write_header(e, 0, magic, 5000, gen)
+    rescan(e)
+    assert e.read_chunk(0) == data
 
 
-# --------------------------------------------------- sub-blocks (format 2) and format 1 slots
+# ------------------------------------------------------------------------- sub-blocks
 WINDOWS = [(0, 4096), (4096, 8192), (SUB - 1, SUB + 1), (SUB, 2 * SUB), (100, 3 * SUB + 7),
            (0, CHUNK), (CHUNK - 4096, CHUNK), (5000, 5001), (SUB * 3 + 5, CHUNK)]
 
 
 def slot_magic(e, index: int) -> bytes:
+    """The magic of the slot that holds chunk `index`'s newest version."""
     with open(e.data_path, "rb") as f:
-        f.seek(e.base + index * SLOT)
+        f.seek(slot_offset(index, e.slots[index].pos))
         return f.read(4)
 
 
@@ -176,7 +201,7 @@ def write_split(e, index: int, data: bytes) -> None:
     assert slot_magic(e, index) == MAGIC_WHOLE
     assert e.read_range(index, 0, 1, random=True) == data[:1]
     e.drain()
-    assert slot_magic(e, index) == MAGIC_SPLIT and index in e.wids
+    assert slot_magic(e, index) == MAGIC_SPLIT and e.slots[index].form == SPLIT_OCB
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -212,7 +237,8 @@ def test_written_chunks_are_sealed_whole_and_resealed_in_sub_blocks_when_read_at
     # written again: sealed whole again
     e.write_chunk(1, data[2], dirty=False)
     e.sync()
-    assert slot_magic(e, 1) == MAGIC_WHOLE and 1 not in e.wids
+    assert slot_magic(e, 1) == MAGIC_WHOLE and e.slots[1].form == WHOLE_OCB
+    assert [s.pos for s in e.slots.values()] == [0] * 4          # no dirty record: in place
     assert e.read_range(1, 5, 50, random=True) == data[2][5:50]
     e.drain()
     assert slot_magic(e, 1) == MAGIC_SPLIT and e.read_chunk(1) == data[2]
@@ -230,52 +256,15 @@ def test_a_random_4k_read_decrypts_one_4k_sub_block(cache, monkeypatch):
     assert opened == [4096 + OVERHEAD]
 
 
-def write_v2_slot(e, index: int, data: bytes, keys) -> None:
-    """A chunk slot as cache formats 2 and 3 sealed a chunk read at random: "SSC2", 32 KiB
-    sub-blocks whose associated data names format 2."""
-    wid = os.urandom(8)
-    sealer = keys.sealers(0)[keys.fp(0)]
-    parts = [HEADER.pack(MAGIC_V2, len(data)), wid]
-    for j, lo in enumerate(range(0, len(data), SUB_V2)):
-        aad = b"ssecfs-chunk" + struct.pack(">B16sQIH8s", 2, e.bid, index, len(data), j, wid)
-        parts.extend(sealer.seal_parts(data[lo:lo + SUB_V2], aad))
-    with open(e.data_path, "r+b") as f:
-        f.seek(slot_offset(index))
-        f.write(b"".join(parts))
-
-
-@pytest.mark.parametrize("length", [5000, SUB_V2 + 1, CHUNK])
-def test_older_32k_sub_block_slots_still_read(cache, keys, length):
-    e = cache.new_entry()
-    data = os.urandom(length)
-    e.write_chunk(0, data, dirty=False)
-    e.sync()
-    write_v2_slot(e, 0, data, keys)
-    rescan(e)                                   # what a restart on the new version sees
-    assert e.wids[0][1] == 2                    # the form of 32 KiB GCM sub-blocks
-    assert e.read_chunk(0) == data
-    for lo, hi in WINDOWS:
-        assert e.read_range(0, lo, hi) == data[lo:hi], (lo, hi)
-    # the same bytes claimed as a form with 4 KiB sub-blocks fail authentication
-    for other in (MAGIC_V3, MAGIC_SPLIT):
-        with open(e.data_path, "r+b") as f:
-            f.seek(slot_offset(0))
-            f.write(HEADER.pack(other, length))
-        rescan(e)
-        with pytest.raises(IntegrityError):
-            e.read_chunk(0)
-        with pytest.raises(IntegrityError):
-            e.read_range(0, 0, 4096)
-
-
-def test_sub_block_aad_names_its_size():
-    sealer = Sealer(os.urandom(32))
+def test_sub_block_aad_names_its_form_and_generation():
     bid, wid = os.urandom(16), os.urandom(8)
-    blob = b"".join(sealer.seal_parts(b"x" * 100, sub_aad(bid, 0, 100, 0, wid, 2)))
-    assert open_subs(sealer, blob, bid, 0, 100, wid, 0, 1, 2) == b"x" * 100
-    for other in (SPLIT_GCM, SPLIT_OCB):
+    sealer = Sealer(os.urandom(32)).entry(bid)
+    blob = b"".join(sealer.seal_parts(b"x" * 100, sub_aad(bid, 0, 7, 100, 0, wid, SPLIT_GCM),
+                                      form=SPLIT_GCM))
+    assert open_subs(sealer, blob, bid, 0, 7, 100, wid, 0, 1, SPLIT_GCM) == b"x" * 100
+    for gen, form in ((7, SPLIT_OCB), (6, SPLIT_GCM), (8, SPLIT_GCM)):
         with pytest.raises(IntegrityError):
-            open_subs(sealer, blob, bid, 0, 100, wid, 0, 1, other)
+            open_subs(sealer, blob, bid, 0, gen, 100, wid, 0, 1, form)
 
 
 def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache, monkeypatch):
@@ -289,7 +278,7 @@ def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache, monkeypatch):
     cache.set_dirty(e, True)
     assert e.read_range(0, 0, 10, random=True) == d0[:10]
     e.drain()
-    assert slot_magic(e, 0) == MAGIC_WHOLE and not e.wids
+    assert slot_magic(e, 0) == MAGIC_WHOLE and {s.form for s in e.slots.values()} == {WHOLE_OCB}
     cache.set_dirty(e, False)
     # a write between the read and the re-seal: the read's bytes are not written back
     e._resplit(1, d1, e.writes - 1)
@@ -309,8 +298,9 @@ def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache, monkeypatch):
 
 
 def test_slot_is_sealed_in_sub_blocks(cache, keys):
-    """The slot's bytes: header with a write id, then one nonce|ciphertext|tag per 32 KiB of
-    plaintext, each bound to its chunk, length, number and write."""
+    """The slot's bytes: header with a generation and a write id, then one
+    nonce|ciphertext|tag per 4 KiB of plaintext, each bound to its entry (key and id),
+    chunk, generation, length, number and write."""
     e = cache.new_entry()
     length = 3 * SUB + 100
     data = os.urandom(length)
@@ -319,19 +309,25 @@ def test_slot_is_sealed_in_sub_blocks(cache, keys):
         f.seek(slot_offset(0))
         raw = f.read()
     assert len(raw) == SUBS_AT + 3 * SUB_SEALED + 100 + 28
-    assert HEADER.unpack_from(raw) == (MAGIC_SPLIT, length)
+    gen = e.slots[0].gen
+    assert HEADER.unpack_from(raw) == (MAGIC_SPLIT, length, gen)
     wid = raw[HEADER.size:SUBS_AT]
-    sealer = keys.sealers(0)[keys.fp(0)]
+    sealer = keys.sealers(0)[keys.fp(0)].entry(e.bid)
     sub1 = raw[SUBS_AT + SUB_SEALED:SUBS_AT + 2 * SUB_SEALED]
     f = SPLIT_OCB
-    assert sealer.open(sub1, sub_aad(e.bid, 0, length, 1, wid, f), f) == data[SUB:2 * SUB]
-    for aad in (sub_aad(e.bid, 0, length, 2, wid, f), sub_aad(e.bid, 1, length, 1, wid, f),
-                sub_aad(e.bid, 0, length + 1, 1, wid, f), sub_aad(e.bid, 0, length, 1, bytes(8), f),
-                sub_aad(e.bid, 0, length, 1, wid, SPLIT_GCM)):
+    b = e.bid
+    assert sealer.open(sub1, sub_aad(b, 0, gen, length, 1, wid, f), f) == data[SUB:2 * SUB]
+    for aad in (sub_aad(b, 0, gen, length, 2, wid, f), sub_aad(b, 1, gen, length, 1, wid, f),
+                sub_aad(b, 0, gen, length + 1, 1, wid, f), sub_aad(b, 0, gen + 1, length, 1, wid, f),
+                sub_aad(b, 0, gen, length, 1, bytes(8), f),
+                sub_aad(b, 0, gen, length, 1, wid, SPLIT_GCM)):
         with pytest.raises(IntegrityError):
             sealer.open(sub1, aad, f)
     with pytest.raises(IntegrityError):          # the same associated data, GCM's key
-        sealer.open(sub1, sub_aad(e.bid, 0, length, 1, wid, f), SPLIT_GCM)
+        sealer.open(sub1, sub_aad(b, 0, gen, length, 1, wid, f), SPLIT_GCM)
+    other = keys.sealers(0)[keys.fp(0)].entry(os.urandom(16))     # another entry's keys
+    with pytest.raises(IntegrityError):
+        other.open(sub1, sub_aad(b, 0, gen, length, 1, wid, f), f)
 
 
 def corrupt(path: str, pos: int) -> None:
@@ -408,13 +404,6 @@ def test_slot_torn_between_two_writes_fails(cache):
     assert e.read_range(0, 3 * SUB, CHUNK) == old_data[3 * SUB:]   # wholly old: authentic
 
 
-def rescan(e) -> None:
-    """What a restart knows of an entry: only what scan_present reads from the slots."""
-    e.present.clear()
-    e.wids.clear()
-    e.scan_present()
-
-
 def test_slot_cut_short_fails(cache):
     e = cache.new_entry()
     write_split(e, 0, os.urandom(CHUNK))
@@ -444,74 +433,15 @@ def test_slot_cut_at_a_sub_block_boundary_fails(cache, subs_left):
         assert e.read_range(0, 0, subs_left * SUB) == data[:subs_left * SUB]
 
 
-def write_format1_cache(cache_dir, keys, chunks: dict[int, bytes]) -> str:
-    """A cache directory as ssecfs before format 2 left it: VERSION 1, one dirty entry whose
-    slots hold each chunk sealed as one blob. Returns the entry id."""
-    c = make_cache(cache_dir, keys)
-    e = CacheEntry(c, os.urandom(16).hex(), legacy=True)     # record in ID.meta
-    e.save_state({"dirty": True, "path": "/old", "size": 0})
-    assert os.path.exists(e.meta_path)
-    e.close_fd()
-    c.close()
-    sealer = keys.sealers(0)[keys.fp(0)]
-    with open(e.data_path, "wb") as f:
-        for i, data in chunks.items():
-            f.seek(i * SLOT)
-            f.write(HEADER.pack(MAGIC_V1, len(data)))
-            f.write(b"".join(sealer.seal_parts(data, chunk_aad(e.bid, i, len(data)))))
-    with open(os.path.join(cache_dir, "VERSION"), "w") as f:
-        f.write("ssecfs-cache 1\n")
-    return e.id
-
-
-def test_format1_slots_stay_readable(cache_dir, keys):
-    chunks = {0: os.urandom(CHUNK), 3: os.urandom(5000)}
-    entry_id = write_format1_cache(cache_dir, keys, chunks)
-    c = make_cache(cache_dir, keys)
-    try:
-        with open(os.path.join(cache_dir, "VERSION")) as f:
-            assert f.read() == VERSION_TEXT          # older versions now refuse the directory
-        dirty, bad = c.recover()
-        assert bad == [] and [x.id for x, _ in dirty] == [entry_id]
-        e = dirty[0][0]
-        assert e.present == {0: CHUNK, 3: 5000}
-        assert e.read_chunk(0) == chunks[0] and e.read_chunk(3) == chunks[3]
-        for lo, hi in WINDOWS:
-            assert e.read_range(0, lo, hi) == chunks[0][lo:hi]
-            assert e.read_range(3, lo, hi) == chunks[3][lo:hi]
-        # rewritten: format 2 slots from then on, in the entry's own layout (chunk i at
-        # i * SLOT, record in ID.meta) until it is uploaded and removed
-        e.write_chunk(3, b"new")
-        e.save_state({"dirty": True, "path": "/old", "size": 3 * CHUNK + 3})
-        assert e.read_range(3, 0, 10) == b"new" and e.read_range(0, 10, 20) == chunks[0][10:20]
-        assert slot_magic(e, 3) == MAGIC_WHOLE    # written chunks are sealed whole
-        e.close_fd()
-    finally:
-        c.close()
-    c = make_cache(cache_dir, keys)
-    try:
-        (e, state), = c.recover()[0]
-        assert e.legacy and state["size"] == 3 * CHUNK + 3 and e.read_chunk(3) == b"new"
-        e.drop_state()                            # uploaded: the record goes
-        e.close_fd()
-    finally:
-        c.close()
-    c = make_cache(cache_dir, keys)
-    try:
-        assert c.recover() == ([], []) and os.listdir(c.entries_dir) == []
-    finally:
-        c.close()
-
-
 def without_ocb(key):
     raise UnsupportedAlgorithm("no AES-OCB3 in this OpenSSL")
 
 
-def test_gcm_slots_of_older_caches_and_of_an_openssl_without_ocb(cache_dir, keys, monkeypatch):
-    """Where OpenSSL lacks OCB3, chunks are sealed with AES-GCM, whole and in sub-blocks: the
-    forms that caches of format 4 and before hold. Such a cache, opened where OCB3 is there,
+def test_where_openssl_lacks_ocb_chunks_are_sealed_with_gcm(cache_dir, keys, monkeypatch):
+    """Where OpenSSL lacks OCB3 (a FIPS build), chunks are sealed with AES-GCM, whole and in
+    sub-blocks: two forms of the same format. Such a cache, opened where OCB3 is there,
     reads them as they are and seals new chunks with OCB3; a slot sealed with OCB3 is
-    refused, never misread, where OCB3 is missing."""
+    refused, never misread nor taken for a torn one, where OCB3 is missing."""
     data = {0: os.urandom(CHUNK), 1: os.urandom(5000)}
     with monkeypatch.context() as mp:
         mp.setattr(crypto_mod, "AESOCB3", without_ocb)
@@ -522,48 +452,60 @@ def test_gcm_slots_of_older_caches_and_of_an_openssl_without_ocb(cache_dir, keys
         e.sync()
         assert e.read_range(1, 0, 1, random=True) == data[1][:1]      # re-sealed in sub-blocks
         e.drain()
-        assert [slot_magic(e, i) for i in (0, 1)] == [MAGIC_V1, MAGIC_V3]
+        assert [slot_magic(e, i) for i in (0, 1)] == [MAGIC_WHOLE_GCM, MAGIC_SPLIT_GCM]
         c.set_dirty(e, True)
         e.save_state({"dirty": True, "path": "/f", "size": CHUNK + 5000})
         e.close_fd()
         c.close()
-    with open(os.path.join(cache_dir, "VERSION"), "w") as f:
-        f.write("ssecfs-cache 4\n")
     c = make_cache(cache_dir, keys)
     try:
-        with open(os.path.join(cache_dir, "VERSION")) as f:
-            assert f.read() == VERSION_TEXT          # a format 4 ssecfs now refuses it
         (e, state), = c.recover()[0]
         assert state["dirty"] and e.present == {0: CHUNK, 1: 5000}
-        assert e.wids[1][1] == SPLIT_GCM
         for i, d in data.items():
             assert e.read_chunk(i) == d
             for lo, hi in WINDOWS:
                 assert e.read_range(i, lo, hi) == d[lo:hi], (i, lo, hi)
+        assert e.slots[1].form == SPLIT_GCM
         e.write_chunk(2, b"new")
-        e.sync()
+        e.save_state({"dirty": True, "path": "/f", "size": 2 * CHUNK + 3})
+        e.save_state({"dirty": True, "path": "/f", "size": 2 * CHUNK + 3})   # confirms it
         assert slot_magic(e, 2) == MAGIC_WHOLE and e.read_chunk(2) == b"new"
         e.close_fd()
     finally:
         c.close()
-    with monkeypatch.context() as mp:
-        mp.setattr(crypto_mod, "AESOCB3", without_ocb)
-        c = make_cache(cache_dir, keys)
-        try:
-            (e, _), = c.recover()[0]
-            assert e.read_chunk(0) == data[0]
-            with pytest.raises(IntegrityError, match="OCB3"):
-                e.read_chunk(2)
-        finally:
-            c.close()
+    for trusted in (True, False):
+        with monkeypatch.context() as mp:
+            mp.setattr(crypto_mod, "AESOCB3", without_ocb)
+            c = make_cache(cache_dir, keys)
+            try:
+                (e, _), = c.recover()[0]
+                if not trusted:
+                    rescan(e, trusted=False)       # verified at first use: not taken as torn
+                assert e.read_chunk(0) == data[0]
+                with pytest.raises(IntegrityError, match="OCB3"):
+                    e.read_chunk(2)
+                assert e.has(2)
+            finally:
+                c.close()
 
 
-def test_unknown_cache_version_refused(cache_dir, keys):
+def test_a_cache_of_another_format_is_refused_with_how_to_drain_it(cache_dir, keys):
+    """Only this format is read: a directory another ssecfs version wrote is refused, in one
+    line that says how to get its pending uploads out, and nothing in it is touched."""
     make_cache(cache_dir, keys).close()
-    with open(os.path.join(cache_dir, "VERSION"), "w") as f:
-        f.write("ssecfs-cache 6\n")
-    with pytest.raises(UserError, match="unknown cache format"):
-        make_cache(cache_dir, keys)
+    assert VERSION_TEXT == "ssecfs-cache 6\n"
+    for text in ("ssecfs-cache 5\n", "ssecfs-cache 1\n", "ssecfs-cache 7\n"):
+        with open(os.path.join(cache_dir, "VERSION"), "w") as f:
+            f.write(text)
+        with pytest.raises(UserError) as err:
+            make_cache(cache_dir, keys)
+        msg = str(err.value)
+        assert err.value.exit_code == EXIT_CACHE == 6 and "\n" not in msg
+        assert repr(text.strip()) in msg and "(6)" in msg
+        assert "mount it once with the ssecfs version that wrote it" in msg
+        assert "remove the directory" in msg and cache_dir in msg
+        with open(os.path.join(cache_dir, "VERSION")) as f:
+            assert f.read() == text
 
 
 def test_slot_moved_to_another_index_or_entry_fails(cache):
@@ -580,9 +522,13 @@ def test_slot_moved_to_another_index_or_entry_fails(cache):
         f.write(slot0)                                # chunk 0's slot at index 1
     with pytest.raises(IntegrityError):
         a.read_chunk(1)
+    rescan(a)                                         # its header believed: the tag refuses
+    with pytest.raises(IntegrityError):
+        a.read_chunk(1)
     with open(b.data_path, "r+b") as f:
         f.seek(slot_offset(0))
         f.write(slot0)                                # a's chunk 0 into b's chunk 0
+    rescan(b)
     with pytest.raises(IntegrityError):
         b.read_chunk(0)
 
@@ -596,30 +542,84 @@ def test_tampered_journal_record_fails(cache):
 
 
 def test_records_alternate_and_a_torn_newest_falls_back_to_the_previous(cache_dir, keys):
-    """Records go to slot seq % 2 in turn, so a crash in the middle of writing one leaves the
-    previous one whole; recovery takes the newest that authenticates, and the next record
-    goes over the torn one, never over the one recovered."""
+    """Records go to the two record slots in turn (record n to slot n % 2), so a crash in
+    the middle of writing one leaves the previous one whole; recovery takes the newest that
+    authenticates, and the next record goes over the torn one, never over the one
+    recovered."""
     c = make_cache(cache_dir, keys)
     e = c.new_entry()
     e.write_chunk(0, b"data")
     for gen in range(1, 4):
         e.save_state({"dirty": True, "generation": gen})
-    assert [seq for seq, _, _ in CacheEntry.read_records(e.data_path)] == [2, 1]
+    (seq, _, _), (older, _, _) = CacheEntry.read_records(e.data_path)
+    assert seq > older and seq % 2 != older % 2
     assert e.load_state()["generation"] == 3
     e.close_fd()
     c.close()
-    corrupt(e.data_path, 0 * RSLOT + RHEADER.size + 3)     # seq 2 (generation 3) torn
+    newest = (seq % 2) * RSLOT
+    corrupt(e.data_path, newest + RHEADER.size + 3)          # generation 3's record torn
     c = make_cache(cache_dir, keys)
     try:
         (r, state), = c.recover()[0]
         assert state["generation"] == 2 and r.read_chunk(0) == b"data"
-        r.save_state({"dirty": True, "generation": 4})      # seq 2 again: over the torn one
+        r.save_state({"dirty": True, "generation": 4}, sync=False)
         assert r.load_state()["generation"] == 4
-        corrupt(r.data_path, 0 * RSLOT + RHEADER.size + 3)
-        assert r.load_state()["generation"] == 2            # the one kept whole
+        assert CacheEntry.read_records(r.data_path)[0][0] % 2 == seq % 2   # over the torn one
+        corrupt(r.data_path, newest + RHEADER.size + 3)
+        assert r.load_state()["generation"] == 2             # the one kept whole
         r.close_fd()
     finally:
         c.close()
+
+
+def test_a_record_never_goes_over_the_newest_flushed_one(cache_dir, keys, monkeypatch):
+    """After an upload, the clean record is written without a flush. If the power fails
+    before it reaches the disk while the next close writes its record, a record written
+    over the newest flushed one (alternating blindly) could leave the disk with a torn
+    record and, in the other slot, a dirty record older than the one last acknowledged:
+    recovery would upload that older state over the newer object. The next record goes
+    over the unflushed one instead."""
+    c = make_cache(cache_dir, keys)
+    e = c.new_entry()
+    e.write_chunk(0, b"data")
+    e.save_state({"dirty": True, "v": 1})
+    e.save_state({"dirty": True, "v": 2})              # acknowledged; then uploaded
+    flushed = {slot: slot_record(e, slot) for slot in (0, 1)}
+    e.drop_state()                                     # the clean record, not flushed
+    for slot, raw in flushed.items():                  # ... and it never reached the disk
+        with open(e.data_path, "r+b") as f:
+            f.seek(slot * RSLOT)
+            f.write(raw)
+    real = os.pwrite
+
+    def torn_record(fd, data, off):
+        real(fd, bytes(data)[:RHEADER.size + 5], off)
+        return len(data)
+
+    class PowerCut(Exception):
+        pass
+
+    def fdatasync(fd):
+        raise PowerCut()
+    monkeypatch.setattr(cache_mod.os, "pwrite", torn_record)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(PowerCut):
+        e.save_state({"dirty": True, "v": 3})          # the next close, cut
+    monkeypatch.undo()
+    e.close_fd()
+    c.close()
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, state), = c.recover()[0]
+        assert state["v"] == 2
+    finally:
+        c.close()
+
+
+def slot_record(e, slot: int) -> bytes:
+    with open(e.data_path, "rb") as f:
+        f.seek(slot * RSLOT)
+        return f.read(RSLOT)
 
 
 # ------------------------------------------------------------------------- directory, lock
@@ -739,9 +739,11 @@ def test_recover_torn_record_kept_and_reported(cache_dir, keys):
     e.save_state({"dirty": True, "path": "/t"})
     e.sync()
     c.close()
-    with open(e.data_path, "r+b") as f:             # the only record, torn
-        f.seek(RHEADER.size)
-        f.write(bytes(10))
+    assert len(CacheEntry.read_records(e.data_path)) == 2     # the record, its confirmation
+    with open(e.data_path, "r+b") as f:             # both torn
+        for slot in (0, 1):
+            f.seek(slot * RSLOT + RHEADER.size)
+            f.write(bytes(10))
     c2 = make_cache(cache_dir, keys)
     try:
         entries, bad = c2.recover()
@@ -1117,7 +1119,7 @@ def test_chunk_written_while_the_cache_closes_is_sealed_not_left_pending(cache_d
     e.write_chunk(3, data)
     assert not e.pending                    # sealed and written already
     assert e.read_chunk(3) == data
-    c.close()                               # returns (it used to hang here)
+    c.close()                               # returns (a chunk left pending: hangs)
 
 
 def test_dirty_entry_starts_disk_writes_early_clean_one_does_not(cache_dir, keys, monkeypatch):
@@ -1209,3 +1211,462 @@ def test_state_record_is_made_durable_with_the_data(cache, monkeypatch):
     e.save_state({"size": CHUNK + 100}, sync=False)
     e.drop_state()
     assert events == [] and e.load_state() == {"dirty": False}
+
+
+# ------------------------------------------------------------------ copy-on-write of chunks
+def acknowledged_entry(cache_dir, keys, chunks: dict[int, bytes]):
+    """A cache holding a dirty file whose chunks and journal record are flushed: what a
+    close() or fsync() that returned leaves."""
+    c = make_cache(cache_dir, keys)
+    e = c.new_entry()
+    for i, d in chunks.items():
+        e.write_chunk(i, d)
+    size = max(chunks) * CHUNK + len(chunks[max(chunks)])
+    e.save_state({"dirty": True, "path": "/f", "size": size})      # sync=True: flushed
+    return c, e
+
+
+def tearing_pwritev(monkeypatch, tear):
+    """os.pwritev as the sealers call it, but the slot reaches the disk torn by `tear(new,
+    old)` (old: the bytes at that place before): a power cut in the middle of the write, as
+    a disk that writes 4 KiB blocks leaves it. The caller is told every byte was written."""
+    torn = []
+    real = os.pwritev
+
+    def pwritev(fd, bufs, off):
+        new = b"".join(bytes(b) for b in bufs)
+        old = os.pread(fd, len(new), off).ljust(len(new), b"\0")
+        data = tear(new, old)
+        os.pwrite(fd, data, off)
+        torn.append(off)
+        return len(new)
+    monkeypatch.setattr(cache_mod.os, "pwritev", pwritev)
+    return torn, real
+
+
+def half(new: bytes) -> int:
+    return len(new) // 2 // 4096 * 4096
+
+
+TEARS = {
+    "new head, old tail": lambda new, old: new[:half(new)] + old[half(new):],
+    "old head, new tail": lambda new, old: old[:half(new)] + new[half(new):],
+    "cut after the first 4 KiB block": lambda new, old: new[:4096],
+    "cut after 16 blocks": lambda new, old: new[:16 * 4096],
+    "all but the last block": lambda new, old: new[:(len(new) - 1) // 4096 * 4096],
+}
+
+
+@pytest.mark.parametrize("tear", TEARS)
+def test_a_rewrite_torn_by_a_crash_leaves_the_acknowledged_chunk_readable(cache_dir, keys,
+                                                                         monkeypatch, tear):
+    """A write() changes a few bytes of a chunk whose content was acknowledged (close()
+    returned); the power fails while its slot is written. The acknowledged content of that
+    chunk reads back intact after the restart, and is what the upload reads."""
+    chunks = {i: os.urandom(CHUNK) for i in range(3)}
+    c, e = acknowledged_entry(cache_dir, keys, chunks)
+    changed = bytearray(chunks[1])
+    changed[5000:5010] = b"0123456789"
+    torn, real = tearing_pwritev(monkeypatch, TEARS[tear])
+    e.write_chunk(1, bytes(changed))
+    e.drain()
+    monkeypatch.setattr(cache_mod.os, "pwritev", real)
+    assert len(torn) == 1
+    e.close_fd()
+    c.close()                                      # (a crash also drops the lock)
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, state), = c.recover()[0]
+        assert state["dirty"]
+        for i, d in chunks.items():
+            assert r.read_chunk(i) == d, i
+            for lo, hi in WINDOWS:
+                assert r.read_range(i, lo, hi) == d[lo:hi], (i, lo, hi)
+        # the torn copy is gone (punched), and no longer counted
+        assert r.stale == {} and c.stats()["cache_used_bytes"] == 3 * COST
+        # the chunk is written again after the restart: that version is the one kept
+        r.write_chunk(1, bytes(changed))
+        r.save_state({"dirty": True, "path": "/f", "size": 3 * CHUNK})
+        assert r.read_chunk(1) == bytes(changed)
+        r.close_fd()
+    finally:
+        c.close()
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, _), = c.recover()[0]
+        assert r.read_chunk(1) == bytes(changed) and r.read_chunk(0) == chunks[0]
+    finally:
+        c.close()
+
+
+def test_a_complete_rewrite_wins_over_the_acknowledged_version_after_a_crash(cache_dir, keys):
+    """A rewrite whose slot was written whole, then a crash before close(): the newer
+    version is read after the restart (as a local file system may keep a write that
+    close() never confirmed), and a second rewrite after that is kept as well."""
+    chunks = {0: os.urandom(CHUNK), 1: os.urandom(5000)}
+    c, e = acknowledged_entry(cache_dir, keys, chunks)
+    new = os.urandom(CHUNK)
+    e.write_chunk(0, new)
+    e.write_chunk(1, b"shorter")
+    e.drain()
+    e.close_fd()
+    c.close()
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, _), = c.recover()[0]
+        assert r.read_chunk(0) == new and r.read_chunk(1) == b"shorter"
+        assert r.present == {0: CHUNK, 1: 7}
+        newer = os.urandom(CHUNK)
+        r.write_chunk(0, newer)
+        r.drain()
+        r.close_fd()
+    finally:
+        c.close()
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, _), = c.recover()[0]
+        assert r.read_chunk(0) == newer and r.read_chunk(1) == b"shorter"
+    finally:
+        c.close()
+
+
+def test_a_first_write_torn_by_a_crash_reads_as_before_it(cache_dir, keys, monkeypatch):
+    """A chunk the acknowledged version did not hold (past its end, or still in the remote
+    object) is written for the first time, and the power fails during that write: the
+    chunk is absent after the restart, as it was when close() returned (the file reads
+    the remote object's bytes, or zeros, there), instead of failing every read and the
+    upload of the whole file."""
+    chunks = {0: os.urandom(CHUNK), 1: os.urandom(CHUNK)}
+    c, e = acknowledged_entry(cache_dir, keys, chunks)
+    torn, real = tearing_pwritev(monkeypatch, TEARS["new head, old tail"])
+    e.write_chunk(3, os.urandom(CHUNK))
+    e.drain()
+    monkeypatch.setattr(cache_mod.os, "pwritev", real)
+    assert len(torn) == 1
+    e.close_fd()
+    c.close()
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, _), = c.recover()[0]
+        assert r.read_chunk(3) is None and r.read_range(3, 0, 100) is None
+        assert not r.has(3)
+        assert r.read_chunk(0) == chunks[0] and r.read_chunk(1) == chunks[1]
+        assert c.stats()["cache_used_bytes"] == 2 * COST
+    finally:
+        c.close()
+
+
+def test_close_cut_by_a_power_cut_after_its_record_reached_the_disk(cache_dir, keys,
+                                                                    monkeypatch):
+    """One fdatasync orders nothing between a chunk and the record it flushes with: the
+    power may fail once the new record is on disk and the rewritten chunk's slot is not
+    (or only partly). That close() never returned: the chunk reads as acknowledged by the
+    close() before."""
+    chunks = {0: os.urandom(CHUNK), 1: os.urandom(CHUNK)}
+    c, e = acknowledged_entry(cache_dir, keys, chunks)
+    torn, real = tearing_pwritev(monkeypatch, TEARS["cut after 16 blocks"])
+    e.write_chunk(0, os.urandom(CHUNK))
+
+    class PowerCut(Exception):
+        pass
+
+    def fdatasync(fd):
+        raise PowerCut()                        # the power fails in there: nothing after it
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(PowerCut):
+        e.save_state({"dirty": True, "path": "/f", "size": 2 * CHUNK, "close": 2})
+    monkeypatch.undo()
+    assert len(torn) == 1
+    e.close_fd()
+    c.close()
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, state), = c.recover()[0]
+        assert state["close"] == 2
+        assert r.read_chunk(0) == chunks[0] and r.read_chunk(1) == chunks[1]
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_an_uploaded_file_is_evicted_only_once_its_clean_record_is_flushed(cache_dir, keys,
+                                                                            monkeypatch, closed):
+    """Once uploaded, a file's entry turns clean and its chunks evictable, but the record on
+    disk says dirty until the clean record written after the upload is flushed: a chunk
+    punched before that would, after a power cut, leave the upload that recovery runs
+    reading zeros (or the older object's bytes) in its place, over the uploaded object.
+    Eviction waits for the clean record, and flushes it before the first hole."""
+    c = make_cache(cache_dir, keys, max_bytes=2 * COST)
+    try:
+        e = c.new_entry()
+        c.set_dirty(e, True)
+        data = {i: os.urandom(CHUNK) for i in range(3)}
+        for i, d in data.items():
+            e.write_chunk(i, d)
+        e.save_state({"dirty": True, "path": "/f", "size": 3 * CHUNK})
+        events = []
+        real_fdatasync, real_punch = os.fdatasync, cache_mod._punch_hole
+        monkeypatch.setattr(os, "fdatasync", lambda fd: events.append("flush") or
+                            real_fdatasync(fd))
+        monkeypatch.setattr(cache_mod, "_punch_hole", lambda fd, off, n: events.append("hole")
+                            or real_punch(fd, off, n))
+        if closed:                            # the file was closed, its entry's fd too
+            c.max_bytes = 8 * COST
+        c.set_dirty(e, False)                 # the upload is durable (what fs does first)
+        assert "hole" not in events and sorted(e.present) == [0, 1, 2]
+        e.drop_state()                        # then the record that says so
+        if closed:
+            e.close_fd()
+            assert "hole" not in events
+            c.max_bytes = 2 * COST
+            c._evict_if_needed()
+        assert "hole" in events and "flush" in events[:events.index("hole")], events
+        assert c.stats()["cache_used_bytes"] <= 2 * COST
+        assert [e.read_chunk(i) for i in range(3)][-2:] == [data[1], data[2]]
+    finally:
+        c.close()
+
+
+def test_a_slot_of_one_entry_copied_into_another_fails(cache):
+    """Two entries hold the same plaintext as the same chunk: their slots differ (each entry
+    has its own keys), and one copied over the other fails there, even with its header
+    made to claim the other's generation."""
+    x, y = cache.new_entry(), cache.new_entry()
+    data = os.urandom(CHUNK)
+    for e in (x, y):
+        e.write_chunk(0, data)
+        e.sync()
+    assert x.slots[0][::2] == y.slots[0][::2]       # same position, form, write id (none)
+    raw = {}
+    for e in (x, y):
+        with open(e.data_path, "rb") as f:
+            f.seek(slot_offset(0))
+            raw[e] = f.read(SLOT)
+    assert raw[x][HEADER.size:] != raw[y][HEADER.size:]
+    with open(y.data_path, "r+b") as f:
+        f.seek(slot_offset(0))
+        f.write(raw[x])
+    write_header(y, 0, MAGIC_WHOLE, CHUNK)          # y's own generation
+    rescan(y)
+    with pytest.raises(IntegrityError):
+        y.read_chunk(0)
+    with pytest.raises(IntegrityError):
+        y.read_range(0, 0, 4096)
+    assert x.read_chunk(0) == data
+
+
+def slot_bytes(e, index: int, pos: int, n: int = HEADER.size) -> bytes:
+    with open(e.data_path, "rb") as f:
+        f.seek(slot_offset(index, pos))
+        return f.read(n).ljust(n, b"\0")
+
+
+def test_a_rewrite_of_an_acknowledged_chunk_goes_to_its_other_slot(cache_dir, keys):
+    """Copy-on-write: the acknowledged version stays where it is until the new one is
+    flushed; rewrites before that flush reuse the new slot; the older copy is counted by
+    the bound, then punched by the flush."""
+    chunks = {0: os.urandom(CHUNK), 1: os.urandom(CHUNK)}
+    c, e = acknowledged_entry(cache_dir, keys, chunks)
+    try:
+        c.set_dirty(e, True)
+        assert {i: s.pos for i, s in e.slots.items()} == {0: 0, 1: 0}
+        acked = slot_bytes(e, 1, 0, SLOT)
+        v2, v3 = os.urandom(CHUNK), os.urandom(1000)
+        e.write_chunk(1, v2)
+        e.drain()
+        assert e.slots[1].pos == 1 and e.stale == {1: COST}
+        assert slot_bytes(e, 1, 0, SLOT) == acked                  # untouched
+        assert c.stats()["cache_used_bytes"] == c.stats()["cache_dirty_bytes"] == 3 * COST
+        e.write_chunk(1, v3)                # not flushed yet: over the unacknowledged one
+        e.drain()
+        assert e.slots[1].pos == 1 and slot_bytes(e, 1, 0, SLOT) == acked
+        assert c.stats()["cache_used_bytes"] == 2 * COST + _cost(1000)
+        e.save_state({"dirty": True, "path": "/f", "size": CHUNK + 1000})
+        assert e.stale == {} and slot_bytes(e, 1, 0) == bytes(HEADER.size)   # punched
+        assert c.stats()["cache_used_bytes"] == COST + _cost(1000)
+        assert e.read_chunk(1) == v3 and e.read_chunk(0) == chunks[0]
+        e.write_chunk(1, v2)                # v3 is the acknowledged one now: slot 0 again
+        e.drain()
+        assert e.slots[1].pos == 0 and e.stale == {1: _cost(1000)} and e.read_chunk(1) == v2
+    finally:
+        c.close()
+
+
+def test_truncate_and_eviction_free_both_slots_of_a_chunk(cache_dir, keys):
+    chunks = {i: os.urandom(CHUNK) for i in range(4)}
+    c, e = acknowledged_entry(cache_dir, keys, chunks)
+    try:
+        c.set_dirty(e, True)
+        for i in range(4):
+            e.write_chunk(i, os.urandom(CHUNK))
+        e.drain()
+        assert sorted(e.stale) == [0, 1, 2, 3] and c.stats()["cache_used_bytes"] == 8 * COST
+        e.drop_chunks_from(2)                               # truncate: both slots go
+        assert sorted(e.slots) == [0, 1] and sorted(e.stale) == [0, 1]
+        assert os.path.getsize(e.data_path) <= slot_offset(2)
+        assert c.stats()["cache_used_bytes"] == c.stats()["cache_dirty_bytes"] == 4 * COST
+        e.drop_chunks_from(1)
+        assert c.stats()["cache_used_bytes"] == 2 * COST and e.stale == {0: COST}
+        # uploaded, clean: evicted, both slots at once, and the file with the last chunk
+        c.set_dirty(e, False)
+        e.drop_state()
+        c.max_bytes = 0
+        c._evict_if_needed()
+        assert e.present == {} and e.stale == {} and not os.path.exists(e.data_path)
+        assert c.stats()["cache_used_bytes"] == 0 == c.stats()["cache_dirty_bytes"]
+    finally:
+        c.close()
+
+
+def test_writing_new_chunks_costs_one_slot_write_each_and_no_hole(cache_dir, keys,
+                                                                  monkeypatch):
+    """A first write of a chunk has no version to protect: one pwritev at its first slot,
+    nothing punched, also in an entry whose record is on disk."""
+    c, e = acknowledged_entry(cache_dir, keys, {0: os.urandom(CHUNK)})
+    try:
+        writes, holes = [], []
+        real_pwritev, real_punch = os.pwritev, cache_mod._punch_hole
+        monkeypatch.setattr(os, "pwritev", lambda fd, b, off: writes.append(off) or
+                            real_pwritev(fd, b, off))
+        monkeypatch.setattr(cache_mod, "_punch_hole", lambda *a: holes.append(a) or
+                            real_punch(*a))
+        for i in range(1, 9):
+            e.write_chunk(i, os.urandom(CHUNK))
+        e.save_state({"dirty": True, "path": "/f", "size": 9 * CHUNK})
+        assert sorted(writes) == [slot_offset(i, 0) for i in range(1, 9)] and holes == []
+        assert c.stats()["cache_used_bytes"] == 9 * COST
+    finally:
+        c.close()
+
+
+def test_a_confirmed_version_that_fails_is_an_error_never_an_older_one(cache_dir, keys):
+    """A version that the recovered record confirms (flushed before that record was
+    written) cannot have been torn by the crash: if it fails authentication the chunk reads
+    EIO, even where an older version of it is still on disk."""
+    old, new = os.urandom(CHUNK), os.urandom(CHUNK)
+    c, e = acknowledged_entry(cache_dir, keys, {0: old})
+    old_slot = slot_bytes(e, 0, 0, SLOT)
+    e.write_chunk(0, new)
+    e.save_state({"dirty": True, "path": "/f", "size": CHUNK})
+    e.save_state({"dirty": True, "path": "/f", "size": CHUNK})    # confirms `new`
+    assert e.slots[0].pos == 1
+    with open(e.data_path, "r+b") as f:            # the older copy's hole lost in the crash
+        f.seek(slot_offset(0, 0))
+        f.write(old_slot)
+    e.close_fd()
+    c.close()
+    corrupt(e.data_path, slot_offset(0, 1) + HEADER.size + 5000)
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, _), = c.recover()[0]
+        with pytest.raises(IntegrityError):
+            r.read_chunk(0)
+        with pytest.raises(IntegrityError):
+            r.read_range(0, 4096, 8192)
+        assert r.has(0)
+    finally:
+        c.close()
+
+
+def test_an_uploaded_chunk_read_at_random_is_resealed_once_its_clean_record_is_flushed(
+        cache_dir, keys, monkeypatch):
+    """Re-sealing in sub-blocks rewrites a slot in place: only once a crash can cost
+    nothing, i.e. no dirty record of the entry may be the newest on disk."""
+    data = os.urandom(CHUNK)
+    c, e = acknowledged_entry(cache_dir, keys, {0: data})
+    try:
+        c.set_dirty(e, True)
+        c.set_dirty(e, False)                # uploaded; the clean record is not written yet
+        assert e.read_range(0, 0, 10, random=True) == data[:10]
+        e.drain()
+        assert slot_magic(e, 0) == MAGIC_WHOLE
+        e.drop_state()                       # the clean record, not flushed
+        events = []
+        real_fdatasync, real_pwritev = os.fdatasync, os.pwritev
+        monkeypatch.setattr(os, "fdatasync", lambda fd: events.append("flush") or
+                            real_fdatasync(fd))
+        monkeypatch.setattr(os, "pwritev", lambda fd, b, off: events.append(off) or
+                            real_pwritev(fd, b, off))
+        assert e.read_range(0, 0, 10, random=True) == data[:10]
+        e.drain()
+        assert events == ["flush", slot_offset(0, 0)]             # flushed first, in place
+        assert slot_magic(e, 0) == MAGIC_SPLIT and e.read_chunk(0) == data
+        assert e.read_range(0, 9, 10, random=True) == data[9:10] and events[2:] == []
+    finally:
+        c.close()
+
+
+def test_the_last_chunk_of_an_uploaded_file_goes_with_its_file_without_a_flush(
+        cache_dir, keys, monkeypatch):
+    """Evicting an entry's last chunk removes its data file, dirty record included: a crash
+    leaves the file whole or no file, so no flush is needed first (small files)."""
+    c = make_cache(cache_dir, keys, max_bytes=8 * COST)
+    try:
+        e = c.new_entry()
+        c.set_dirty(e, True)
+        e.write_chunk(0, os.urandom(1000))
+        e.save_state({"dirty": True, "path": "/f", "size": 1000})
+        c.set_dirty(e, False)
+        e.drop_state()
+        flushes = []
+        real = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", lambda fd: flushes.append(fd) or real(fd))
+        c.max_bytes = 0
+        c._evict_if_needed()
+        assert flushes == [] and not os.path.exists(e.data_path) and not e.present
+        assert c.stats()["cache_used_bytes"] == 0
+        e.drop_state()                                  # nothing left to supersede
+        assert not os.path.exists(e.data_path)
+    finally:
+        c.close()
+
+
+def test_a_torn_rewrite_right_after_recovery_still_leaves_the_acknowledged_version(
+        cache_dir, keys, monkeypatch):
+    """After a crash that tore a rewrite, the chunk is written again before anything read
+    it (the versions on disk are not sorted out yet), and that write is torn by a second
+    crash: the acknowledged version is still the one read."""
+    chunks = {0: os.urandom(CHUNK), 1: os.urandom(CHUNK)}
+    c, e = acknowledged_entry(cache_dir, keys, chunks)
+    torn, real = tearing_pwritev(monkeypatch, TEARS["new head, old tail"])
+    e.write_chunk(1, os.urandom(CHUNK))
+    e.drain()
+    e.close_fd()
+    c.close()
+    for _ in range(2):
+        c = make_cache(cache_dir, keys)
+        (r, _), = c.recover()[0]
+        assert 1 in r._unresolved
+        r.write_chunk(1, os.urandom(CHUNK))       # torn as well (pwritev still tears)
+        r.drain()
+        r.close_fd()
+        c.close()
+    monkeypatch.setattr(cache_mod.os, "pwritev", real)
+    assert len(torn) == 3
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, _), = c.recover()[0]
+        assert r.read_chunk(1) == chunks[1] and r.read_chunk(0) == chunks[0]
+        assert sorted(r.present) == [0, 1] and r.stale == {}
+    finally:
+        c.close()
+
+
+def test_chunks_of_a_file_closed_once_are_confirmed_after_the_flush(cache_dir, keys):
+    """A close() writes a second record once its flush completed (not flushed itself),
+    which confirms the chunks that flush wrote: a damaged one of them is then an error after
+    a crash, not taken for a torn write (whose previous version, here zeros, would be
+    uploaded in its place)."""
+    c, e = acknowledged_entry(cache_dir, keys, {0: os.urandom(CHUNK), 1: os.urandom(CHUNK)})
+    e.close_fd()
+    c.close()
+    corrupt(e.data_path, slot_offset(1) + HEADER.size + 100)
+    c = make_cache(cache_dir, keys)
+    try:
+        (r, _), = c.recover()[0]
+        assert r._unresolved == {}
+        with pytest.raises(IntegrityError):
+            r.read_chunk(1)
+        assert r.has(1) and r.read_chunk(0) is not None
+    finally:
+        c.close()

@@ -491,9 +491,9 @@ def test_corrupt_cache_chunk_is_never_served(mounter, bucket, key, s3):
     entries = os.path.join(m.cache_dir, "entries")
     datas = [os.path.join(entries, n) for n in os.listdir(entries) if n.endswith(".data")]
     newest = max(datas, key=os.path.getmtime)
-    assert os.path.getsize(newest) > BASE + 4 * SLOT
-    # In the middle of chunk 4's slot: inside its sealed ciphertext (docs/CACHE.md layout)
-    off = BASE + 4 * SLOT + 64 * 1024
+    assert os.path.getsize(newest) > BASE + 8 * SLOT
+    # In the middle of chunk 4's first slot: inside its sealed ciphertext (docs/CACHE.md layout)
+    off = BASE + 8 * SLOT + 64 * 1024
     with open(newest, "r+b") as f:
         f.seek(off)
         chunk = f.read(16)
