@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Start a throw-away SeaweedFS (S3 gateway included) on loopback with free ports.
 
-Used by the tests (tests/conftest.py), scripts/demo and scripts/bench. As a command:
+Used by the tests (tests/conftest.py), scripts/demo and the benchmarks (scripts/bench,
+scripts/bench-floor), with clients that carry its credentials (s3_client for boto3, crt_client
+for awscrt) and a self-signed certificate for its https port. As a command:
     python scripts/seaweed.py DATA_DIR      # runs until Ctrl-C, prints the endpoint
 """
 
@@ -60,6 +62,61 @@ def s3_client(endpoint: str, config=None, verify=None):
     return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
                         aws_secret_access_key=SECRET_KEY, region_name="us-east-1", config=cfg,
                         verify=verify)
+
+
+def crt_client(endpoint: str, ca_file: str | None = None, **options):
+    """An awscrt S3Client for a SeaweedFS started here: the same credentials and region as
+    s3_client; TLS (for an https endpoint) trusting only `ca_file` if given. Requests name
+    the bucket in their path and the endpoint's host:port in their Host header. `options`
+    go to S3Client (part_size, max_active_connections_override, ...)."""
+    import urllib.parse
+
+    from awscrt.auth import AwsCredentialsProvider
+    from awscrt.io import ClientTlsContext, TlsContextOptions
+    from awscrt.s3 import S3Client, S3RequestTlsMode, create_default_s3_signing_config
+    https = urllib.parse.urlsplit(endpoint).scheme == "https"
+    tls = None
+    if https:
+        opts = TlsContextOptions()
+        if ca_file:
+            opts.override_default_trust_store_from_path(None, ca_file)
+        tls = ClientTlsContext(opts).new_connection_options()
+    creds = AwsCredentialsProvider.new_static(ACCESS_KEY, SECRET_KEY)
+    return S3Client(region="us-east-1", tls_connection_options=tls,
+                    tls_mode=S3RequestTlsMode.ENABLED if https else S3RequestTlsMode.DISABLED,
+                    signing_config=create_default_s3_signing_config(
+                        region="us-east-1", credential_provider=creds), **options)
+
+
+def self_signed_cert(directory: str) -> tuple[str, str]:
+    """A self-signed certificate for localhost and 127.0.0.1, for SeaweedFS(https=...):
+    (certificate file, key file), in directory."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    k = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(k.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(k, hashes.SHA256()))
+    cp, kp = os.path.join(directory, "tls-cert.pem"), os.path.join(directory, "tls-key.pem")
+    with open(cp, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(kp, "wb", opener=lambda p, fl: os.open(p, fl, 0o600)) as f:
+        f.write(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()))
+    return cp, kp
 
 
 class SeaweedFS:
