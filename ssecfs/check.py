@@ -9,7 +9,8 @@ import os
 
 from .errors import PermissionDenied, SsecfsError, UserError
 from .keys import Key, KeyRing
-from .s3store import SSEC_BLOCKED_HINT, Transport, is_loopback
+from .s3store import SSEC_BLOCKED_HINT
+from .transport import Transport, is_loopback
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MAX_SKEW = 300.0

@@ -173,8 +173,9 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
     bucket, prefix = parse_source(args.source)
     store = StoreConfig(bucket=bucket, endpoint_url=args.endpoint_url, region=args.region,
                         profile=args.profile, ca_bundle=args.ca_bundle)
-    from .s3store import resolve_transport   # refuses here, before the daemon starts
-    transport = resolve_transport(store.endpoint_url, profile=store.profile, region=store.region)
+    from .transport import resolve_transport   # refuses here, before the daemon starts
+    transport = resolve_transport(store.endpoint_url, profile=store.profile, region=store.region,
+                                  ca_bundle=store.ca_bundle)
     if args.ca_bundle and not os.path.isfile(args.ca_bundle):
         raise UserError(f"--ca-bundle {args.ca_bundle}: no such file", 2)
 

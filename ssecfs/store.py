@@ -49,7 +49,7 @@ Reader = Callable[[int, int], bytes]   # (offset, length) -> bytes of the file b
 def pieces(body, step: int) -> Iterator[memoryview]:
     """Memoryviews of step bytes each (the last may be shorter), without a copy, of what
     get_range(shared=True) returned: bytes, a bytearray, or a body received into several
-    buffers (anything with views(step), e.g. http1.Segments)."""
+    buffers (anything with views(step), e.g. buffers.Segments)."""
     views = getattr(body, "views", None)
     if views is not None:
         return views(step)

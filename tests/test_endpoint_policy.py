@@ -6,7 +6,10 @@ carrying a plain-http request.
 
 Every host name that must not be reached is under the reserved `.invalid` domain, and every
 subprocess runs with the network guard of tests/netguard (any non-loopback lookup or connect
-fails and is written down): a regression fails here instead of sending traffic anywhere.
+from Python fails and is written down): a regression fails here instead of sending traffic
+anywhere. The store's own requests go through awscrt, whose sockets and name lookups are native
+and invisible to that guard: the tests of what the store sends use loopback listeners (a
+stand-in endpoint, a stand-in proxy) and watch what reaches them.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import pytest
 from conftest import make_keyfile
 from helpers import REPO, read_cold, run_ssecfs
 
-from ssecfs import s3store
-from ssecfs.errors import UserError
+from ssecfs import transport
+from ssecfs.errors import StoreUnavailable, UserError
 from ssecfs.keys import Key, KeyRing
 from ssecfs.s3store import EXIT_SECURITY, S3Store
 
@@ -51,7 +54,7 @@ netguard = _load_guard()
 
 
 def resolve_transport(*args, **kw):
-    return s3store.resolve_transport(*args, **kw)
+    return transport.resolve_transport(*args, **kw)
 
 
 # ---------------------------------------------------------------------------- environment
@@ -220,15 +223,18 @@ def test_endpoint_from_environment_is_the_one_used_and_reported(seaweed, mounter
 
 
 class ProxyRecorder:
-    """A loopback listener standing in for a proxy: it records every connection it gets and
-    closes it at once (a request sent through it fails, after it was seen)."""
+    """A loopback listener standing in for a proxy (or an endpoint): it records every
+    connection it gets, with the first line sent on it, and closes it (a request sent
+    through it fails, after it was seen)."""
 
     def __init__(self):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.port = self.sock.getsockname()[1]
+        self.url = "http://127.0.0.1:%d" % self.port
         self.connections = 0
+        self.lines: list[str] = []
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -241,6 +247,11 @@ class ProxyRecorder:
                 return
             if not self._stop:
                 self.connections += 1
+                conn.settimeout(5)
+                try:
+                    self.lines.append(conn.recv(4096).split(b"\r\n")[0].decode("latin-1"))
+                except OSError:
+                    pass
             conn.close()
 
     def close(self):
@@ -313,6 +324,11 @@ def guarded(tmp_path, monkeypatch):
         box.config_file.write_text(textwrap.dedent(config))
         return box
 
+    # the store pins the proxy variables awscrt reads: every one of them is put back afterwards
+    for name in PROXY_VARS:
+        for n in (name, name.lower()):
+            monkeypatch.setenv(n, "")
+            monkeypatch.delenv(n)
     netguard.install(str(box.guard_log))
     yield configure
     netguard.uninstall()
@@ -343,21 +359,51 @@ def test_resolution_agrees_with_botocore(guarded, source):
     assert t.custom and t.proxy is None
 
 
-def _store_client_url(**kw) -> str:
+class Sent(Exception):
+    pass
+
+
+def _store_sends_to(**kw) -> str:
+    """The URL the store's first request goes to (stopped before awscrt gets it)."""
     st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]), **kw)
+
+    def stop(op, method, path, headers):
+        raise Sent(f"{st.transport.scheme}://{headers['host']}{path}")
+    st.wire.observers.append(stop)
     try:
-        return st.client.meta.endpoint_url
+        with pytest.raises(Sent) as e:
+            st.head("dir/k")
+        return str(e.value)
     finally:
         st.close()
 
 
+def _boto3_sends_to(region: str | None = None) -> str:
+    """The URL a plain boto3 client in the same environment sends a HeadObject to, asked for
+    AWS's regional endpoints (for us-east-1 it would pick the legacy global one otherwise)."""
+    from botocore.config import Config
+    client = boto3.session.Session().client(
+        "s3", config=Config(region_name=region, s3={"us_east_1_regional_endpoint": "regional"}))
+
+    def stop(request, **_):
+        raise Sent(request.url)
+    client.meta.events.register_first("before-send.s3.*", stop)
+    with pytest.raises(Sent) as e:
+        client.head_object(Bucket="some-bucket", Key="dir/k")
+    return str(e.value)
+
+
 @pytest.mark.parametrize("region", ["us-east-1", "eu-west-1"])
 def test_resolution_without_configured_endpoint_is_aws(guarded, region):
+    """AWS's own endpoint for the region, and virtual-hosted requests to it, as boto3
+    sends them."""
     guarded()
     t = resolve_transport(None, region=region)
     assert (t.scheme, t.port, t.custom, t.region) == ("https", 443, False, region)
-    assert t.host.endswith(".amazonaws.com") and t.source == s3store.AWS_DEFAULT
-    assert t.url == _store_client_url(region=region)
+    assert t.host.endswith(".amazonaws.com") and t.source == transport.AWS_DEFAULT
+    assert t.addressing == "virtual"
+    sent = _store_sends_to(region=region)
+    assert sent == _boto3_sends_to(region) == f"https://some-bucket.{t.host}/dir/k"
 
 
 def test_ignore_configured_endpoint_urls_is_honoured(guarded):
@@ -365,7 +411,7 @@ def test_ignore_configured_endpoint_urls_is_honoured(guarded):
              "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"})
     t = resolve_transport(None)
     assert t.scheme == "https" and not t.custom and t.host.endswith(".amazonaws.com")
-    assert t.url == _store_client_url()
+    assert _store_sends_to() == _boto3_sends_to() == f"https://some-bucket.{t.host}/dir/k"
 
 
 def test_endpoint_url_flag_wins_over_configuration(guarded):
@@ -388,72 +434,84 @@ def test_resolution_refuses_plain_http_from_any_source(guarded, source):
     assert e.value.exit_code == EXIT_SECURITY
 
 
-class Sent(Exception):
-    pass
-
-
-def _sent_url(client, call) -> str:
-    """The URL the botocore client sends a request to (stopped before any connection)."""
-    def stop(request, **_):
-        raise Sent(request.url)
-    client.meta.events.register_first("before-send.s3.*", stop)
-    with pytest.raises(Sent) as e:
-        call()
-    return str(e.value)
-
-
 def test_store_sends_to_the_resolved_endpoint(guarded):
-    guarded({"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"})
-    st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]))
+    """The endpoint from the environment is where the store's requests go: a loopback
+    stand-in receives the HEAD, path-style."""
+    endpoint = ProxyRecorder()
     try:
-        assert st.transport.source == "AWS_ENDPOINT_URL_S3"
-        assert st.client.meta.endpoint_url == st.transport.url == "http://127.0.0.1:9"
-        url = _sent_url(st.client, lambda: st.client.head_object(Bucket="some-bucket", Key="k"))
-        assert url.startswith("http://127.0.0.1:9/some-bucket/"), url
-        assert st.raw is not None and st.raw.pool.host == "127.0.0.1" and st.raw.pool.port == 9
+        guarded({"AWS_ENDPOINT_URL_S3": endpoint.url})
+        assert _store_sends_to() == f"{endpoint.url}/some-bucket/dir/k"
+        st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]), max_attempts=1)
+        try:
+            assert st.transport.source == "AWS_ENDPOINT_URL_S3" and st.transport.url == endpoint.url
+            with pytest.raises(StoreUnavailable):
+                st.head("dir/k")
+        finally:
+            st.close()
+        assert endpoint.lines and endpoint.lines[0] == "HEAD /some-bucket/dir/k HTTP/1.1", \
+            endpoint.lines
     finally:
-        st.close()
+        endpoint.close()
 
 
-def _botocore_proxy(store) -> str | None:
-    """The proxy the store's botocore client would send its requests through."""
-    return store.client._endpoint.http_session._proxy_config.proxy_url_for(store.transport.url)
+def _attempt(st) -> None:
+    """One request of the store, which fails (nothing real answers it)."""
+    with pytest.raises(StoreUnavailable):
+        st.head("k")
 
 
-def test_loopback_http_bypasses_every_proxy(guarded):
-    guarded({**{k: "http://proxy.invalid:3128" for k in ("HTTP_PROXY", "http_proxy",
-                                                          "HTTPS_PROXY", "https_proxy")},
-             "ALL_PROXY": "socks5://proxy.invalid:1080"})
-    st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]), endpoint_url="http://127.0.0.1:9")
+def test_loopback_http_bypasses_every_proxy(guarded, proxy_recorder):
+    """awscrt takes its proxy from the environment, and would send a plain-http request
+    (keys in clear) to an HTTP_PROXY: the store keeps it from doing so."""
+    endpoint = ProxyRecorder()
     try:
-        assert st.transport.proxy is None
-        assert _botocore_proxy(st) is None
-        assert st.raw is not None        # the lean path follows the same rule: no proxy applies
+        guarded({**{k: proxy_recorder.url for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY",
+                                                    "https_proxy")},
+                 "ALL_PROXY": "socks5://proxy.invalid:1080"})
+        st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]), endpoint_url=endpoint.url,
+                     max_attempts=1)
+        try:
+            assert st.transport.proxy is None
+            _attempt(st)
+        finally:
+            st.close()
+        assert proxy_recorder.connections == 0, proxy_recorder.lines
+        assert endpoint.lines == ["HEAD /some-bucket/k HTTP/1.1"]
     finally:
-        st.close()
+        endpoint.close()
 
 
-def test_https_endpoint_may_use_a_proxy(guarded):
-    guarded({"HTTPS_PROXY": "http://127.0.0.1:3128", "HTTP_PROXY": "http://proxy.invalid:1"})
+def test_https_endpoint_may_use_a_proxy(guarded, proxy_recorder):
+    """Through a proxy, https only as a CONNECT tunnel: the proxy sees the host, not the
+    requests."""
+    guarded({"HTTPS_PROXY": proxy_recorder.url, "HTTP_PROXY": "http://proxy.invalid:1"})
     st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]),
-                 endpoint_url="https://s3.example.invalid:9443")
+                 endpoint_url="https://s3.example.invalid:9443", max_attempts=1)
     try:
-        assert st.transport.proxy == "http://127.0.0.1:3128"
-        assert _botocore_proxy(st) == "http://127.0.0.1:3128"
-        assert st.raw is None            # the lean path cannot tunnel: botocore carries it all
+        assert st.transport.proxy == proxy_recorder.url
+        _attempt(st)
     finally:
         st.close()
+    assert proxy_recorder.lines and all(
+        ln.startswith("CONNECT s3.example.invalid:9443 ") for ln in proxy_recorder.lines), \
+        proxy_recorder.lines
 
 
-def test_no_proxy_is_honoured_for_https(guarded):
-    guarded({"HTTPS_PROXY": "http://127.0.0.1:3128", "NO_PROXY": "s3.example.invalid"})
-    st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]),
-                 endpoint_url="https://s3.example.invalid:9443")
+def test_no_proxy_is_honoured_for_https(guarded, proxy_recorder):
+    endpoint = ProxyRecorder()
     try:
-        assert st.transport.proxy is None and _botocore_proxy(st) is None
-        assert st.raw is not None
+        guarded({"HTTPS_PROXY": proxy_recorder.url, "NO_PROXY": "localhost"})
+        st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]),
+                     endpoint_url=f"https://localhost:{endpoint.port}", max_attempts=1)
+        try:
+            assert st.transport.proxy is None
+            _attempt(st)
+        finally:
+            st.close()
+        assert proxy_recorder.connections == 0, proxy_recorder.lines
+        assert endpoint.connections >= 1           # directly (a TLS hello, then closed)
     finally:
-        st.close()
+        endpoint.close()
 
 
 def test_check_reports_the_resolved_transport(guarded):

@@ -1,17 +1,17 @@
-"""The boto3 store (ssecfs.s3store.S3Store) against a real SeaweedFS: SSE-C headers on the
-wire for every data/metadata request, verification of what the server did, re-encryption on
-copy, the UploadPartCopy fallback, LOCKED/PLAINTEXT detection. Plus one moto test for API
-shape only (moto ignores SSE-C: never use it for encryption claims)."""
+"""The S3 store (ssecfs.s3store.S3Store, on awscrt) against a real SeaweedFS: SSE-C headers
+on the wire for every data/metadata request (seen by a recording proxy in front of the server,
+so the requests awscrt makes on its own are seen too), verification of what the server did,
+re-encryption on copy, the UploadPartCopy fallback, LOCKED/PLAINTEXT detection, and the same
+contract test on the fake store (tests/memstore.py) and the real one."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import logging
 import mmap
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from botocore.exceptions import ClientError
@@ -21,57 +21,24 @@ from ssecfs import s3store
 from ssecfs.cache import CHUNK
 from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
                            Stale, StoreError, StoreUnavailable, UserError)
-from ssecfs.http1 import Segments
 from ssecfs.keys import Key, KeyRing
-from ssecfs.s3store import EXIT_SECURITY, KEY_FP_META, PROBE_DATA, S3Store, check_endpoint
+from ssecfs.s3store import EXIT_SECURITY, KEY_FP_META, PROBE_DATA, S3Store
 from ssecfs.store import LOCKED, OPEN, PLAINTEXT, pieces
+from ssecfs.buffers import Segments
+from ssecfs.transport import check_endpoint
+from wire import TamperProxy, Wire
 
 pytestmark = pytest.mark.seaweed
 
 MiB = 1024 * 1024
 SSE_HDR = "x-amz-server-side-encryption-customer-"
 COPY_HDR = "x-amz-copy-source-server-side-encryption-customer-"
+ECHO_MD5 = "x-amz-server-side-encryption-customer-key-md5"
+ECHO_ALG = "x-amz-server-side-encryption-customer-algorithm"
 NEEDS_SSE = {"PutObject", "GetObject", "HeadObject", "CopyObject", "CreateMultipartUpload",
              "UploadPart", "CompleteMultipartUpload", "UploadPartCopy"}
 NEEDS_COPY_SSE = {"CopyObject", "UploadPartCopy"}
 NO_SSE = {"ListObjectsV2", "DeleteObject", "DeleteObjects", "AbortMultipartUpload"}
-
-
-def _str(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-class Wire:
-    """Records every request a client sends: (operation, lower-cased headers)."""
-
-    def __init__(self, client, raw=None):
-        self.lock = threading.Lock()
-        self.reqs: list[tuple[str, dict]] = []
-        client.meta.events.register("before-send.s3.*", self._on_send)
-        if raw is not None:                  # the store's lean path for HEAD / small GETs
-            raw.observers.append(self._on_raw)
-
-    def _on_raw(self, op, headers):
-        with self.lock:
-            self.reqs.append((op, {k.lower(): _str(v) for k, v in headers.items()}))
-
-    def _on_send(self, request, event_name=None, **kw):
-        op = event_name.rsplit(".", 1)[-1]
-        hdrs = {k.lower(): _str(v) for k, v in request.headers.items()}
-        with self.lock:
-            self.reqs.append((op, hdrs))
-
-    def ops(self) -> list[str]:
-        with self.lock:
-            return [op for op, _ in self.reqs]
-
-    def of(self, op: str) -> list[dict]:
-        with self.lock:
-            return [h for o, h in self.reqs if o == op]
-
-    def clear(self) -> None:
-        with self.lock:
-            self.reqs.clear()
 
 
 def key_in(hdrs: dict, prefix: str) -> Key | None:
@@ -108,17 +75,20 @@ def check_wire(wire: Wire, ring_keys: list[Key]) -> None:
 
 @pytest.fixture
 def make_store(seaweed, bucket):
+    """make(*ring_keys) -> (store, its Wire): each store talks to SeaweedFS through its own
+    recording proxy (wire.proxy can rewrite answers)."""
     made = []
 
     def make(*keys: Key, **kw) -> tuple[S3Store, Wire]:
-        st = S3Store(kw.pop("bucket", bucket), KeyRing(list(keys)), endpoint_url=seaweed.endpoint,
-                     **kw)
-        made.append(st)
-        return st, Wire(st.client, st.raw)
+        proxy = TamperProxy(seaweed.endpoint).start()
+        st = S3Store(kw.pop("bucket", bucket), KeyRing(list(keys)), endpoint_url=proxy.url, **kw)
+        made.append((st, proxy))
+        return st, Wire(proxy)
 
     yield make
-    for st in made:
+    for st, proxy in made:
         st.close()
+        proxy.stop()
 
 
 @pytest.fixture
@@ -160,14 +130,15 @@ def test_put_get_range_head(make_store, k1, s3, bucket):
     check_wire(wire, [k1])
 
 
-def test_big_range_get_on_the_lean_path(make_store, k1):
-    """A read unit (8 MiB) comes back whole on the lean path. Asked with shared=True (the
-    read path) it is the pooled receive buffers themselves (1 MiB segments), not a copy; a
-    segment is received into again only once no view of it is left. Otherwise the caller
-    gets bytes."""
+def test_big_range_get_into_pooled_buffers(make_store, k1):
+    """A read unit (8 MiB) comes back whole, as one ranged GET on the wire. Asked with
+    shared=True (the read path) it is received into pooled buffers (1 MiB segments) handed
+    over as they are, not copied again; a segment is received into again only once no view
+    of it is left. Otherwise the caller gets bytes."""
     store, wire = make_store(k1)
     data = os.urandom(10 * MiB)
     store.put("big", data, {})
+    wire.clear()
     want = data[MiB + 7:9 * MiB + 7]
     got = store.get_range("big", MiB + 7, 8 * MiB, k1.fingerprint)
     assert type(got) is bytes and got == want
@@ -181,7 +152,26 @@ def test_big_range_get_on_the_lean_path(make_store, k1):
     assert first not in {id(s) for s in other.parts}, "received into a buffer a view showed"
     assert bytes(view) == want[CHUNK:2 * CHUNK] and bytes(other) == data[:8 * MiB]
     del view, other
-    assert wire.of("GetObject"), "the lean path was not used"
+    assert wire.ops() == ["GetObject"] * 3
+    assert [h["range"] for h in wire.of("GetObject")] == [
+        f"bytes={MiB + 7}-{9 * MiB + 6}"] * 2 + [f"bytes=0-{8 * MiB - 1}"]
+    check_wire(wire, [k1])
+
+
+def test_range_gets_over_a_part_are_parallel_part_gets_with_the_key(make_store, k1):
+    """A range over the part size is fetched by awscrt as several part GETs: every one of
+    them carries the key and the ETag condition; the body comes back whole and in order."""
+    store, wire = make_store(k1)
+    size = 20 * MiB + 333
+    data = os.urandom(size)
+    store.upload("parts", size, lambda off, ln: data[off:off + ln], {})
+    etag = store.head("parts").etag
+    wire.clear()
+    got = store.get_range("parts", 5, size - 5, k1.fingerprint, etag=etag, shared=True)
+    assert bytes(got) == data[5:]
+    gets = wire.of("GetObject")
+    assert len(gets) == 3, wire.ops()
+    assert all(h.get("if-match") == f'"{etag}"' for h in gets)
     check_wire(wire, [k1])
 
 
@@ -332,53 +322,55 @@ def test_list_and_delete_send_no_key(make_store, k1):
     pages = list(store.list_page_iter("l/", delimiter="/"))
     assert [o.key for p in pages for o in p.objects] == ["l/a", "l/b"]
     assert [x for p in pages for x in p.prefixes] == ["l/sub/"]
-    raw_ops = []
-    store.raw.observers.append(lambda op, hdrs: raw_ops.append(op))
     store.delete("l/a")
     store.delete("l/never-there")                       # S3: deleting a missing key is fine
     store.delete_many(["l/b", "l/sub/c"])
     assert [o.key for p in store.list_page_iter("l/", delimiter=None) for o in p.objects] == []
     assert set(wire.ops()) <= NO_SSE
-    assert wire.ops().count("DeleteObject") == raw_ops.count("DeleteObject") == 2   # lean path
+    assert wire.ops().count("DeleteObject") == 2 and wire.ops().count("DeleteObjects") == 1
     check_wire(wire, [k1])
 
 
 # ------------------------------------------------------------------------- verification
-def _tamper(store, op: str, fn):
-    """Alter botocore's parsed answers to `op` (the lean raw path is switched off: it would
-    bypass botocore; test_raw_path_checks_the_echo_too covers it)."""
-    store.raw = None
-    client = store.client
-    def handler(parsed, **kw):
-        fn(parsed)
-    client.meta.events.register(f"after-call.s3.{op}", handler)
+def _tamper(wire: Wire, op: str, fn):
+    """Alter the answers to `op` on the wire: fn(headers as a list of (name, value)) returns
+    the headers the store gets."""
+    wire.proxy.rewrite(lambda r, st, hs, body: (st, fn(list(hs)), body), op=op)
+
+
+def _without(*names):
+    return lambda hs: [(n, v) for n, v in hs if n.lower() not in names]
+
+
+def _echoing(fp):
+    return lambda hs: [(n, fp if n.lower() == ECHO_MD5 else v) for n, v in hs]
 
 
 def test_put_without_echo_is_refused(make_store, k1):
-    store, _ = make_store(k1)
-    _tamper(store, "PutObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    store, wire = make_store(k1)
+    _tamper(wire, "PutObject", _without(ECHO_MD5))
     with pytest.raises(EncryptionNotApplied):
         store.put("noecho", b"data", {})
 
 
 def test_put_with_other_key_echo_is_refused(make_store, k1):
-    store, _ = make_store(k1)
+    store, wire = make_store(k1)
     bogus = Key(os.urandom(32)).fingerprint
-    _tamper(store, "PutObject", lambda p: p.__setitem__("SSECustomerKeyMD5", bogus))
+    _tamper(wire, "PutObject", _echoing(bogus))
     with pytest.raises(EncryptionNotApplied):
         store.put("wrongecho", b"data", {})
 
 
 def test_put_without_algorithm_echo_is_refused(make_store, k1):
-    store, _ = make_store(k1)
-    _tamper(store, "PutObject", lambda p: p.pop("SSECustomerAlgorithm", None))
+    store, wire = make_store(k1)
+    _tamper(wire, "PutObject", _without(ECHO_ALG))
     with pytest.raises(EncryptionNotApplied):
         store.put("noalg", b"data", {})
 
 
 def test_directory_marker_without_echo_is_accepted(make_store, k1):
-    store, _ = make_store(k1)
-    _tamper(store, "PutObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    store, wire = make_store(k1)
+    _tamper(wire, "PutObject", _without(ECHO_MD5))
     store.put("somedir/", b"", {"mode": "16877"})          # zero bytes: nothing to encrypt
     with pytest.raises(EncryptionNotApplied):
         store.put("somedir/data", b"x", {})
@@ -386,7 +378,7 @@ def test_directory_marker_without_echo_is_accepted(make_store, k1):
 
 def test_multipart_part_without_echo_is_refused_and_aborted(make_store, k1):
     store, wire = make_store(k1)
-    _tamper(store, "UploadPart", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(wire, "UploadPart", _without(ECHO_MD5))
     size = s3store.SINGLE_PUT_MAX + 1
     with pytest.raises(EncryptionNotApplied):
         store.upload("mp", size, lambda off, ln: bytes(ln), {})
@@ -397,10 +389,10 @@ def test_multipart_part_without_echo_is_refused_and_aborted(make_store, k1):
 
 
 def test_copy_without_any_echo_is_refused(make_store, k1):
-    store, _ = make_store(k1)
+    store, wire = make_store(k1)
     store.put("c-src", b"copy me", {})
-    _tamper(store, "CopyObject", lambda p: p.pop("SSECustomerKeyMD5", None))
-    _tamper(store, "HeadObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(wire, "CopyObject", _without(ECHO_MD5))
+    _tamper(wire, "HeadObject", _without(ECHO_MD5))
     with pytest.raises(EncryptionNotApplied):
         store.copy("c-src", "c-dst", 7, {}, k1.fingerprint)
 
@@ -408,7 +400,7 @@ def test_copy_without_any_echo_is_refused(make_store, k1):
 def test_copy_without_echo_is_verified_by_head(make_store, k1):
     store, wire = make_store(k1)
     store.put("v-src", b"copy me", {})
-    _tamper(store, "CopyObject", lambda p: p.pop("SSECustomerKeyMD5", None))
+    _tamper(wire, "CopyObject", _without(ECHO_MD5))
     wire.clear()
     info = store.copy("v-src", "v-dst", 7, {}, k1.fingerprint)
     assert info.key_fp == k1.fingerprint
@@ -523,111 +515,41 @@ def test_store_contract(contract, k1):
     assert [o for p in st.list_page_iter("c/", delimiter=None) for o in p.objects] == []
 
 
-# ------------------------------------------------------------------------- moto: shape only
-def test_moto_list_pagination_and_delete_batches(monkeypatch):
-    """moto ignores SSE-C: this checks request shapes only (pagination, batching)."""
-    moto = pytest.importorskip("moto")
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    with moto.mock_aws():
-        store = S3Store("shape-bucket", KeyRing([Key(os.urandom(32))]), region="us-east-1")
-        try:
-            client = store.client
-            client.create_bucket(Bucket="shape-bucket")
-            keys = [f"p/{i:05d}" for i in range(1003)] + ["p/sub/x", "q/other"]
-            _moto_fill(client, "shape-bucket", keys)
-            wire = Wire(client)
-            pages = list(store.list_page_iter("p/", delimiter=None))
-            listed = [o.key for p in pages for o in p.objects]
-            assert listed == sorted(k for k in keys if k.startswith("p/"))
-            assert [len(p.objects) for p in pages] == [1000, 4]
-            assert wire.ops() == ["ListObjectsV2"] * 2
-            tail = store.list_page_iter("p/", delimiter=None, start_after="p/01000")
-            assert [o.key for p in tail for o in p.objects] == ["p/01001", "p/01002", "p/sub/x"]
-            wire.clear()
-            # max_keys < 1000 means "one page" (existence probes)
-            assert len(list(store.list_page_iter("p/", delimiter=None, max_keys=2))) == 1
-            wire.clear()
-            batches = []
-            client.meta.events.register(
-                "provide-client-params.s3.DeleteObjects",
-                lambda params, **kw: batches.append(params["Delete"]["Objects"]))
-            doomed = [k for k in keys if k.startswith("p/")]
-            store.delete_many(doomed)
-            assert wire.ops() == ["DeleteObjects"] * 2
-            assert sorted(len(b) for b in batches) == [4, 1000]
-            left = [o.key for p in store.list_page_iter("", delimiter=None) for o in p.objects]
-            assert left == ["q/other"]
-        finally:
-            store.close()
-
-
-def _moto_fill(client, bucket: str, keys: list[str]) -> None:
-    """Create many empty objects: through moto's backend when it has the (internal) call,
-    which is ~50x faster than one PutObject request each."""
-    try:
-        from moto.core import DEFAULT_ACCOUNT_ID
-        from moto.s3.models import s3_backends
-        backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
-        for k in keys:
-            backend.put_object(bucket, k, b"")
-    except (ImportError, KeyError, AttributeError, TypeError):
-        for k in keys:
-            client.put_object(Bucket=bucket, Key=k, Body=b"")
-
-
-# ------------------------------------------------------------------------- the raw path
-@pytest.mark.parametrize("key", ["plain", "dir/sub/file.txt", "with space", "plus+and%percent",
-                                 "q?hash#amp&eq=", "ünïcödé/名前", "tilde~_-.dot", "a'b(c)*!"])
-def test_raw_signature_matches_botocore(key):
-    """s3raw signs by hand; it must produce exactly botocore's SigV4 signature (same URL path,
-    canonical headers, scope) for any key, with and without a session token."""
-    import datetime
-
-    import botocore.auth
-    import botocore.awsrequest
-    import botocore.credentials
-
-    from ssecfs.s3raw import RawS3
-    for token in (None, "session-token/xyz=="):
-        creds = botocore.credentials.Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG", token)
-        raw = RawS3("http://127.0.0.1:8333", "bkt", "eu-west-3", creds, None, 5, 5)
-        k = Key(os.urandom(32))
-        path = raw.path_of(key)
-        req = botocore.awsrequest.AWSRequest(
-            method="HEAD", url="http://127.0.0.1:8333" + path,
-            headers={"Range": "bytes=0-9", **k.sse_headers()})
-        botocore.auth.S3SigV4Auth(creds, "s3", "eu-west-3").add_auth(req)
-        when = datetime.datetime.strptime(req.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-            tzinfo=datetime.timezone.utc)                       # sign at botocore's instant
-        mine = raw.sign("HEAD", path, {"Range": "bytes=0-9", **k.sse_headers()}, now=when)
-        assert mine["authorization"] == req.headers["Authorization"]
-        # a listing: the query string is part of the signature
-        query = {"list-type": "2", "prefix": key, "delimiter": "/", "max-keys": "1000",
-                 "encoding-type": "url", "continuation-token": "a+b/c=="}
-        bpath = raw.path_of("")
-        req = botocore.awsrequest.AWSRequest(
-            method="GET", url="http://127.0.0.1:8333" + bpath + "?" + raw.query_string(query))
-        botocore.auth.S3SigV4Auth(creds, "s3", "eu-west-3").add_auth(req)
-        when = datetime.datetime.strptime(req.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-            tzinfo=datetime.timezone.utc)
-        mine = raw.sign("GET", bpath, {}, now=when, query=query)
-        assert mine["authorization"] == req.headers["Authorization"]
-        raw.close()
-
-
-def test_raw_path_serves_head_and_small_gets_with_the_key(make_store, k1, bucket, s3):
-    """HEAD and small range GETs take the lean path on a path-style endpoint; they carry the
-    SSE-C headers, see the echo, and give the same answers as boto3 (incl. 403/404/412)."""
+# ------------------------------------------------------------------------- request shapes
+def test_list_pagination_and_delete_batches(make_store, k1, s3, bucket):
+    """Listings follow continuation tokens (1,000 keys a page), start_after is honoured,
+    max_keys < 1000 means one page, and deletes go 1,000 keys a request."""
+    keys = [f"p/{i:05d}" for i in range(1003)] + ["p/sub/x", "q/other"]
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=b""), keys))
     store, wire = make_store(k1)
-    assert store.raw is not None
+    pages = list(store.list_page_iter("p/", delimiter=None))
+    listed = [o.key for p in pages for o in p.objects]
+    assert listed == sorted(k for k in keys if k.startswith("p/"))
+    assert [len(p.objects) for p in pages] == [1000, 4]
+    assert wire.ops() == ["ListObjectsV2"] * 2
+    first, second = wire.proxy.requests()
+    assert "continuation-token" not in first.query and second.query.get("continuation-token")
+    tail = store.list_page_iter("p/", delimiter=None, start_after="p/01000")
+    assert [o.key for p in tail for o in p.objects] == ["p/01001", "p/01002", "p/sub/x"]
+    assert len(list(store.list_page_iter("p/", delimiter=None, max_keys=2))) == 1
+    wire.clear()
+    store.delete_many([k for k in keys if k.startswith("p/")])
+    deletes = wire.proxy.requests(op="DeleteObjects")
+    assert len(deletes) == 2 and all(r.status == 200 for r in deletes)
+    assert all(r.headers.get("content-md5") for r in deletes)      # S3 requires it
+    left = [o.key for p in store.list_page_iter("", delimiter=None) for o in p.objects]
+    assert left == ["q/other"]
+
+
+# ------------------------------------------------------------------------- requests and answers
+def test_head_and_small_gets_carry_the_key(make_store, k1, bucket, s3):
+    """HEAD and small range GETs carry the SSE-C headers, see the echo, and give the same
+    answers as boto3 would (incl. 403/404/412), one request each."""
+    store, wire = make_store(k1)
     data = os.urandom(300_000)
     store.put("raw/obj one+%", data, {"mode": "33261", "mtime": "1700000000.25"})
     wire.clear()
-    raw_ops = []
-    store.raw.observers.append(lambda op, hdrs: raw_ops.append(op))
     h = store.head("raw/obj one+%")
     assert (h.access, h.size, h.key_fp) == (OPEN, len(data), k1.fingerprint)
     assert h.metadata["mode"] == "33261" and h.metadata["mtime"] == "1700000000.25"
@@ -641,14 +563,13 @@ def test_raw_path_serves_head_and_small_gets_with_the_key(make_store, k1, bucket
         store.get_range("raw/missing", 0, 10, k1.fingerprint)
     assert [op for op, _ in wire.reqs] == ["HeadObject", "GetObject", "GetObject",
                                            "HeadObject", "GetObject"]
-    assert raw_ops == [op for op, _ in wire.reqs]          # all of them on the lean path
     check_wire(wire, [k1])
     other, _ = make_store(Key(os.urandom(32)))
     with pytest.raises(PermissionDenied):
         other.get_range("raw/obj one+%", 0, 10, None)
     h2 = other.head("raw/obj one+%")                 # no ring key opens it: listed as LOCKED
     assert h2.access == LOCKED and h2.size == len(data)
-    # a plaintext object: HEAD says so; a GET through the lean path is refused like boto3's
+    # a plaintext object: HEAD says so; a GET of it is refused
     s3.put_object(Bucket=bucket, Key="raw/plain", Body=b"not encrypted")
     hp = store.head("raw/plain")
     assert hp.access == PLAINTEXT
@@ -688,49 +609,45 @@ def test_head_with_start_matches_head(make_store, k1, bucket, s3):
     check_wire(wire, [k1])
 
 
-@pytest.mark.parametrize("strip", ["x-amz-server-side-encryption-customer-key-md5",
-                                   "x-amz-server-side-encryption-customer-algorithm"])
-def test_raw_path_checks_the_echo_too(make_store, k1, strip):
-    """A PUT or GET answered on the lean path without the SSE-C echo is refused like one
-    answered to botocore: the write fails (EncryptionNotApplied), the read is not served."""
-    store, _ = make_store(k1)
+@pytest.mark.parametrize("strip", [ECHO_MD5, ECHO_ALG])
+def test_answers_without_the_echo_are_refused(make_store, k1, strip):
+    """A PUT, a caller-driven UploadPart or a GET (small, or a read unit) answered without
+    the SSE-C echo: the write fails (EncryptionNotApplied), the read is not served."""
+    store, wire = make_store(k1)
     store.put("echo/ok", b"fine", {})
-    real = store.raw.request
-
-    def stripped(op, method, key, headers, body=None, query=None):
-        r = real(op, method, key, headers, body, query=query)
-        r.headers = {k: v for k, v in r.headers.items() if k.lower() != strip}
-        return r
-    store.raw.request = stripped
+    store.put("echo/unit", os.urandom(2 * MiB), {})
+    wire.proxy.strip(strip, op={"PutObject", "UploadPart", "GetObject"})
     with pytest.raises(EncryptionNotApplied):
         store.put("echo/new", b"data", {})
     up, fp = store.mpu_begin("echo/parts", {})
     with pytest.raises(EncryptionNotApplied):
         store.mpu_part("echo/parts", up, 1, b"p" * 1024, fp)
     store.mpu_abort("echo/parts", up)
-    if strip.endswith("md5"):
+    if strip == ECHO_MD5:
         with pytest.raises(KeyMismatch):
             store.get_range("echo/ok", 0, 4, k1.fingerprint)
+        with pytest.raises(KeyMismatch):
+            store.get_range("echo/unit", 0, 2 * MiB, k1.fingerprint, shared=True)
 
 
-def test_raw_copy_reencrypts_replaces_or_keeps_metadata(make_store, s3, bucket):
-    """CopyObject on the lean path: one request with the source's and the destination's
-    SSE-C headers; re-encrypts to the current key; copy() replaces the metadata, copy_as_is()
-    keeps it; a failed ETag precondition is Stale; the same answers as botocore's copy."""
+def test_copy_reencrypts_replaces_or_keeps_metadata(make_store, s3, bucket):
+    """CopyObject: one request with the source's and the destination's SSE-C headers;
+    re-encrypts to the current key; copy() replaces the metadata, copy_as_is() keeps it; a
+    failed ETag precondition is Stale."""
     old, new = Key(os.urandom(32)), Key(os.urandom(32))
     writer, _ = make_store(old)
     data = os.urandom(100_000)
     writer.put("rc/src one+%", data, {"mode": "33188"})
     store, wire = make_store(new, old)
-    raw_ops = []
-    store.raw.observers.append(lambda op, hdrs: raw_ops.append(op))
     etag = store.head("rc/src one+%").etag
     wire.clear()
     info = store.copy("rc/src one+%", "rc/dst", len(data), {"mode": "33261"}, old.fingerprint,
                       etag)
     assert (info.key_fp, info.access) == (new.fingerprint, OPEN) and info.etag
-    copies = [op for op in wire.ops() if op == "CopyObject"]
-    assert copies == ["CopyObject"] and raw_ops.count("CopyObject") == 1   # no botocore resend
+    assert [op for op in wire.ops() if op == "CopyObject"] == ["CopyObject"]
+    cp = wire.of("CopyObject")[0]
+    assert cp["x-amz-copy-source-if-match"] == f'"{etag}"'
+    assert cp["x-amz-metadata-directive"] == "REPLACE" and cp["x-amz-meta-mode"] == "33261"
     assert s3.get_object(Bucket=bucket, Key="rc/dst", **sse(raw_of(new)))["Body"].read() == data
     with pytest.raises(ClientError):
         s3.get_object(Bucket=bucket, Key="rc/dst", **sse(raw_of(old)))
@@ -739,27 +656,24 @@ def test_raw_copy_reencrypts_replaces_or_keeps_metadata(make_store, s3, bucket):
         store.copy("rc/src one+%", "rc/dst2", len(data), {}, old.fingerprint, "0" * 32)
     with pytest.raises(NotFound):
         store.head("rc/dst2")
-    current, _ = make_store(new)
-    current.raw.observers.append(lambda op, hdrs: raw_ops.append(op))
-    raw_ops.clear()
+    current, cwire = make_store(new)
     current.copy_as_is("rc/dst", "rc/kept", len(data))
-    assert raw_ops[0] == "CopyObject"
+    assert cwire.ops()[0] == "CopyObject"
+    assert cwire.of("CopyObject")[0]["x-amz-metadata-directive"] == "COPY"
     h = current.head("rc/kept")
     assert h.metadata["mode"] == "33261" and h.key_fp == new.fingerprint
     assert current.get_range("rc/kept", 0, len(data), new.fingerprint) == data
     check_wire(wire, [new, old])
 
 
-def test_raw_listing_matches_botocore(make_store, k1):
-    """The lean ListObjectsV2 (own XML parse, encoding-type=url) lists exactly what botocore
-    lists: same keys (odd characters too), sizes, ETags, times, common prefixes, pages."""
-    store, _ = make_store(k1)
+def test_listing_matches_boto3(make_store, k1, s3, bucket):
+    """ListObjectsV2 (own XML parse, encoding-type=url) lists exactly what boto3 lists: same
+    keys (odd characters too), sizes, ETags, times, common prefixes."""
+    store, wire = make_store(k1)
     names = ["l/a b", "l/plus+x", "l/pct%41", "l/ünï", "l/sub/x", "l/sub2/y", "l/q?#&=",
              "l/tab\tx", "l/<amp&>"]
     for n in names:
         store.put(n, b"x" * len(n), {})
-    raw_ops = []
-    store.raw.observers.append(lambda op, hdrs: raw_ops.append(op))
 
     def flat(pages):
         objs, pfx = [], []
@@ -768,43 +682,34 @@ def test_raw_listing_matches_botocore(make_store, k1):
             pfx += p.prefixes
         return objs, pfx
 
-    raw = {d: flat(store.list_page_iter("l/", d)) for d in ("/", None)}
-    assert raw_ops and set(raw_ops) == {"ListObjectsV2"}
-    lean, store.raw = store.raw, None
-    boto = {d: flat(store.list_page_iter("l/", d)) for d in ("/", None)}
-    store.raw = lean
-    assert raw == boto
-    assert sorted(k for k, *_ in raw[None][0]) == sorted(names)
-    assert raw["/"][1] == ["l/sub/", "l/sub2/"]
-    # pages: continuation tokens round-trip
-    seen, token = [], None
-    while True:
-        resp = store._raw_list("l/", None, 2, token)
-        seen += [c["Key"] for c in resp["Contents"]]
-        token = resp["NextContinuationToken"]
-        if not resp["IsTruncated"]:
-            break
-    assert sorted(seen) == sorted(names)
+    def boto(delimiter):
+        kw = {"Delimiter": delimiter} if delimiter else {}
+        r = s3.list_objects_v2(Bucket=bucket, Prefix="l/", **kw)
+        return ([(o["Key"], o["Size"], o["ETag"].strip('"'), round(o["LastModified"].timestamp()))
+                 for o in r.get("Contents", [])], [p["Prefix"] for p in r.get("CommonPrefixes", [])])
+
+    wire.clear()
+    mine = {d: flat(store.list_page_iter("l/", d)) for d in ("/", None)}
+    assert set(wire.ops()) == {"ListObjectsV2"}
+    assert mine == {d: boto(d) for d in ("/", None)}
+    assert sorted(k for k, *_ in mine[None][0]) == sorted(names)
+    assert mine["/"][1] == ["l/sub/", "l/sub2/"]
 
 
 # ------------------------------------------------------------------------- the mount's probe
 def test_probe_refuses_an_endpoint_that_serves_the_plaintext_without_the_key(
-        make_store, k1, s3, bucket, monkeypatch, caplog):
+        make_store, k1, s3, bucket, caplog):
     """SeaweedFS enforces SSE-C: the probe passes and leaves nothing behind. An endpoint that
     answers the GET without the key with the plaintext is refused; one that answers with the
     stored (encrypted) bytes reveals nothing: the probe passes and says so in the log."""
-    store, _ = make_store(k1)
+    store, wire = make_store(k1)
     store.probe_sse(".probe-a")
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=".probe-")
 
-    real_get = store.client.get_object
     served = {}
-
-    def answer_without_key(**kw):
-        if "SSECustomerKey" in kw:
-            return real_get(**kw)
-        return {"Body": io.BytesIO(served["body"])}
-    monkeypatch.setattr(store.client, "get_object", answer_without_key)
+    wire.proxy.rewrite(lambda r, st, hs, body: (200, [("Content-Type", "binary/octet-stream")],
+                                                served["body"]),
+                       op="GetObject", where=lambda r: SSE_HDR + "key" not in r.headers)
 
     served["body"] = PROBE_DATA
     with pytest.raises(UserError) as e:

@@ -18,7 +18,9 @@ from seaweed import SeaweedFS
 pytestmark = pytest.mark.mount
 
 
-def make_ca_and_cert(d):
+def make_ca_and_cert(d, dns=("localhost",), ips=("127.0.0.1",)):
+    """A private CA (ca.pem) and a server certificate it signed (cert.pem, key.pem) for
+    these names and addresses."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ssecfs test CA")])
@@ -30,14 +32,14 @@ def make_ca_and_cert(d):
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])]))
             .issuer_name(ca_name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(n) for n in dns] +
+                [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     paths = {n: os.path.join(d, n) for n in ("ca.pem", "cert.pem", "key.pem")}
     with open(paths["ca.pem"], "wb") as f:

@@ -11,6 +11,10 @@ active in the processes it cares about (e.g. the daemon `ssecfs mount` spawns).
 
 Loaded in subprocesses by the sitecustomize.py beside this file (put this directory on
 PYTHONPATH); in-process tests call install()/uninstall().
+
+It sees Python's sockets only: the store's own requests go through awscrt, whose sockets and
+name lookups are native. Tests of where those go watch loopback stand-ins instead (see
+tests/test_endpoint_policy.py).
 """
 
 from __future__ import annotations
