@@ -290,9 +290,11 @@ def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
     return 1
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
     """A zombie is not alive: the daemon has exited and only waits for its reaper (the
     daemon is reparented when `ssecfs mount` returns; some inits reap every few seconds)."""
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -326,7 +328,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pid = reg.get("pid", 0)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     last = 0.0
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if deadline and time.monotonic() > deadline:
             print(f"ssecfs: uploads still pending after {args.timeout:.0f}s; the daemon "
                   f"(pid {pid}) keeps trying in the background", file=sys.stderr)

@@ -130,6 +130,16 @@ SOURCES = {
 }
 
 
+def assert_round_trip(m, name: str, size: int) -> None:
+    """A file written through the mount (fsync: sent to the endpoint) reads back cold."""
+    data = os.urandom(size)
+    with open(os.path.join(m.path, name), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    assert read_cold(os.path.join(m.path, name)) == data
+
+
 def assert_one_line_refusal(r: subprocess.CompletedProcess, host: str, where: str) -> None:
     lines = r.stderr.strip().splitlines()
     assert r.returncode == EXIT_SECURITY, f"exit {r.returncode}; stderr: {r.stderr!r}"
@@ -206,12 +216,7 @@ def test_endpoint_from_environment_is_the_one_used_and_reported(seaweed, mounter
     r = box.run("mount", bucket, m.path, "--keyfile", key[0], "--cache-dir", m.cache_dir,
                 "--writeback-delay", "0.2")
     assert r.returncode == 0, r.stderr + m.log[-3000:]
-    data = os.urandom(70_000)
-    with open(os.path.join(m.path, "f.bin"), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    assert read_cold(os.path.join(m.path, "f.bin")) == data
+    assert_round_trip(m, "f.bin", 70_000)
     m.umount()
     chk = box.run("check", bucket, "--keyfile", key[0])
     assert chk.returncode == 0, chk.stdout + chk.stderr
@@ -290,13 +295,8 @@ def test_no_proxy_carries_a_plain_http_request(seaweed, mounter, bucket, key, tm
     r = box.run("mount", bucket, m.path, "--keyfile", key[0], "--cache-dir", m.cache_dir,
                 "--endpoint-url", seaweed.endpoint, "--writeback-delay", "0.2")
     assert r.returncode == 0, r.stderr + m.log[-3000:]
-    data = os.urandom(100_000)
-    with open(os.path.join(m.path, "p.bin"), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.listdir(m.path)
-    assert read_cold(os.path.join(m.path, "p.bin")) == data
+    assert_round_trip(m, "p.bin", 100_000)
     m.umount()
     chk = box.run("check", bucket, "--keyfile", key[0], "--endpoint-url", seaweed.endpoint)
     assert chk.returncode == 0, chk.stdout + chk.stderr

@@ -926,10 +926,10 @@ def test_umount_counts_an_exited_unreaped_daemon_as_gone():
             with open(f"/proc/{pid}/stat") as f:
                 return f.read().rsplit(")", 1)[-1].split()[0]
         wait_until(lambda: state(dead.pid) == "Z", 10, what="the child to exit")
-        assert not cli._pid_alive(dead.pid)
-        assert cli._pid_alive(live.pid)
+        assert not cli.pid_alive(dead.pid)
+        assert cli.pid_alive(live.pid)
     finally:
         live.kill()
         live.wait()
         dead.wait()
-    assert not cli._pid_alive(dead.pid)
+    assert not cli.pid_alive(dead.pid)

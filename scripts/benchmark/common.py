@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from ssecfs.cli import pid_alive  # noqa: F401  (re-exported for the mounts)
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 MB = 1e6
@@ -57,22 +59,6 @@ def copy_source_sse(raw: bytes) -> dict:
 def echoed(md5_header: str | None) -> set:
     """The key MD5s an SSE-C answer echoes (SeaweedFS repeats it: "md5, md5")."""
     return {x.strip() for x in (md5_header or "").split(",") if x.strip()}
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_pid_gone(pid: int | None, timeout: float) -> bool:
