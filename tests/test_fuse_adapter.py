@@ -107,3 +107,29 @@ def test_a_change_only_the_owner_may_make_is_eperm_not_eacces():
     assert FuseAdapter._fuse_error("chown", "/f", NotPermitted("x")).errno == errno.EPERM
     assert FuseAdapter._fuse_error("open", "/f", errors.PermissionDenied("x")).errno == \
         errno.EACCES
+
+
+def _error_classes(base=errors.SsecfsError):
+    for cls in base.__subclasses__():
+        yield cls
+        yield from _error_classes(cls)
+
+
+FS_ERRORS = sorted({c for c in _error_classes() if c is not errors.UserError},
+                   key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("cls", FS_ERRORS, ids=lambda c: c.__name__)
+def test_every_error_class_has_its_errno(cls):
+    """The adapter's table names every domain error (or a parent that is not the base): none
+    reaches the kernel as a catch-all EIO by omission. UserError is the CLI's (exit codes)."""
+    mapped = [c for c in cls.__mro__ if c in fuse_adapter.ERRNO_TABLE]
+    assert mapped, f"{cls.__name__} has no errno in ERRNO_TABLE"
+    assert FuseAdapter._fuse_error("op", "/p", cls("x")).errno == fuse_adapter.ERRNO_TABLE[mapped[0]]
+
+
+def test_an_unknown_exception_is_eio_with_its_traceback_logged(caplog):
+    with caplog.at_level("ERROR", logger="ssecfs.fuse"):
+        e = FuseAdapter._fuse_error("read", "/p", ZeroDivisionError("bug"))
+    assert e.errno == errno.EIO
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
