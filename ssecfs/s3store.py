@@ -31,9 +31,8 @@ from .errors import (EncryptionNotApplied, KeyMismatch, NotFound, NotSupported,
                      PermissionDenied, Stale, StoreError, StoreUnavailable, UserError)
 from .keys import Key, KeyRing
 from .store import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo, Reader
-from .transport import (AWS_DEFAULT, EXIT_SECURITY, EXIT_STORE, Answer, Client,  # noqa: F401
-                        Transport, TransportFailure, check_endpoint, is_loopback,
-                        resolve_transport)
+from .transport import (EXIT_SECURITY, EXIT_STORE, Answer, Client, Transport,
+                        TransportFailure, resolve_transport)
 
 log = logging.getLogger("ssecfs.store")
 
