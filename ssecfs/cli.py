@@ -31,7 +31,8 @@ O_VALUE = {"keyfile", "endpoint_url", "region", "profile", "ca_bundle", "cache_d
            "attr_timeout", "fsync_timeout", "flush_timeout", "uid", "gid", "file_mode",
            "dir_mode"}
 O_FLAG = {"ro": "read_only", "read_only": "read_only", "allow_other": "allow_other",
-          "foreground": "foreground", "force": "force", "no_dir_index": "no_dir_index"}
+          "foreground": "foreground", "force": "force", "no_dir_index": "no_dir_index",
+          "cache_every_read": "cache_every_read"}
 # Options mount(8)/mount.fuse add or that only matter to mount(8): accepted and ignored.
 O_IGNORED = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
              "_netdev", "nofail", "user", "nouser", "users", "defaults", "atime", "noatime",
@@ -79,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--no-dir-index", action="store_true",
                    help="neither read nor write the per-directory attribute indexes "
                    "(DIR/.ssecfs-index objects that spare `ls -l` a HEAD per file)")
+    m.add_argument("--cache-every-read", action="store_true",
+                   help="cache what is read the first time it is read, big files read "
+                   "sequentially included (default: those from their second read)")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="options in mount(8) style (keyfile=..., endpoint_url=..., ro, ...)")
     m.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR",
@@ -192,6 +196,7 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
                   upload_workers=num(args.upload_workers, 8, int),
                   fsync_timeout=num(args.fsync_timeout, 0.0),
                   dir_index=not getattr(args, "no_dir_index", False),
+                  cache_every_read=bool(getattr(args, "cache_every_read", False)),
                   uid=parse_id(args.uid, "--uid") if args.uid else os.getuid(),
                   gid=parse_id(args.gid, "--gid") if args.gid else os.getgid(),
                   # under --allow-other, what nobody vouched for is the mounting user's only
@@ -249,7 +254,8 @@ def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
         if val:
             argv += [flag, val]
     for flag, on in (("--read-only", cfg.fs.read_only), ("--allow-other", cfg.allow_other),
-                     ("--force", cfg.force), ("--no-dir-index", not cfg.fs.dir_index)):
+                     ("--force", cfg.force), ("--no-dir-index", not cfg.fs.dir_index),
+                     ("--cache-every-read", cfg.fs.cache_every_read)):
         if on:
             argv.append(flag)
     if cfg.fuse_options:

@@ -29,6 +29,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from .attrs import AttrOps, _now
 from .cache import CHUNK, Cache, CacheEntry
 from .config import FsConfig
@@ -50,6 +52,10 @@ SEQ_SLACK = 2 * 1024 * 1024          # a read this close to the last one is sequ
 HOT_CHUNKS = (READAHEAD_UNITS + 1) * READ_UNIT // (128 * 1024)   # per file, see FileState.hot
 COPY_WORKERS = 16
 PREFETCH_ON_OPEN = 1024 * 1024      # files up to this size are fetched at open (read-only)
+# Scan resistance: a read unit of a file this big that a sequential reader fetches is cached
+# only when it is fetched a second time (docs/CACHE.md, "What a read leaves in the cache").
+SCAN_MIN_SIZE = 64 * 1024 * 1024
+SCANNED_UNITS = 16384                # read units remembered as fetched once (128 GiB of them)
 
 
 @dataclass
@@ -91,6 +97,10 @@ class FileState:
         # trunc_epoch, data_generation) when fetched, plaintext); valid only while that tag
         # still matches (no write, truncate or new remote since)
         self.hot: dict[int, tuple] = {}
+        # read units below `ahead[1]` were fetched for the sequential reader since it last
+        # jumped, while the remote and trunc_epoch were `ahead[0]` (read-ahead skips them:
+        # they may have been read already without being cached, see Filesystem._admit)
+        self.ahead: tuple = (None, 0)
         self.stream = None                # PartStream: parts sent while written (stream.py)
         self.no_stream = False            # metadata set explicitly: upload whole
         self.seq_end = 0                  # data written contiguously from offset 0 up to here
@@ -134,6 +144,8 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         self._fh = itertools.count(1)
         self._init_attrs(config)
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
+        self._scanned = LRUCache(maxsize=SCANNED_UNITS)     # (key, etag, start): fetched once
+        self._scanned_lock = threading.Lock()
         self._copy_pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="copy")
         self.wb = WriteBack(self._upload, delay=config.writeback_delay,
                             workers=config.upload_workers)
@@ -306,6 +318,8 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             # near the previous read counts as sequential: the kernel's read-ahead sends
             # several requests at once and they may arrive slightly out of order
             sequential = abs(offset - st.last_read_end) <= SEQ_SLACK
+            if not sequential:
+                st.ahead = (None, 0)
             st.last_read_end = max(end, st.last_read_end) if sequential else end
         first, last = offset // CHUNK, (end - 1) // CHUNK
         parts = []
@@ -331,10 +345,15 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         whole = lo == 0 and hi >= CHUNK
         for _ in range(3):
             with st.lock:
-                hot = st.hot.pop(i, None)
+                hot = st.hot.get(i)
                 if hot is not None and hot[0] == (st.remote, st.trunc_epoch, st.data_generation):
-                    # fetched moments ago: no need to decrypt it again
+                    # fetched moments ago: no need to decrypt it again (nor to fetch it again
+                    # when it was not cached); kept until read to its end
+                    if hi >= len(hot[1]):
+                        del st.hot[i]
                     return hot[1] if whole else hot[1][lo:hi]
+                if hot is not None:
+                    del st.hot[i]
                 entry = self._ensure_entry(st)
                 cached = entry.has(i)
             if cached:
@@ -368,6 +387,8 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                 if fetched and i in fetched and st.remote is remote:
                     limit = min(st.remote_valid, st.size) - i * CHUNK
                     data = fetched[i][:max(0, limit)]
+                    if hi >= len(data):
+                        st.hot.pop(i, None)
                     return data if whole else data[lo:hi]
         raise Stale(f"{st.path}: chunk {i} could not be loaded")
 
@@ -388,10 +409,28 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             if st.readahead.get(start) is fut:
                 del st.readahead[start]
 
+    def _admit(self, st: FileState, start: int, length: int, remote: Remote) -> bool:
+        """Caller holds st.lock. Whether the fetched range [start, start + length) goes into
+        the cache. Not when a sequential reader fetches a read unit of a big clean file for
+        the first time: a file read once from end to end (a copy, a backup, a scan) would
+        otherwise push out what the cache holds and pay the sealing and the cache writes on
+        the reader's time; a unit fetched again is cached."""
+        if (self.cfg.cache_every_read or length != READ_UNIT or remote.size < SCAN_MIN_SIZE
+                or st.dirty or st.writers):
+            return True
+        seen = (remote.key, remote.etag, start)
+        with self._scanned_lock:
+            if seen in self._scanned:
+                return True
+            self._scanned[seen] = True
+        return False
+
     def _fetch(self, st: FileState, start: int, length: int, remote: Remote) -> dict:
-        """Range GET; stores the chunks in the cache and returns {chunk index: bytes}."""
+        """Range GET; stores the chunks in the cache (unless _admit says no) and returns
+        {chunk index: bytes}."""
         with st.lock:
             valid = st.remote_valid if st.remote is remote else 0
+            admit = self._admit(st, start, length, remote)
         length = min(length, valid - start)
         if length <= 0:
             return {}
@@ -416,7 +455,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         # Stored without holding st.lock (readers go on meanwhile); a chunk written or a
         # file truncated since the GET was sent wins over the fetched bytes.
         still = lambda: st.remote is remote and st.trunc_epoch == epoch and not st.deleted  # noqa: E731
-        stored = entry.write_chunks(got, dirty=False, only_if=still)
+        stored = entry.write_chunks(got, dirty=False, only_if=still) if admit else list(got)
         with st.lock:
             if still():
                 tag = (remote, epoch, dgen)       # a write since then voids them
@@ -433,13 +472,19 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             u0 = pos // READ_UNIT
             # never read further ahead than a quarter of the cache can hold
             units = max(0, min(READAHEAD_UNITS, self.cache.max_bytes // 4 // READ_UNIT))
+            tag = (st.remote, st.trunc_epoch)
+            upto = st.ahead[1] if st.ahead[0] == tag else 0
             for u in range(u0, u0 + units + 1):
                 start = u * READ_UNIT
                 if start >= st.remote_valid:
                     break
-                if st.entry.has(max(start, pos) // CHUNK) or start in st.readahead:
+                first = max(start, pos) // CHUNK
+                if start < upto or st.entry.has(first) or first in st.hot \
+                        or start in st.readahead:
                     continue
                 self._fetch_async(st, start, READ_UNIT)
+            st.ahead = (tag, max(upto, min(u0 + units + 1, -(-st.remote_valid // READ_UNIT))
+                                 * READ_UNIT))
 
     # ===================================================================== write / truncate
     def write(self, fh: int, data: bytes, offset: int) -> int:

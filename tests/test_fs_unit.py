@@ -20,6 +20,7 @@ from ssecfs.crypto import Sealer
 from ssecfs.errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory,
                            NotEmpty, NotFound, NotSupported, ReadOnly, StoreUnavailable,
                            TimedOut)
+from ssecfs import fs as fs_mod
 from ssecfs.fs import Filesystem
 from ssecfs.keys import Key, KeyRing
 
@@ -263,6 +264,95 @@ def test_sequential_read_of_large_remote_file(fs, store):
     assert fs.read(fh, 1000, 5 * 1024 * 1024 + 17) == data[5 * 1024 * 1024 + 17:][:1000]
     fs.release(fh)
     assert store.calls["get_range"] == before
+
+
+def record_gets(store: MemStore) -> list:
+    """The (start, length) of every GET of the store from now on."""
+    got: list = []
+    prev = store.before.get("get_range")
+
+    def hook(key, start, length):
+        if prev:
+            prev(key, start, length)
+        got.append((start, length))
+    store.before["get_range"] = hook
+    return got
+
+
+@pytest.fixture
+def scan_min(monkeypatch):
+    """A small SCAN_MIN_SIZE (two read units), so that a "big" file takes 24 MiB."""
+    monkeypatch.setattr(fs_mod, "SCAN_MIN_SIZE", 2 * fs_mod.READ_UNIT)
+    return 3 * fs_mod.READ_UNIT + 4321
+
+
+def test_a_big_file_read_end_to_end_is_cached_from_its_second_read(fs, store, scan_min):
+    """Scan resistance: the first sequential read of a big file leaves nothing in the cache
+    and fetches each read unit once (read-ahead never fetches a unit again that the reader
+    has read already); the second read fetches the units again and caches them; the third
+    sends nothing."""
+    data = os.urandom(scan_min)
+    remote_file(store, "big", data)
+    gets = record_gets(store)
+    assert read_all(fs, "/big") == data
+    units = sorted(s for s, _ in gets)
+    assert units == list(range(0, scan_min, fs_mod.READ_UNIT)), gets
+    assert fs.cache.stats()["cache_used_bytes"] < fs_mod.READ_UNIT
+    gets.clear()
+    assert read_all(fs, "/big") == data
+    assert sorted(s for s, _ in gets) == units
+    assert wait_until(lambda: fs.cache.stats()["cache_used_bytes"] >= scan_min, timeout=10)
+    gets.clear()
+    assert read_all(fs, "/big") == data
+    assert gets == []
+
+
+def test_a_big_file_is_cached_at_its_first_read_with_cache_every_read(make_fs, store,
+                                                                       scan_min):
+    fs = make_fs(cache_every_read=True)
+    data = os.urandom(scan_min)
+    remote_file(store, "big", data)
+    gets = record_gets(store)
+    assert read_all(fs, "/big") == data
+    assert len(gets) == 4
+    gets.clear()
+    assert read_all(fs, "/big") == data
+    assert gets == []
+
+
+def test_random_reads_of_a_big_file_are_cached_at_once(fs, store, scan_min):
+    data = os.urandom(scan_min)
+    remote_file(store, "big", data)
+    gets = record_gets(store)
+    fh = fs.open("/big", os.O_RDONLY)
+    try:
+        for off in (5 * fs_mod.READ_UNIT // 2, 17 * CHUNK, 2 * fs_mod.READ_UNIT + 99):
+            assert fs.read(fh, 4096, off) == data[off:off + 4096]
+        n = len(gets)
+        for off in (5 * fs_mod.READ_UNIT // 2, 17 * CHUNK, 2 * fs_mod.READ_UNIT + 99):
+            assert fs.read(fh, 4096, off) == data[off:off + 4096]
+        assert len(gets) == n
+    finally:
+        fs.release(fh)
+
+
+def test_a_big_file_with_unsent_writes_is_cached_as_it_is_read(fs, store, scan_min):
+    """A file being written is not scanned past the cache: what a writer reads back around
+    its own writes stays local."""
+    data = os.urandom(scan_min)
+    remote_file(store, "big", data)
+    fh = fs.open("/big", os.O_RDWR)
+    try:
+        assert fs.write(fh, b"x" * 10, 3 * fs_mod.READ_UNIT) == 10
+        gets = record_gets(store)
+        for off in range(0, 3 * fs_mod.READ_UNIT, CHUNK):
+            assert fs.read(fh, CHUNK, off) == data[off:off + CHUNK]
+        n = len(gets)
+        for off in range(0, 3 * fs_mod.READ_UNIT, CHUNK):
+            assert fs.read(fh, CHUNK, off) == data[off:off + CHUNK]
+        assert len(gets) == n
+    finally:
+        fs.release(fh)
 
 
 def test_small_file_looked_up_is_read_without_another_request(fs, store):
@@ -944,6 +1034,7 @@ from memstore import MemStore
 from ssecfs.cache import Cache
 from ssecfs.config import FsConfig
 from ssecfs.crypto import Sealer
+from ssecfs import fs as fs_mod
 from ssecfs.fs import Filesystem
 from ssecfs.keys import load_keyring
 ring = load_keyring(sys.argv[3])
