@@ -371,6 +371,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"uploads:          {s['uploads_in_flight']} in flight, {s['uploads_done']} done, "
           f"{s['upload_errors']} failed attempts")
     print(f"last error:       {s['last_error'] or '-'}")
+    if "deletes_pending" in s:
+        print(f"deletes:          {s['deletes_pending']} pending, {s['deletes_done']} done"
+              + (f" (last error: {s['delete_error']})" if s.get("delete_error") else ""))
     print(f"cache:            {mb(s['cache_used_bytes'])} used of {mb(s['cache_max_bytes'])} "
           f"({mb(s['cache_dirty_bytes'])} dirty)")
     return 0

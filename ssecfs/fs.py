@@ -26,6 +26,7 @@ import os
 import posixpath
 import stat
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from cachetools import LRUCache
 from .attrs import AttrOps, _now
 from .cache import CHUNK, Cache, CacheEntry
 from .config import FsConfig
+from .deletes import DeferredDeletes, DeleteJournal
 from .dirindex import INDEX_NAME
 from .errors import (InvalidName, IsADirectory, KeyMismatch, NameTooLong, NotFound,
                      ReadOnly, Stale, TimedOut)
@@ -127,7 +129,12 @@ class FileState:
 
 class Filesystem(AttrOps, NamespaceOps, StreamOps):
     def __init__(self, store: Store, cache: Cache, config: FsConfig):
-        self.store = store
+        # deletes return once journaled and go out in batches (deletes.py); recover() takes
+        # up what an earlier daemon journaled
+        self.deletes = DeferredDeletes(store, DeleteJournal(
+            os.path.join(cache.dir, "deletes"), cache.sealers, cache.key_fp)) \
+            if config.defer_deletes else None
+        self.store = self.deletes or store
         self.cache = cache
         self.cfg = config
         self.prefix = config.prefix
@@ -756,7 +763,10 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             return [st for st in self._files.values() if st.dirty and not st.deleted]
 
     def recover(self) -> int:
-        """Re-adopt dirty files from the cache journal after a crash and queue their uploads."""
+        """Re-adopt dirty files from the cache journal after a crash and queue their uploads;
+        take up the deletes the delete journal holds."""
+        if self.deletes is not None:
+            self.deletes.recover()
         entries, bad = self.cache.recover()
         n = 0
         for entry, j in entries:
@@ -791,17 +801,31 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             if progress:
                 progress(len(left), sum(s.size for s in left))
             return not left
-        return self.wb.wait(done, timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.wb.wait(done, timeout=timeout):
+            return False
+        return self.deletes is None or self.deletes.flush(
+            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def fsyncdir(self, path: str) -> None:
+        """fsync() of a directory: the deletes under it are done when it returns."""
+        if self.deletes is not None:
+            pfx = self.prefix if path == "/" else self.dir_key(path)
+            if not self.deletes.flush(pfx, timeout=self.cfg.fsync_timeout or None):
+                raise TimedOut(f"{path}: deletes not done within --fsync-timeout")
 
     def status(self) -> dict:
         left = self.dirty_files()
         return {"dirty_files": len(left), "bytes_pending": sum(s.size for s in left),
                 "uploads_in_flight": self.wb.in_flight(), "uploads_done": self.wb.uploads_done,
                 "upload_errors": self.wb.upload_errors, "last_error": self.wb.last_error,
+                **(self.deletes.status() if self.deletes is not None else {}),
                 **self.cache.stats()}
 
     def shutdown(self) -> None:
         self.wb.stop()
+        if self.deletes is not None:
+            self.deletes.close()
         self.dirindex.stop()
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._head_pool.shutdown(wait=False, cancel_futures=True)

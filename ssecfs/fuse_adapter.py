@@ -227,6 +227,10 @@ class FuseAdapter(Operations):
         self.fs.fsync(fh)
         return 0
 
+    def fsyncdir(self, path, datasync, fh):
+        self.fs.fsyncdir(path)
+        return 0
+
     def release(self, path, fh):
         self.fs.release(fh)
         return 0

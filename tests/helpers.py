@@ -89,3 +89,13 @@ def read_cold(path: str) -> bytes:
             out += b
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync() a directory of the mount: the deletes under it are done when it returns
+    (docs/SEMANTICS.md, "Deletes")."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

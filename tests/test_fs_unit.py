@@ -53,6 +53,8 @@ def make_fs(tmp_path, ring, store):
 
     def make(cache_dir=None, st=None, max_bytes=1 << 30, **cfg) -> Filesystem:
         cfg.setdefault("writeback_delay", 0)
+        # deletes at once unless a test is about deferring them (tests/test_deletes.py)
+        cfg.setdefault("defer_deletes", False)
         st = st or store
         cache = open_cache(cache_dir or tmp_path / f"cache{len(made)}", st.ring, max_bytes)
         fs = Filesystem(st, cache, FsConfig(**cfg))
@@ -1041,7 +1043,7 @@ ring = load_keyring(sys.argv[3])
 cache = Cache(sys.argv[4], {k.fingerprint: Sealer(k.cache_key()) for k in ring.keys},
               1 << 30, ring.current.fingerprint)
 cache.open()
-fs = Filesystem(MemStore(ring), cache, FsConfig(writeback_delay=3600))
+fs = Filesystem(MemStore(ring), cache, FsConfig(writeback_delay=3600, defer_deletes=False))
 data = open(sys.argv[5], "rb").read()
 fh = fs.create("/crash.bin", 0o640)
 fs.write(fh, data, 0)
@@ -1086,7 +1088,7 @@ def test_recover_with_other_key_reports_entry(tmp_path, make_fs, ring):
     cache_dir = tmp_path / "rc"
     other_ring = KeyRing([Key(os.urandom(32))])
     c = open_cache(cache_dir, other_ring)
-    fs1 = Filesystem(MemStore(other_ring), c, FsConfig(writeback_delay=3600))
+    fs1 = Filesystem(MemStore(other_ring), c, FsConfig(writeback_delay=3600, defer_deletes=False))
     write_file(fs1, "/lost", b"sealed with another key")
     fs1.shutdown()
     c.close()

@@ -20,7 +20,7 @@ import subprocess
 import pytest
 from botocore.exceptions import ClientError
 
-from helpers import marker_blob, scan_dir_for, sse, wait_until
+from helpers import fsync_dir, marker_blob, scan_dir_for, sse, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -402,6 +402,7 @@ def test_mv_file_and_directory_tree(mnt, s3, tmp_path):
     with open(os.path.join(m.path, "moved.bin"), "rb") as f:
         assert f.read() == solo
     assert_sse_c_object(s3, bucket, "moved.bin", raw, solo, os.path.join(m.path, "moved.bin"))
+    fsync_dir(m.path)             # the deletes under it are done (SEMANTICS, "Deletes")
     assert "solo.bin" not in bucket_keys(s3, bucket)
 
     # a directory tree, into another directory
@@ -412,6 +413,7 @@ def test_mv_file_and_directory_tree(mnt, s3, tmp_path):
     assert_sse_c_object(s3, bucket, "dest/d2/sub/deeper/c.bin", raw, files["sub/deeper/c.bin"],
                         os.path.join(m.path, "dest/d2/sub/deeper/c.bin"))
     # the old tree is gone: from the mount and from the bucket (no key, no listed prefix)
+    fsync_dir(m.path)
     assert file_keys(s3, bucket, "d1/") == set()
     assert bucket_keys(s3, bucket, "d1/") == set()
     resp = s3.list_objects_v2(Bucket=bucket, Prefix="d1/", Delimiter="/")
@@ -433,6 +435,7 @@ def test_mv_and_rm_r_of_a_tree_without_directory_markers(mnt, s3):
     for rel, data in files.items():
         with open(os.path.join(m.path, "moved", rel), "rb") as f:
             assert f.read() == data, rel
+    fsync_dir(m.path)
     assert file_keys(s3, bucket) == {"moved/" + rel for rel in files}
     # (the source objects carried no s3fs metadata, so none is required of the copies)
     assert_sse_c_object(s3, bucket, "moved/a/d.bin", raw, files["a/d.bin"], meta=False)
@@ -442,6 +445,7 @@ def test_mv_and_rm_r_of_a_tree_without_directory_markers(mnt, s3):
 
     run("rm", "-r", os.path.join(m.path, "moved"))
     assert os.listdir(m.path) == []
+    fsync_dir(m.path)
     assert bucket_keys(s3, bucket) == set()
     resp = s3.list_objects_v2(Bucket=bucket, Delimiter="/")
     assert not resp.get("Contents") and not resp.get("CommonPrefixes"), resp
@@ -474,6 +478,7 @@ def test_rm_r_tree(mnt, s3, tmp_path):
     run("rm", "-r", os.path.join(m.path, "gone"))
     assert not os.path.exists(os.path.join(m.path, "gone"))
     assert os.listdir(m.path) == ["keep.txt"]
+    fsync_dir(m.path)
     assert bucket_keys(s3, bucket, "gone/") == set()
     resp = s3.list_objects_v2(Bucket=bucket, Prefix="gone/", Delimiter="/")
     assert not resp.get("Contents") and not resp.get("CommonPrefixes"), resp
@@ -513,6 +518,7 @@ def test_sqlite_database(mnt, s3):
         content = f.read()
     assert content.startswith(b"SQLite format 3\0")
     assert_sse_c_object(s3, bucket, "data.db", raw, content, db)
+    fsync_dir(m.path)
     assert "data.db-journal" not in bucket_keys(s3, bucket)
 
 
@@ -555,6 +561,7 @@ def test_git_init_add_commit_log(mnt, s3, tmp_path):
     assert_sse_c_object(s3, bucket, "repo/README.md", raw, b"# hello\nmore\n",
                         os.path.join(repo, "README.md"))
     assert_sse_c_object(s3, bucket, "repo/src/data.bin", raw, code)
+    fsync_dir(m.path)
     assert not [k for k in bucket_keys(s3, bucket, "repo/.git/") if k.endswith(".lock")]
 
 
@@ -582,6 +589,7 @@ def test_editor_save_by_rename(mnt, s3):
             assert f.read() == content
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert_sse_c_object(s3, bucket, "notes.txt", raw, content, path)
+    fsync_dir(m.path)
     assert ".notes.txt.swp" not in bucket_keys(s3, bucket)
 
 
@@ -627,6 +635,7 @@ def test_special_names_round_trip(mnt, s3):
     with open(os.path.join(m.path, d, "名前 #2.txt"), "rb") as f:
         assert f.read() == contents["日本語.txt"]
     assert_sse_c_object(s3, bucket, f"{d}/名前 #2.txt", raw, contents["日本語.txt"])
+    fsync_dir(m.path)
     assert "日本語.txt" not in bucket_keys(s3, bucket)
 
 

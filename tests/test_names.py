@@ -281,7 +281,7 @@ def test_listing_keys_with_double_and_leading_slashes_unit(tmp_path):
     cache = Cache(str(tmp_path / "cache"), {k.fingerprint: Sealer(k.cache_key()) for k in ring.keys},
                   1 << 30, ring.current.fingerprint)
     cache.open()
-    fs = Filesystem(store, cache, FsConfig(writeback_delay=0))
+    fs = Filesystem(store, cache, FsConfig(writeback_delay=0, defer_deletes=False))
     try:
         seen = []
 

@@ -20,7 +20,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from helpers import run_ssecfs, ssecfs_cmd, sse, wait_until
+from helpers import fsync_dir, run_ssecfs, ssecfs_cmd, sse, wait_until
 from ssecfs.cache import BASE, SLOT
 
 pytestmark = pytest.mark.mount
@@ -577,8 +577,8 @@ def test_rename_and_unlink_while_the_upload_is_in_flight(proxy, mounter, bucket,
     unl.result(60, "unlink")
     wait_durable(s3, bucket, "moved-a.bin", raw, a)
     wait_idle(m)
-    wait_until(lambda: not in_bucket(s3, bucket, "inflight-a.bin"), 10,
-               what="the old name to be gone")
+    fsync_dir(m.path)            # the deletes are done (SEMANTICS, "Deletes")
+    assert not in_bucket(s3, bucket, "inflight-a.bin")
     assert not in_bucket(s3, bucket, "inflight-b.bin")
     assert read_file(os.path.join(m.path, "moved-a.bin")) == a
     assert not os.path.exists(os.path.join(m.path, "inflight-b.bin"))
