@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pin", action="store_true",
                    help="run SeaweedFS on half of the CPUs and everything else on the other "
                         "half (as if the server were another machine)")
+    p.add_argument("--baseline", metavar="REV",
+                   help="also run ssecfs as it was at git revision REV (its ssecfs/ package, "
+                   "this venv), as the column \"baseline\"")
     p.add_argument("--ssecfs-args", default="",
                    help="extra arguments for `ssecfs mount`, "
                    "e.g. --ssecfs-args=\"--upload-workers 8\"")

@@ -8,7 +8,7 @@ import time
 from . import tools
 from .common import BenchError, fmt, log_tail, progress
 from .fs_workloads import MountWorkloads
-from .mounts import RcloneTarget, S3fsTarget, SsecfsTarget
+from .mounts import BaselineTarget, RcloneTarget, S3fsTarget, SsecfsTarget
 from .raw_awscrt import CrtRaw
 from .raw_boto3 import Boto3Raw
 from .rows import RAW_ROWS, ROW_STEP
@@ -21,6 +21,9 @@ def run_all(b) -> None:
     if raw_steps:
         b.raw = [Boto3Raw(b), CrtRaw(b)]
     b.targets.append(SsecfsTarget(b))
+    if b.args.baseline:
+        b.targets.append(BaselineTarget(b, b.args.baseline))
+        b.notes.append(f"baseline: ssecfs at git revision {b.args.baseline}, same options")
     if b.args.compare:
         for binary, cls in (("s3fs", S3fsTarget), ("rclone", RcloneTarget)):
             if tools.apt_install(binary, binary):

@@ -77,6 +77,7 @@ class SsecfsTarget(Target):
         self._log_pos = 0
         cli = os.path.join(os.path.dirname(sys.executable), "ssecfs")
         self.cli = [cli] if os.path.exists(cli) else [sys.executable, "-m", "ssecfs"]
+        self.env: dict | None = None          # of every ssecfs command (None: ours)
 
     def mount_argv(self) -> list[str]:
         b = self.b
@@ -92,7 +93,7 @@ class SsecfsTarget(Target):
         # own session: a Ctrl-C on the terminal must not hit `ssecfs mount` half-way
         proc = subprocess.Popen(self.mount_argv(), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env=self.env)
         try:
             out, err = proc.communicate(timeout=360)
         except KeyboardInterrupt:
@@ -117,7 +118,8 @@ class SsecfsTarget(Target):
 
     def unmount(self) -> None:
         if self.mounted():
-            r = run([*self.cli, "umount", self.mnt], timeout=self.b.timeout_big + 120)
+            r = run([*self.cli, "umount", self.mnt], timeout=self.b.timeout_big + 120,
+                    env=self.env)
             if r.returncode != 0:
                 raise BenchError(f"ssecfs umount failed (exit {r.returncode}): "
                                  f"{r.stderr.strip()} -- daemon log {self.log}")
@@ -143,7 +145,7 @@ class SsecfsTarget(Target):
     def status(self) -> str:
         try:
             r = subprocess.run([*self.cli, "status", self.mnt], capture_output=True, text=True,
-                               timeout=15)
+                               timeout=15, env=self.env)
             return (r.stdout or r.stderr).strip()
         except subprocess.TimeoutExpired:
             return "(ssecfs status did not answer in 15s)"
@@ -165,7 +167,7 @@ class SsecfsTarget(Target):
         try:
             if self.mounted():
                 subprocess.run([*self.cli, "umount", "--timeout", "60", self.mnt],
-                               capture_output=True, timeout=120)
+                               capture_output=True, timeout=120, env=self.env)
         except Exception as e:  # noqa: BLE001 - best effort
             progress(f"ssecfs cleanup: umount: {e}")
         if self.mounted():
@@ -176,6 +178,29 @@ class SsecfsTarget(Target):
             if not wait_pid_gone(pid, 15):
                 os.kill(pid, signal.SIGKILL)
         self._pid = None
+
+
+class BaselineTarget(SsecfsTarget):
+    """ssecfs as it was at a git revision (--baseline REV): that revision's ssecfs/ package
+    (exported with `git archive`) run by this venv's Python, the daemon included
+    (PYTHONPATH comes before the editable install)."""
+
+    name = column = "baseline"
+
+    def __init__(self, bench, rev: str):
+        Target.__init__(self, bench, "bench-baseline")
+        self.cache = os.path.join(bench.work, "cache-baseline")
+        self._pid = None
+        self._log_pos = 0
+        src = bench.mkdir("baseline-src")
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        archive = subprocess.run(["git", "-C", repo, "archive", rev, "ssecfs"],
+                                 capture_output=True, timeout=60)
+        if archive.returncode != 0:
+            raise BenchError(f"--baseline {rev}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True, timeout=60)
+        self.cli = [sys.executable, "-m", "ssecfs"]
+        self.env = {**os.environ, "PYTHONPATH": src}
 
 
 class ProcTarget(Target):

@@ -13,7 +13,7 @@ from .common import DIR_FILES, GiB, fmt, human
 from .rows import (PEERS, RAW, RAW_ROWS, ROW_HIB, ROW_STEP, ROWS, STEPS,
                    MEMORY_STEPS, targets)
 
-COLUMNS = [*RAW, "ssecfs", *PEERS]
+COLUMNS = [*RAW, "ssecfs", "baseline", *PEERS]
 
 
 def cell(b, column: str, row: str):
@@ -53,7 +53,8 @@ def sizes(b) -> dict:
 
 def table(b) -> str:
     peers = PEERS if b.args.compare else []
-    head = ["workload", *RAW, "ssecfs", "ratio", "÷ awscrt", *peers, "target, this run"]
+    base = ["baseline", "÷ baseline"] if b.args.baseline else []
+    head = ["workload", *RAW, "ssecfs", "ratio", "÷ awscrt", *base, *peers, "target, this run"]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for rid, label, unit, _, _ in ROWS:
@@ -65,7 +66,10 @@ def table(b) -> str:
             name += f" [{b.fio_desc}]"
         lines.append("| " + " | ".join(
             [name, *[text[c][0] for c in RAW], text["ssecfs"][0], ratio_text(rid, text, peers),
-             ratio(text["ssecfs"][1], text["raw awscrt"][1]), *[text[c][0] for c in peers],
+             ratio(text["ssecfs"][1], text["raw awscrt"][1]),
+             *([text["baseline"][0], ratio(text["ssecfs"][1], text["baseline"][1])]
+               if base else []),
+             *[text[c][0] for c in peers],
              target_text(b, rid, text)]) + " |")
     return "\n".join(lines)
 

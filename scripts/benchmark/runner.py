@@ -129,7 +129,8 @@ class Bench:
             tools.pin_cpus(self.sw.proc.pid, self.notes)
         progress(f"SeaweedFS S3 at {self.sw.endpoint}"
                  + (f" and {self.sw.https_endpoint}" if https else ""))
-        for b in ("bench-boto3", "bench-awscrt", "bench-ssecfs", "bench-s3fs", "bench-rclone"):
+        for b in ("bench-boto3", "bench-awscrt", "bench-ssecfs", "bench-baseline", "bench-s3fs",
+                  "bench-rclone"):
             self.sw.create_bucket(b)
 
     def route_endpoints(self) -> None:
