@@ -42,6 +42,7 @@ WINDOW = 1000                        # names one listing page checks against kno
 BIG_MISSES = 3                       # lookups in a row that make a big directory's pages start
 LOOKUP_START = 16 * 1024             # a lookup fetches this much of the object with its attrs
 STARTS_MAX = 32 * 1024 * 1024        # bytes of such starts kept for the open that follows
+SIBLINGS_AHEAD = 32                  # files looked up ahead of a reader going in listing order
 
 
 @dataclass
@@ -580,9 +581,33 @@ class AttrOps:
                 path, key, fut = asked
                 self._hand_on([(path, key)], fut, seq0)
 
-    def _prefetch_one(self, path: str, key: str, seq0: int) -> None:
+    def _follow_siblings(self, path: str) -> None:
+        """A file opened for reading. Once the files of its directory are being opened one
+        after the other in the order of its last listing (`cp -r`, `tar c`, `rsync`,
+        `cat *`, `grep -r`), the next SIBLINGS_AHEAD are looked up ahead of the reader, in
+        parallel, each with its first LOOKUP_START bytes (one ranged GET): their opens then
+        need no request, as after any lookup within the attribute timeout (the open checks
+        the ETag of what it is given)."""
+        parent = posixpath.dirname(path) or "/"
+        with self._attr_lock:
+            run = self._prefetch_runs.get(parent)
+            i = run["index"].get(path) if run is not None else None
+            if i is None:
+                return
+            last, run["opened"] = run.get("opened"), i
+            if last is None or not 0 < i - last <= 2:
+                return                        # not (yet) in listing order
+            items = run["items"]
+            upto = min(i + 1 + SIBLINGS_AHEAD, len(items))
+            for p, key in items[max(i + 1, run.get("siblings", 0)):upto]:
+                if p not in self._heads and p not in self._starts:
+                    self._heads[p] = self._head_pool.submit(self._prefetch_one, p, key,
+                                                            self._seq, True)
+            run["siblings"] = max(upto, run.get("siblings", 0))
+
+    def _prefetch_one(self, path: str, key: str, seq0: int, start: bool = False) -> None:
         try:
-            info = self.store.head(key)
+            info = self._head_keep_start(path, key) if start else self.store.head(key)
             attr = self._attr_of_info(info)
             self._observe(key, info)            # kept before a getattr can see the answer
             self._cache_attr(path, attr, seq0, info)

@@ -96,6 +96,7 @@ MAX_PENDING = 256                    # chunks (32 MiB) of plaintext waiting to b
 SEAL_BATCH = 16                      # a fetcher that waits for room waits for this much
 FORMAT = 6
 VERSION_TEXT = f"ssecfs-cache {FORMAT}\n"
+GONE = ".gone"                  # suffix of a discarded entry's data file until it is removed
 RSLOT = 64 * 1024               # one record slot (a record is a few hundred bytes: sparse)
 BASE = 2 * RSLOT                # where the chunk slots start
 RHEADER = struct.Struct(">4s24sQI")   # magic, key fingerprint, sequence, sealed length
@@ -119,6 +120,13 @@ def _start_writeout(fd: int) -> None:
                               ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
     except (AttributeError, OSError):      # not Linux: the fdatasync at close does it all
         pass
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        log.debug("removing %s: %s", path, e.strerror)
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -930,6 +938,8 @@ class Cache:
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None      # entries/, for fsync after a record's rename
         self._sealers = ThreadPoolExecutor(max_workers=SEALER_THREADS, thread_name_prefix="seal")
+        # removes the files of discarded entries (see discard)
+        self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap")
         self._pending_slots = Slots(MAX_PENDING)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -1020,6 +1030,7 @@ class Cache:
 
     def close(self) -> None:
         self._sealers.shutdown(wait=True)
+        self._reaper.shutdown(wait=True)
         for e in list(self._entries.values()):
             e.close_fd()
         if self._dir_fd is not None:
@@ -1035,6 +1046,9 @@ class Cache:
         are left on disk and reported, never deleted: they may hold the only copy of data."""
         dirty, bad = [], []
         names = set(os.listdir(self.entries_dir))
+        for n in [n for n in names if n.endswith(GONE)]:
+            _unlink_quietly(os.path.join(self.entries_dir, n))     # discarded before a crash
+            names.discard(n)
         for eid in sorted({n.split(".")[0] for n in names}):
             if len(eid) != 32:
                 continue
@@ -1154,7 +1168,11 @@ class Cache:
             self._evict_if_needed()
 
     def discard(self, e: CacheEntry) -> None:
-        """Remove an entry and its files (after its data is durable, or the file deleted)."""
+        """Remove an entry and its files (after its data is durable, or the file deleted).
+        Its data file is renamed to NAME.gone at once (recovery removes such files and never
+        reads them: a file unlinked before its upload does not come back after a crash) and
+        removed in the background (an unlink of a recently written cache file costs about a
+        millisecond, on the time of the unlink or rename that dropped the entry)."""
         with self._lock:
             self._entries.pop(e.id, None)
             self._unindex_locked(e)
@@ -1175,7 +1193,15 @@ class Cache:
             e.discarded = True
             e._drained.notify_all()
         e.close_fd()
-        self._remove_files(e)
+        gone = e.data_path + GONE
+        try:
+            os.rename(e.data_path, gone)
+        except FileNotFoundError:
+            return
+        try:
+            self._reaper.submit(_unlink_quietly, gone)
+        except RuntimeError:         # closing
+            _unlink_quietly(gone)
 
     # -- accounting and eviction --------------------------------------------------------------
     def _account(self, e: CacheEntry, index: int, delta: int, clean: bool) -> None:

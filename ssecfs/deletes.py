@@ -31,7 +31,7 @@ import os
 import struct
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from cachetools import LRUCache
@@ -49,6 +49,7 @@ WRITE_WAIT = 60.0            # s a write waits for the delete before it (then EI
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 ETAGS_KEPT = 100_000         # ETags seen, so that a replayed delete knows what it deleted
 MTIME_MARGIN = 2.0           # s: an object modified this close to its journaled delete stays
+RECENT_S = 60.0              # s a done delete is remembered (for listings sent before it)
 
 JMAGIC = b"SCDJ"
 JHEADER = struct.Struct(">4s16s")          # magic, journal id
@@ -177,6 +178,8 @@ class DeferredDeletes:
         self._seq = 0
         self._stop = False
         self._etags = LRUCache(maxsize=ETAGS_KEPT)
+        # key -> when its delete was done: a listing sent before then may still show it
+        self._recent: OrderedDict[str, float] = OrderedDict()
         self.deletes_done = 0
         self.last_error: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=STREAMS, thread_name_prefix="delete")
@@ -368,10 +371,15 @@ class DeferredDeletes:
                 self._cv.notify_all()
             return
         with self._cv:
+            now = time.monotonic()
             for t in batch:
                 self._inflight.discard(t.key)
+                self._recent[t.key] = now
+                self._recent.move_to_end(t.key)
                 if self._tombs.get(t.key) is t:
                     del self._tombs[t.key]
+            while self._recent and next(iter(self._recent.values())) < now - RECENT_S:
+                self._recent.popitem(last=False)
             self._batches -= 1
             self._backoff = RETRY_MIN
             self.deletes_done += len(batch)
@@ -419,8 +427,10 @@ class DeferredDeletes:
 
     def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = 1000,
                        start_after: str | None = None):
+        sent = time.monotonic()
         with self._cv:
             under = any(k.startswith(prefix) for k in self._tombs)
+        gone = lambda k: k in self._tombs or self._recent.get(k, -1.0) >= sent  # noqa: E731
         if not under:
             for page in self._store.list_page_iter(prefix, delimiter, max_keys, start_after):
                 with self._cv:
@@ -433,21 +443,21 @@ class DeferredDeletes:
         for page in self._store.list_page_iter(prefix, delimiter, max(max_keys, 1000),
                                                start_after):
             with self._cv:
-                objs = [o for o in page.objects if o.key not in self._tombs]
+                objs = [o for o in page.objects if not gone(o.key)]
                 for o in objs:
                     self._seen(o.key, o.etag)
-            prefixes = [p for p in page.prefixes if not self._emptied(p)]
+            prefixes = [p for p in page.prefixes if not self._emptied(p, gone)]
             if objs or prefixes:
                 yield ListPage(objs, prefixes)
 
-    def _emptied(self, prefix: str) -> bool:
+    def _emptied(self, prefix: str, gone) -> bool:
         """Whether every key under prefix is being deleted (the prefix is then left out)."""
         with self._cv:
-            if not any(k.startswith(prefix) for k in self._tombs):
+            if not any(gone(k) for k in (*self._tombs, *self._recent) if k.startswith(prefix)):
                 return False
         for page in self._store.list_page_iter(prefix, None, 1000):
             with self._cv:
-                if any(o.key not in self._tombs for o in page.objects):
+                if any(not gone(o.key) for o in page.objects):
                     return False
         return True
 

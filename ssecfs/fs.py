@@ -246,6 +246,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             self.truncate(path, 0, fh)
         elif not writing:
             self._prefetch_small(st)
+            self._follow_siblings(path)
         return fh
 
     def _prefetch_small(self, st: FileState) -> None:
@@ -275,6 +276,13 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
 
     def _load_state(self, path: str) -> FileState:
         key = self.key_of(path)
+        with self._attr_lock:
+            pending = self._heads.get(path)
+        if pending is not None:       # a prefetch is looking it up right now: its answer
+            try:
+                pending.result()
+            except Exception:  # noqa: BLE001 - then we ask ourselves, below
+                pass
         with self._attr_lock:
             info = self._infos.pop(path, None)   # looked up within the attribute timeout
         if info is None:

@@ -1043,7 +1043,8 @@ def test_discard_key_removes_every_clean_version_of_a_deleted_object(cache):
     cache.discard_key("gone")
     cache.discard_key("never cached")
     assert cache.lookup_clean("gone", "e1") is None and cache.lookup_clean("gone", "e2") is None
-    assert not any(os.path.exists(e.data_path) for e in versions)
+    # (their files go in the background)
+    assert wait_until(lambda: not any(os.path.exists(e.data_path) for e in versions), 10)
     assert cache.lookup_clean("kept", "e1") is other and other.read_chunk(0) == b"kept"
     assert cache.stats()["cache_used_bytes"] == _cost(4) and cache._by_key == {"kept": {"e1"}}
 
@@ -1670,3 +1671,33 @@ def test_chunks_of_a_file_closed_once_are_confirmed_after_the_flush(cache_dir, k
         assert r.has(1) and r.read_chunk(0) is not None
     finally:
         c.close()
+
+
+def test_a_discarded_dirty_entry_is_gone_from_disk_when_discard_returns(cache):
+    """A dirty entry left on disk would be uploaded by the recovery after a crash: a file
+    unlinked before its upload must not come back."""
+    e = cache.new_entry()
+    cache.set_dirty(e, True)
+    e.write_chunk(0, b"unsent", dirty=True)
+    e.save_state({"v": 1, "path": "/x", "dirty": True})
+    assert os.path.exists(e.data_path)
+    cache.discard(e)
+    assert not os.path.exists(e.data_path)
+
+
+def test_recovery_removes_discarded_files_and_never_reads_them(cache_dir, keys):
+    """A crash between a discard and the removal of its file: the next start removes it and
+    does not take it for an entry (a dirty record in it would be uploaded again)."""
+    c = make_cache(cache_dir, keys)
+    e = c.new_entry()
+    c.set_dirty(e, True)
+    e.write_chunk(0, b"unsent", dirty=True)
+    e.save_state({"v": 1, "path": "/x", "dirty": True})
+    os.link(e.data_path, e.data_path + ".gone")       # as discard() leaves it, before reaping
+    os.unlink(e.data_path)
+    c.close()
+    c2 = make_cache(cache_dir, keys)
+    dirty, bad = c2.recover()
+    assert dirty == [] and bad == []
+    assert not [n for n in os.listdir(c2.entries_dir) if n.endswith(".gone")]
+    c2.close()

@@ -223,3 +223,30 @@ def test_a_replayed_delete_without_etag_spares_an_object_written_after_it(tmp_pa
     finally:
         d.close()
         cache.close()
+
+
+def test_a_listing_sent_before_a_delete_was_done_does_not_show_its_key(dfs, store):
+    """The race of rm -r: rmdir lists the directory, the last delete completes while the
+    answer is on its way (the answer still has the key): the directory is empty all the same."""
+    fs = dfs()
+    fs.mkdir("/e", 0o755)
+    write_file(fs, "/e/last", b"1")
+    assert fs.flush_all(timeout=10)
+    hold = Hold(store)
+    fs.unlink("/e/last")
+    assert hold.started.wait(10)
+    listed = threading.Event()
+    original = store.list_page_iter
+
+    def list_then_complete(prefix, *args, **kw):
+        for page in original(prefix, *args, **kw):
+            if prefix == "e/" and not listed.is_set():    # the answer has the key; the
+                listed.set()                             # delete completes meanwhile
+                hold.release.set()
+                assert wait_until(lambda: fs.deletes.pending() == 0, timeout=10)
+                assert any(o.key == "e/last" for o in page.objects)
+            yield page
+    store.list_page_iter = list_then_complete
+    fs.rmdir("/e")
+    assert listed.is_set()
+    assert fs.flush_all(timeout=10) and not [k for k in store.keys() if k.startswith("e/")]

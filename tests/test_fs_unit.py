@@ -1413,3 +1413,41 @@ def test_failed_part_falls_back_to_whole_upload(make_fs, store):
     assert fs.flush_all(timeout=30)
     assert store.data("f.bin") == data
     wait_until(lambda: store.uploads_open() == 0, what="the broken stream to be aborted")
+
+
+def test_files_read_in_listing_order_are_looked_up_ahead_of_the_reader(make_fs, store):
+    """`cp -r`/`tar`/`cat *`: from the second file opened in listing order, the next ones
+    are looked up (with their content) ahead, in parallel; no file is asked twice."""
+    from ssecfs.attrs import SIBLINGS_AHEAD
+    fs = make_fs(attr_timeout=60)
+    data = {f"f{n:03d}": os.urandom(3000 + n) for n in range(80)}
+    for name, body in data.items():
+        remote_file(store, f"sib/{name}", body)
+    names = [n for n in fs.readdir("/sib") if n not in (".", "..")]
+    assert names == sorted(data)
+    assert wait_until(lambda: not fs._heads, timeout=10)     # the listing's own HEADs
+    n0 = len(store.log)
+    # (MemStore's head_with_start logs as "head")
+    asked = lambda: [k for op, k in store.log[n0:] if op == "head"]  # noqa: E731
+    for n, name in enumerate(names):
+        assert read_all(fs, f"/sib/{name}") == data[name]
+        if n == 1:                    # the second open in order: the window is on its way
+            ahead = f"sib/{names[1 + SIBLINGS_AHEAD]}"
+            assert wait_until(lambda: ahead in asked(), timeout=10)
+    # each file after the first two was fetched once, with its lookup; those two by a GET
+    assert sorted(asked()) == sorted(f"sib/{n}" for n in names[2:])
+    assert store.calls["get_range"] == 2
+
+
+def test_files_opened_out_of_listing_order_are_not_looked_up_ahead(make_fs, store):
+    fs = make_fs(attr_timeout=60)
+    for n in range(40):
+        remote_file(store, f"rnd/f{n:03d}", b"x" * 100)
+    list(fs.readdir("/rnd"))
+    assert wait_until(lambda: not fs._heads, timeout=10)
+    n0 = len(store.log)
+    for n in (7, 30, 2, 19):
+        assert read_all(fs, f"/rnd/f{n:03d}") == b"x" * 100
+    fs._head_pool.submit(lambda: None).result()
+    assert not [k for op, k in store.log[n0:] if op == "head"]
+    assert store.calls["get_range"] == 4
