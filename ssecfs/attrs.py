@@ -327,6 +327,16 @@ class AttrOps:
         self._cache_attr(path, attr, seq0)
         return attr
 
+    def known_kind(self, path: str) -> int:
+        """The file type bits (S_IFMT) of path when known without a request, else 0: the
+        d_type of a directory entry, so that `rm -r`, `find` and `ls` need no stat for it."""
+        st = self._state(path)
+        if st is not None:
+            return stat.S_IFMT(st.meta["mode"])
+        with self._attr_lock:
+            a = self._attrs.get(path)
+        return stat.S_IFMT(a.mode) if a else 0
+
     def _cache_attr(self, path: str, attr: Attr | None, seq0: int, info=None) -> None:
         """Cache a lookup's answer, unless a change of ours happened while it was on its way
         (it could describe the object as it was before our own write/rename/unlink)."""

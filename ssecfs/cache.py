@@ -122,6 +122,14 @@ def _start_writeout(fd: int) -> None:
         pass
 
 
+def _low_priority() -> None:
+    """This thread's CPU (the kernel's work of its unlinks included) goes last (nice 19)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        pass
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -939,7 +947,8 @@ class Cache:
         self._dir_fd: int | None = None      # entries/, for fsync after a record's rename
         self._sealers = ThreadPoolExecutor(max_workers=SEALER_THREADS, thread_name_prefix="seal")
         # removes the files of discarded entries (see discard)
-        self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap")
+        self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap",
+                                          initializer=_low_priority)
         self._pending_slots = Slots(MAX_PENDING)
 
     # -- lifecycle ----------------------------------------------------------------------------

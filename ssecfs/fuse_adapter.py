@@ -11,6 +11,7 @@ import ctypes
 import errno
 import logging
 import os
+import posixpath
 import stat
 import time
 
@@ -178,7 +179,10 @@ class FuseAdapter(Operations):
     def readdir(self, path, fh):
         # fusepy consumes the generator after __call__ returned: translate its errors too
         try:
-            yield from self.fs.readdir(path)
+            for name in self.fs.readdir(path):
+                kind = 0 if name in (".", "..") else \
+                    self.fs.known_kind(posixpath.join(path, name))
+                yield (name, {"st_mode": kind}, 0) if kind else name
         except Exception as e:  # noqa: BLE001
             raise self._fuse_error("readdir", path, e) from None
 

@@ -133,3 +133,39 @@ def test_an_unknown_exception_is_eio_with_its_traceback_logged(caplog):
         e = FuseAdapter._fuse_error("read", "/p", ZeroDivisionError("bug"))
     assert e.errno == errno.EIO
     assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+
+
+def test_directory_entries_carry_their_type_when_it_is_known():
+    """readdir passes the file type (d_type) of the names whose attributes are cached, so
+    that `rm -r`, `find` and `ls` need no stat for them; the others go without (DT_UNKNOWN),
+    never with a guessed type (a symlink must not read as a file)."""
+    kinds = {"/d/file": stat.S_IFREG, "/d/link": stat.S_IFLNK, "/d/sub": stat.S_IFDIR}
+    fs = SimpleNamespace(readdir=lambda path: iter([".", "..", "file", "link", "sub", "new"]),
+                         known_kind=lambda path: kinds.get(path, 0))
+    got = list(FuseAdapter(fs).readdir("/d", 0))
+    assert got == [".", "..", ("file", {"st_mode": stat.S_IFREG}, 0),
+                   ("link", {"st_mode": stat.S_IFLNK}, 0), ("sub", {"st_mode": stat.S_IFDIR}, 0),
+                   "new"]
+
+
+def test_known_kind_answers_from_what_is_cached_only(tmp_path):
+    from memstore import MemStore
+    from test_fs_unit import open_cache, remote_file
+    from ssecfs.config import FsConfig
+    from ssecfs.fs import Filesystem
+    from ssecfs.keys import Key, KeyRing
+    ring = KeyRing([Key(os.urandom(32))])
+    store = MemStore(ring)
+    remote_file(store, "a", b"1")
+    remote_file(store, "l", b"a", mode=stat.S_IFLNK | 0o777)
+    fs = Filesystem(store, open_cache(tmp_path / "c", ring),
+                    FsConfig(attr_timeout=60, defer_deletes=False))
+    try:
+        calls = sum(store.calls.values())
+        assert fs.known_kind("/a") == 0 and sum(store.calls.values()) == calls
+        fs.getattr("/a")
+        fs.getattr("/l")
+        assert fs.known_kind("/a") == stat.S_IFREG and fs.known_kind("/l") == stat.S_IFLNK
+    finally:
+        fs.shutdown()
+        fs.cache.close()
