@@ -130,6 +130,16 @@ class DeleteJournal:
         finally:
             os.close(dfd)
 
+    def reset(self) -> None:
+        """Nothing pending: the file starts over in place under a new id (the records
+        before cannot authenticate under it), without a flush: a power cut can only bring
+        back deletes already done, which are checked before they are sent again."""
+        self._jid, self._rseq = os.urandom(16), 0
+        self._sealer = self.sealers[self.key_fp].entry(self._jid)
+        os.pwrite(self._fd, JHEADER.pack(JMAGIC, self._jid), 0)
+        os.ftruncate(self._fd, JHEADER.size)
+        os.lseek(self._fd, JHEADER.size, os.SEEK_SET)
+
     def _record(self, rec: dict) -> bytes:
         self._rseq += 1
         blob = self._sealer.seal(json.dumps(rec).encode(), self._aad(self._rseq))
@@ -392,7 +402,9 @@ class DeferredDeletes:
         if self._journal is None:
             return
         try:
-            if not self._tombs or self._journal.size() > JOURNAL_MAX:
+            if not self._tombs:
+                self._journal.reset()
+            elif self._journal.size() > JOURNAL_MAX:
                 self._journal.start([[t.seq, t.key, t.etag, t.t] for t in self._tombs.values()])
             else:
                 self._journal.append([{"done": [t.seq for t in batch]}])
