@@ -30,7 +30,7 @@ from cachetools import LRUCache, TTLCache
 
 from .config import ID_MAX
 from .dirindex import HEAL_MIN, INDEX_NAME, DirIndexes
-from .errors import KeyMismatch, NotFound, PermissionDenied
+from .errors import KeyMismatch, NotFound, PermissionDenied, StoreUnavailable
 from .store import OPEN, ObjectInfo
 
 log = logging.getLogger("ssecfs.fs")
@@ -38,6 +38,7 @@ log = logging.getLogger("ssecfs.fs")
 LISTING_CACHE_MAX = 5000             # directories up to this size have their names cached
 HEAD_WORKERS = 32                    # parallel HEADs of a readdir prefetch
 PREFETCH_AHEAD = 256                 # HEADs a readdir prefetch runs ahead of the getattrs
+HEAD_BATCH = 64                      # HEADs one prefetch task sends at once (head_many)
 WINDOW = 1000                        # names one listing page checks against known answers
 BIG_MISSES = 3                       # lookups in a row that make a big directory's pages start
 LOOKUP_START = 16 * 1024             # a lookup fetches this much of the object with its attrs
@@ -479,13 +480,43 @@ class AttrOps:
         with self._attr_lock:
             items = run["items"]
             upto = min(upto, len(items))
+            if run["next"] and upto < len(items) and upto - run["next"] < HEAD_BATCH:
+                return              # the window moves on a batch at a time
+            batch = []
             while run["next"] < upto:
                 path, key = items[run["next"]]
                 run["next"] += 1
                 if path in self._heads or self._attrs.get(path, False):
                     continue
-                self._heads[path] = self._head_pool.submit(self._prefetch_one, path, key,
-                                                           self._seq)
+                self._heads[path] = fut = Future()
+                batch.append((path, key, fut))
+            seq0 = self._seq
+        for i in range(0, len(batch), HEAD_BATCH):
+            self._head_pool.submit(self._prefetch_batch, batch[i:i + HEAD_BATCH], seq0)
+
+    def _prefetch_batch(self, batch: list, seq0: int) -> None:
+        """HEADs of a listing's names, sent at once (Store.head_many); each answer cached as
+        _prefetch_one does, and the getattr waiting for it woken."""
+        waiting = {key: (path, fut) for path, key, fut in batch}
+
+        def each(key, info):
+            path, fut = waiting.pop(key)
+            try:
+                if not isinstance(info, Exception):
+                    self._observe(key, info)    # kept before a getattr can see the answer
+                    self._cache_attr(path, self._attr_of_info(info), seq0, info)
+            except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
+                pass
+            finally:
+                with self._attr_lock:
+                    if self._heads.get(path) is fut:
+                        del self._heads[path]
+                fut.set_result(None)
+        try:
+            self.store.head_many(list(waiting), each)
+        finally:
+            for key in list(waiting):           # (an error before every answer came)
+                each(key, StoreUnavailable(key))
 
     def _window_follow(self, run: dict, i: int, path: str) -> None:
         """getattr of the i-th name of a listing of a directory seen before (its answers are

@@ -424,6 +424,20 @@ class DeferredDeletes:
             self._seen(key, info.etag)
         return info
 
+    def head_many(self, keys: list[str], each=None) -> dict:
+        with self._cv:
+            gone = {k: NotFound(k) for k in keys if k in self._tombs}
+
+        def seen(k, info):
+            if not isinstance(info, Exception):
+                with self._cv:
+                    self._seen(k, info.etag)
+            if each is not None:
+                each(k, info)
+        for k, e in gone.items():
+            seen(k, e)
+        return {**gone, **self._store.head_many([k for k in keys if k not in gone], seen)}
+
     def head_with_start(self, key: str, nbytes: int):
         if self._gone(key):
             raise NotFound(key)

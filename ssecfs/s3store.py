@@ -21,6 +21,7 @@ import email.utils
 import hashlib
 import logging
 import threading
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -263,6 +264,48 @@ class S3Store:
         self._remember(key, None)
         return ObjectInfo(key=key, size=listed.size, etag=listed.etag, mtime=listed.mtime,
                           access=LOCKED)
+
+    def head_many(self, keys: list[str], each=None) -> dict:
+        """HEAD of many keys at once, without a thread waiting for each: {key: ObjectInfo or
+        the exception head() would raise}; each(key, that) is called as each answer comes.
+        Each is asked with the key of the ring that opened it last (else the current one);
+        an answer that is not a plain yes or no (an object under another key, plaintext, an
+        error) is asked again through head()."""
+        out, sent = {}, {}
+
+        def settle(key, value):
+            out[key] = value
+            if each is not None:
+                each(key, value)
+        for key in keys:
+            k = self.ring.by_fingerprint(self._hint(key)) or self.ring.current
+            try:
+                sent[self.wire.submit("HeadObject", "HEAD", key, headers=self._sse(k))] = (key, k)
+            except TransportFailure as e:
+                settle(key, self._failure(e, "HeadObject", key))
+        while sent:
+            done, _ = futures.wait(sent, timeout=1.0, return_when=futures.FIRST_COMPLETED)
+            for fut in done or [next(iter(sent))]:      # none done: check the oldest stalls
+                if not fut.done() and not self.wire.stalled(fut):
+                    continue
+                key, k = sent.pop(fut)
+                settle(key, self._head_of(key, k, fut))
+        return out
+
+    def _head_of(self, key: str, k: Key, fut) -> ObjectInfo | Exception:
+        try:
+            a = self.wire.wait(fut)
+        except TransportFailure as e:
+            return self._failure(e, "HeadObject", key)
+        if a.ok and _echo_fps(a.headers.get(ECHO_MD5)) == {self._fp(k)}:
+            self._remember(key, self._fp(k))
+            return self._info(key, a, OPEN, self._fp(k))
+        if a.status == 404:
+            return NotFound(key)
+        try:
+            return self.head(key, denied=k if a.status == 403 else None)
+        except Exception as e:  # noqa: BLE001 - the caller gets it per key
+            return e
 
     def head_with_start(self, key: str, nbytes: int) -> ObjectInfo:
         """head(), plus the object's first nbytes in info.start when one ranged GET can tell

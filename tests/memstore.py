@@ -143,6 +143,17 @@ class MemStore:
                 return self._info(key, obj, OPEN)
             return self._info(key, obj, LOCKED)
 
+    def head_many(self, keys: list[str], each=None) -> dict:
+        out = {}
+        for key in keys:
+            try:
+                out[key] = self.head(key)
+            except Exception as e:  # noqa: BLE001 - per key, as S3Store.head_many
+                out[key] = e
+            if each is not None:
+                each(key, out[key])
+        return out
+
     def head_with_start(self, key: str, nbytes: int) -> ObjectInfo:
         info = self.head(key)
         if info.access != OPEN:

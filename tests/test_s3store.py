@@ -488,6 +488,14 @@ def test_store_contract(contract, k1):
     with pytest.raises(KeyMismatch):
         st.get_range("c/plain", 0, 10, None)
 
+    # head_many answers each key as head() does: open, locked, plaintext, missing
+    many = st.head_many(["c/a", "c/foreign", "c/plain", "c/missing"])
+    assert [(many[k].access, many[k].size) for k in ("c/a", "c/foreign", "c/plain")] == \
+        [(OPEN, 5000), (LOCKED, 777), (PLAINTEXT, 33)]
+    assert many["c/a"].etag == st.head("c/a").etag and many["c/a"].key_fp == k1.fingerprint
+    assert many["c/a"].metadata["mode"] == "33188"
+    assert isinstance(many["c/missing"], NotFound)
+
     with pytest.raises(Stale):
         st.copy("c/a", "c/stale", 5000, {}, k1.fingerprint, src_etag="0" * 32)
     with pytest.raises(NotFound):
@@ -721,3 +729,22 @@ def test_probe_refuses_an_endpoint_that_serves_the_plaintext_without_the_key(
         store.probe_sse(".probe-c")
     assert "not its plaintext" in caplog.text
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=".probe-")
+
+
+def test_head_many_sends_the_heads_at_once_with_the_key(make_store, k1):
+    """HEADs of a listing go out together (no thread waiting for each), each with the ring
+    key that opened the object last; an object under an older key of the ring is asked
+    again with that one."""
+    old = Key(os.urandom(32))
+    old_store, _ = make_store(old)
+    old_store.put("m/old", b"o" * 10, {})
+    store, wire = make_store(k1, old)
+    for i in range(40):
+        store.put(f"m/f{i:02d}", b"x" * i, {"mode": "33188"})
+    wire.reqs.clear()
+    got = store.head_many([f"m/f{i:02d}" for i in range(40)] + ["m/old", "m/none"])
+    assert [got[f"m/f{i:02d}"].size for i in range(40)] == list(range(40))
+    assert got["m/old"].access == OPEN and got["m/old"].key_fp == old.fingerprint
+    assert isinstance(got["m/none"], NotFound)
+    check_wire(wire, [k1, old])
+    assert wire.ops().count("HeadObject") == 40 + 3     # m/old twice (k1 first), m/none once
