@@ -388,7 +388,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                     return b""
                 remote = st.remote
                 unit = i * CHUNK // READ_UNIT * READ_UNIT
-                if sequential or unit in st.readahead:
+                if sequential or unit in st.readahead or self._scanned_before(remote, unit):
                     fut = self._fetch_async(st, unit, READ_UNIT)
                 else:
                     fut = self._fetch_async(st, i * CHUNK, CHUNK)
@@ -439,6 +439,14 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
                 return True
             self._scanned[seen] = True
         return False
+
+    def _scanned_before(self, remote: Remote, start: int) -> bool:
+        """Whether the read unit at start was fetched once for a sequential reader and not
+        cached (_admit): a random read of it then fetches it whole, to be cached this time
+        (its second fetch), rather than one chunk after the other. (A second sequential read
+        may have come from the kernel's page cache, unseen here.)"""
+        with self._scanned_lock:
+            return (remote.key, remote.etag, start) in self._scanned
 
     def _fetch(self, st: FileState, start: int, length: int, remote: Remote) -> dict:
         """Range GET; stores the chunks in the cache (unless _admit says no) and returns

@@ -115,18 +115,24 @@ def test_a_file_created_again_is_written_after_the_delete_of_its_old_self(dfs, s
     assert ops[0] == "delete_many" and ops[-1] in ("put", "upload"), ops
 
 
+def waits_for_the_delete(fs, store, gone: str, fn, *args) -> None:
+    """Unlink `gone` with DeleteObjects held: fn(*args), in a thread, must still be running
+    once the delete was sent, and end once it is let through."""
+    hold = Hold(store)
+    fs.unlink(gone)
+    t, result = in_thread(fn, *args)
+    assert hold.started.wait(10)
+    assert t.is_alive(), "it did not wait for the delete"
+    hold.release.set()
+    t.join(20)
+    assert "error" not in result, result
+
+
 def test_rename_onto_a_name_being_deleted_copies_after_the_delete(dfs, store):
     fs = dfs()
     remote_file(store, "target", b"old target")
     remote_file(store, "source", b"source data")
-    hold = Hold(store)
-    fs.unlink("/target")
-    t, result = in_thread(fs.rename, "/source", "/target")
-    assert hold.started.wait(10)
-    assert t.is_alive()                      # the copy waits for the delete of the target
-    hold.release.set()
-    t.join(20)
-    assert "error" not in result, result
+    waits_for_the_delete(fs, store, "/target", fs.rename, "/source", "/target")
     assert fs.flush_all(timeout=10)
     assert store.data("target") == b"source data" and not store.exists("source")
 
@@ -135,14 +141,8 @@ def test_fsyncdir_returns_once_the_deletes_under_it_are_done(dfs, store):
     fs = dfs()
     remote_file(store, "s/a", b"1")
     remote_file(store, "other", b"2")
-    hold = Hold(store)
-    fs.unlink("/s/a")
-    t, result = in_thread(fs.fsyncdir, "/s")
-    assert hold.started.wait(10)
-    assert t.is_alive() and store.exists("s/a")
-    hold.release.set()
-    t.join(20)
-    assert "error" not in result and not store.exists("s/a")
+    waits_for_the_delete(fs, store, "/s/a", fs.fsyncdir, "/s")
+    assert not store.exists("s/a")
 
 
 def test_failed_deletes_are_retried_and_reported(dfs, store):

@@ -1451,3 +1451,23 @@ def test_files_opened_out_of_listing_order_are_not_looked_up_ahead(make_fs, stor
     fs._head_pool.submit(lambda: None).result()
     assert not [k for op, k in store.log[n0:] if op == "head"]
     assert store.calls["get_range"] == 4
+
+
+def test_a_random_read_of_a_scanned_unit_fetches_it_whole_and_caches_it(fs, store, scan_min):
+    """After a sequential read that left a big file uncached (its second read may come from
+    the kernel's page cache, unseen), a random read of a unit fetches that unit whole, and
+    caches it: the next random reads in it send nothing."""
+    data = os.urandom(scan_min)
+    remote_file(store, "big", data)
+    assert read_all(fs, "/big") == data
+    gets = record_gets(store)
+    fh = fs.open("/big", os.O_RDONLY)
+    try:
+        off = fs_mod.READ_UNIT + 5 * CHUNK + 7
+        assert fs.read(fh, 4096, off) == data[off:off + 4096]
+        assert gets == [(fs_mod.READ_UNIT, fs_mod.READ_UNIT)]
+        for off in (fs_mod.READ_UNIT + 60 * CHUNK, fs_mod.READ_UNIT + 3):
+            assert fs.read(fh, 4096, off) == data[off:off + 4096]
+        assert len(gets) == 1
+    finally:
+        fs.release(fh)

@@ -200,7 +200,9 @@ class BaselineTarget(SsecfsTarget):
             raise BenchError(f"--baseline {rev}: {archive.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True, timeout=60)
         self.cli = [sys.executable, "-m", "ssecfs"]
-        self.env = {**os.environ, "PYTHONPATH": src}
+        # (PYTHONSAFEPATH: `python -m` must not put the working directory, which may be
+        # this checkout, before PYTHONPATH)
+        self.env = {**os.environ, "PYTHONPATH": src, "PYTHONSAFEPATH": "1"}
 
 
 class ProcTarget(Target):
