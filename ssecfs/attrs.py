@@ -142,6 +142,7 @@ class AttrOps:
         # Directories listed with more names than a prefetch run holds (LISTING_CACHE_MAX):
         # the names past those are asked a page of the listing at a time (_big_follow).
         self._big_dirs: LRUCache = LRUCache(maxsize=64)
+        self._sibling_opens: LRUCache = LRUCache(maxsize=64)   # opens per unlisted directory
         self._seq = 0          # bumped by every change of ours (guards lookups in flight)
         self._changes = _PathChanges(maxsize=100_000)   # which paths each change touched
         # Changes of names (create, unlink, rename, mkdir, rmdir) per directory: a listing
@@ -634,6 +635,12 @@ class AttrOps:
             run = self._prefetch_runs.get(parent)
             i = run["index"].get(path) if run is not None else None
             if i is None:
+                # opens by name in a directory not listed lately (a program that knows its
+                # files' names): the second one lists it, in the background, for the order
+                opened = self._sibling_opens.get(parent, 0) + 1
+                self._sibling_opens[parent] = opened
+                if opened == 2 and run is None:
+                    self._head_pool.submit(self._list_quietly, parent)
                 return
             last, run["opened"] = run.get("opened"), i
             if last is None or not 0 < i - last <= 2:
@@ -645,6 +652,13 @@ class AttrOps:
                     self._heads[p] = self._head_pool.submit(self._prefetch_one, p, key,
                                                             self._seq, True)
             run["siblings"] = max(upto, run.get("siblings", 0))
+
+    def _list_quietly(self, d: str) -> None:
+        try:
+            for _ in self.readdir(d):
+                pass
+        except Exception as e:  # noqa: BLE001 - only a lookahead is lost
+            log.debug("%s: listing for the lookahead failed: %s", d, e)
 
     def _prefetch_one(self, path: str, key: str, seq0: int, start: bool = False) -> None:
         try:

@@ -1471,3 +1471,17 @@ def test_a_random_read_of_a_scanned_unit_fetches_it_whole_and_caches_it(fs, stor
         assert len(gets) == 1
     finally:
         fs.release(fh)
+
+
+def test_files_opened_by_name_in_order_are_looked_up_ahead_once_listed(make_fs, store):
+    """A program that opens f000, f001, ... by name, without listing: the second open lists
+    the directory in the background, and the lookahead follows the listing's order."""
+    fs = make_fs(attr_timeout=60)
+    for n in range(60):
+        remote_file(store, f"named/f{n:03d}", b"z" * (100 + n))
+    for n in range(10):
+        assert read_all(fs, f"/named/f{n:03d}") == b"z" * (100 + n)
+        if n >= 1:
+            assert wait_until(lambda: "/named" in fs._prefetch_runs, timeout=10)
+    # its content was fetched with its lookup, before its open
+    assert wait_until(lambda: "/named/f030" in fs._starts, timeout=10)
