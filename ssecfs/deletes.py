@@ -276,6 +276,8 @@ class DeferredDeletes:
             if new is not None:
                 for t in new:
                     self._add(t)
+                if len(new) > 1:      # already a batch (a moved tree): no wait for company
+                    self._urgent = True
                 self._cv.notify_all()
                 return
         self._store.delete_many(keys)       # without a journal entry: at once, as before

@@ -250,3 +250,15 @@ def test_a_listing_sent_before_a_delete_was_done_does_not_show_its_key(dfs, stor
     fs.rmdir("/e")
     assert listed.is_set()
     assert fs.flush_all(timeout=10) and not [k for k in store.keys() if k.startswith("e/")]
+
+
+def test_keys_deleted_together_go_out_without_waiting_for_more(tmp_path, ring, store):
+    from ssecfs.deletes import DeferredDeletes
+    d = DeferredDeletes(store, delay=3600)         # a lone key would wait an hour
+    try:
+        remote_file(store, "t/a", b"1")
+        remote_file(store, "t/b", b"2")
+        d.delete_many(["t/a", "t/b"])
+        assert wait_until(lambda: not store.exists("t/a") and not store.exists("t/b"), 10)
+    finally:
+        d.close()
