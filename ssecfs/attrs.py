@@ -503,11 +503,7 @@ class AttrOps:
         def each(key, info):
             path, fut = waiting.pop(key)
             try:
-                if not isinstance(info, Exception):
-                    self._observe(key, info)    # kept before a getattr can see the answer
-                    self._cache_attr(path, self._attr_of_info(info), seq0, info)
-            except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
-                pass
+                self._prefetched(path, key, info, seq0)
             finally:
                 with self._attr_lock:
                     if self._heads.get(path) is fut:
@@ -663,14 +659,25 @@ class AttrOps:
     def _prefetch_one(self, path: str, key: str, seq0: int, start: bool = False) -> None:
         try:
             info = self._head_keep_start(path, key) if start else self.store.head(key)
-            attr = self._attr_of_info(info)
-            self._observe(key, info)            # kept before a getattr can see the answer
-            self._cache_attr(path, attr, seq0, info)
-        except Exception:  # noqa: BLE001 - a prefetch; getattr will ask again and report
-            pass
+        except Exception as e:  # noqa: BLE001 - handed to _prefetched like head_many's
+            info = e
+        try:
+            self._prefetched(path, key, info, seq0)
         finally:
             with self._attr_lock:
                 self._heads.pop(path, None)
+
+    def _prefetched(self, path: str, key: str, info, seq0: int) -> None:
+        """A prefetch's answer (ObjectInfo, or the exception the lookup raised): cached as
+        a getattr's would be; an error is not (getattr will ask again and report it)."""
+        if isinstance(info, Exception):
+            return
+        try:
+            attr = self._attr_of_info(info)
+            self._observe(key, info)            # kept before a getattr can see the answer
+            self._cache_attr(path, attr, seq0, info)
+        except Exception:  # noqa: BLE001 - as an error of the lookup itself
+            pass
 
     def _lookup(self, path: str, seq0: int = -1) -> Attr:
         key = self.key_of(path)

@@ -35,7 +35,8 @@ from cachetools import LRUCache
 from .attrs import AttrOps, _now
 from .cache import CHUNK, Cache, CacheEntry
 from .config import FsConfig
-from .deletes import DeferredDeletes, DeleteJournal
+from .deletes import DeferredDeletes
+from .deljournal import DeleteJournal
 from .dirindex import INDEX_NAME
 from .errors import (InvalidName, IsADirectory, KeyMismatch, NameTooLong, NotFound,
                      ReadOnly, Stale, TimedOut)

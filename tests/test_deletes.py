@@ -11,7 +11,7 @@ import pytest
 
 from helpers import wait_until
 from memstore import MemStore
-from ssecfs.deletes import DeleteJournal
+from ssecfs.deljournal import DeleteJournal
 from ssecfs.errors import NotFound
 from test_fs_unit import (in_thread, make_fs, open_cache, read_all, remote_file,  # noqa: F401
                           ring, store, write_file)

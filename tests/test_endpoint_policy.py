@@ -460,6 +460,17 @@ def _attempt(st) -> None:
         st.head("k")
 
 
+def _attempt_with(endpoint_url: str, proxy: str | None) -> None:
+    """One request of a store for endpoint_url, whose transport must have chosen `proxy`."""
+    st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]), endpoint_url=endpoint_url,
+                 max_attempts=1)
+    try:
+        assert st.transport.proxy == proxy
+        _attempt(st)
+    finally:
+        st.close()
+
+
 def test_loopback_http_bypasses_every_proxy(guarded, proxy_recorder):
     """awscrt takes its proxy from the environment, and would send a plain-http request
     (keys in clear) to an HTTP_PROXY: the store keeps it from doing so."""
@@ -468,13 +479,7 @@ def test_loopback_http_bypasses_every_proxy(guarded, proxy_recorder):
         guarded({**{k: proxy_recorder.url for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY",
                                                     "https_proxy")},
                  "ALL_PROXY": "socks5://proxy.invalid:1080"})
-        st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]), endpoint_url=endpoint.url,
-                     max_attempts=1)
-        try:
-            assert st.transport.proxy is None
-            _attempt(st)
-        finally:
-            st.close()
+        _attempt_with(endpoint.url, None)
         assert proxy_recorder.connections == 0, proxy_recorder.lines
         assert endpoint.lines == ["HEAD /some-bucket/k HTTP/1.1"]
     finally:
@@ -485,13 +490,7 @@ def test_https_endpoint_may_use_a_proxy(guarded, proxy_recorder):
     """Through a proxy, https only as a CONNECT tunnel: the proxy sees the host, not the
     requests."""
     guarded({"HTTPS_PROXY": proxy_recorder.url, "HTTP_PROXY": "http://proxy.invalid:1"})
-    st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]),
-                 endpoint_url="https://s3.example.invalid:9443", max_attempts=1)
-    try:
-        assert st.transport.proxy == proxy_recorder.url
-        _attempt(st)
-    finally:
-        st.close()
+    _attempt_with("https://s3.example.invalid:9443", proxy_recorder.url)
     assert proxy_recorder.lines and all(
         ln.startswith("CONNECT s3.example.invalid:9443 ") for ln in proxy_recorder.lines), \
         proxy_recorder.lines
@@ -501,13 +500,7 @@ def test_no_proxy_is_honoured_for_https(guarded, proxy_recorder):
     endpoint = ProxyRecorder()
     try:
         guarded({"HTTPS_PROXY": proxy_recorder.url, "NO_PROXY": "localhost"})
-        st = S3Store("some-bucket", KeyRing([Key(os.urandom(32))]),
-                     endpoint_url=f"https://localhost:{endpoint.port}", max_attempts=1)
-        try:
-            assert st.transport.proxy is None
-            _attempt(st)
-        finally:
-            st.close()
+        _attempt_with(f"https://localhost:{endpoint.port}", None)
         assert proxy_recorder.connections == 0, proxy_recorder.lines
         assert endpoint.connections >= 1           # directly (a TLS hello, then closed)
     finally:
