@@ -16,10 +16,16 @@ SEG = 1024 * 1024            # bytes of a big GET body per pooled buffer
 
 
 class Segments:
-    """A big ranged-GET body, received into pooled buffers of SEG bytes each (the last may be
+    """A body held as several buffers, in order, never joined into one.
+
+    Received: a big ranged-GET body in pooled buffers of SEG bytes each (the last may be
     shorter). The read path keeps 128 KiB chunks of it as views, and a view holds only its
     own buffer: chunks still waiting for a reader or a sealer keep 1 MiB each in memory, not
-    the whole 8 MiB read unit they came in."""
+    the whole 8 MiB read unit they came in.
+
+    Sent: a part to upload as the cache chunks it was decrypted into. The transport hands
+    them to awscrt one by one and lets go of each once copied (it empties `parts`), so a part
+    in flight is held once, in awscrt's buffer, instead of twice."""
 
     __slots__ = ("parts", "size")
 

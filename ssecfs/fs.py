@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 
 from .attrs import AttrOps, _now
+from .buffers import Segments
 from .cache import CHUNK, Cache, CacheEntry
 from .config import FsConfig
 from .deletes import DeferredDeletes
@@ -752,7 +753,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
         self._invalidate(st.path)
         log.debug("uploaded %s (%d bytes, generation %d)", key, size, gen)
 
-    def _read_for_upload(self, st: FileState, off: int, length: int) -> bytes:
+    def _read_for_upload(self, st: FileState, off: int, length: int) -> Segments:
         pieces = []
         pos, end = off, off + length
         while pos < end:
@@ -765,7 +766,7 @@ class Filesystem(AttrOps, NamespaceOps, StreamOps):
             if len(piece) < hi - lo:
                 pieces.append(bytes(hi - lo - len(piece)))
             pos = i * CHUNK + hi
-        return b"".join(pieces)           # the one copy of the part (it holds the GIL)
+        return Segments(pieces)           # not joined: the transport copies them once
 
     # ===================================================================== whole-mount
     def statfs(self) -> dict:

@@ -31,7 +31,7 @@ from . import s3xml
 from .errors import (EncryptionNotApplied, KeyMismatch, NotFound, NotSupported,
                      PermissionDenied, Stale, StoreError, StoreUnavailable, UserError)
 from .keys import Key, KeyRing
-from .store import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo, Reader
+from .store import LOCKED, OPEN, PLAINTEXT, Body, ListedObject, ListPage, ObjectInfo, Reader
 from .transport import (EXIT_SECURITY, EXIT_STORE, Answer, Client, Transport,
                         TransportFailure, resolve_transport)
 
@@ -381,7 +381,7 @@ class S3Store:
                 raise NotSupported(f"{op} {key!r}: metadata {name!r} is not printable ASCII")
         return {f"x-amz-meta-{a}": b for a, b in meta.items()}
 
-    def put(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
+    def put(self, key: str, data: Body, metadata: dict) -> ObjectInfo:
         k = self.ring.current
         h = {**self._meta_headers(self._meta(metadata, k), "PutObject", key), **self._sse(k)}
         a = self._send("PutObject", "PUT", key, headers=h, body=data)
@@ -416,7 +416,7 @@ class S3Store:
 
         return self._multipart(key, metadata, n, part)
 
-    def _upload_part(self, key: str, up_id: str, num: int, body: bytes, k: Key) -> dict:
+    def _upload_part(self, key: str, up_id: str, num: int, body: Body, k: Key) -> dict:
         a = self._send("UploadPart", "PUT", key, query={"partNumber": str(num), "uploadId": up_id},
                        headers=self._sse(k), body=body)
         self._check_write_echo(a, key, "UploadPart", k)
@@ -456,7 +456,7 @@ class S3Store:
             raise StoreError(f"CreateMultipartUpload {key!r}: the answer has no UploadId")
         return up_id, self._fp(k)
 
-    def mpu_part(self, key: str, upload_id: str, number: int, body: bytes, key_fp: str) -> str:
+    def mpu_part(self, key: str, upload_id: str, number: int, body: Body, key_fp: str) -> str:
         """UploadPart (the echo is checked); returns the part's ETag."""
         k = self.ring.by_fingerprint(key_fp) or self.ring.current
         return self._upload_part(key, upload_id, number, body, k)["ETag"]

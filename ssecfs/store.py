@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
+from .buffers import Segments
+
 # Access states of an object, as far as our key ring is concerned.
 OPEN = "open"            # a key of the ring opens it; key_fp says which
 LOCKED = "locked"        # no key of the ring opens it (another key)
@@ -43,7 +45,9 @@ class ListPage:
     prefixes: list[str]
 
 
-Reader = Callable[[int, int], bytes]   # (offset, length) -> bytes of the file being uploaded
+# A body to send: bytes, or buffers.Segments (chunks not joined; sending consumes them)
+Body = bytes | Segments
+Reader = Callable[[int, int], Body]    # (offset, length) -> bytes of the file being uploaded
 
 
 def pieces(body, step: int) -> Iterator[memoryview]:
@@ -63,10 +67,10 @@ class Store(Protocol):
     def head_with_start(self, key: str, nbytes: int) -> ObjectInfo: ...
     def get_range(self, key: str, start: int, length: int, key_fp: str | None,
                   etag: str | None = None, shared: bool = False) -> bytes: ...
-    def put(self, key: str, data: bytes, metadata: dict) -> ObjectInfo: ...
+    def put(self, key: str, data: Body, metadata: dict) -> ObjectInfo: ...
     def upload(self, key: str, size: int, reader: Reader, metadata: dict) -> ObjectInfo: ...
     def mpu_begin(self, key: str, metadata: dict) -> tuple[str, str]: ...
-    def mpu_part(self, key: str, upload_id: str, number: int, body: bytes,
+    def mpu_part(self, key: str, upload_id: str, number: int, body: Body,
                  key_fp: str) -> str: ...
     def mpu_complete(self, key: str, upload_id: str, parts: list[tuple[int, str]],
                      key_fp: str) -> ObjectInfo: ...

@@ -20,6 +20,7 @@ resolve_transport says so, and a plain-http request never goes through a proxy.
 
 from __future__ import annotations
 
+import collections
 import io
 import ipaddress
 import logging
@@ -402,6 +403,41 @@ class _Body:
         return b"".join(chunks)
 
 
+class _Draining(io.RawIOBase):
+    """The request body of a Segments, read by awscrt once (it copies a body whole before
+    sending it, and sends that copy again on a retry): each buffer is dropped once read."""
+
+    def __init__(self, parts: list):
+        super().__init__()
+        self._parts = collections.deque(parts)
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        out = memoryview(b).cast("B")
+        n = 0
+        while n < len(out) and self._parts:
+            v = memoryview(self._parts[0]).cast("B")[self._at:]
+            k = min(len(v), len(out) - n)
+            out[n:n + k] = v[:k]
+            n += k
+            if k == len(v):
+                self._parts.popleft()
+                self._at = 0
+            else:
+                self._at += k
+        return n
+
+
+def _body_stream(body):
+    if isinstance(body, Segments):
+        parts, body.parts = body.parts, []
+        return _Draining(parts)
+    return io.BytesIO(body)
+
+
 # ---------------------------------------------------------------------------- requests
 # awscrt's errors for answers it retried until it gave up, and the S3 error codes they stand for
 S3_CODES = {"AWS_ERROR_S3_SLOW_DOWN": "SlowDown", "AWS_ERROR_S3_INTERNAL_ERROR": "InternalError",
@@ -603,7 +639,7 @@ class Client:
             type=S3RequestType.GET_OBJECT if bulk else S3RequestType.DEFAULT,
             operation_name=op, request=HttpRequest(
                 method, path, HttpHeaders(list(h.items())),
-                io.BytesIO(body) if body is not None else None),
+                _body_stream(body) if body is not None else None),
             on_headers=on_headers, on_body=on_body, **extra)
         return req, got, seen
 

@@ -197,7 +197,7 @@ class MemStore:
         self._enter("upload", key, size)
         parts = []
         for off in range(0, size, PART):
-            piece = reader(off, min(PART, size - off))
+            piece = bytes(reader(off, min(PART, size - off)))
             if len(piece) != min(PART, size - off):
                 raise AssertionError(f"reader returned {len(piece)} bytes at {off}, "
                                      f"expected {min(PART, size - off)}")

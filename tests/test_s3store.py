@@ -17,7 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from helpers import sse
-from ssecfs import s3store
+from ssecfs import buffers, s3store
 from ssecfs.cache import CHUNK
 from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
                            Stale, StoreError, StoreUnavailable, UserError)
@@ -209,6 +209,33 @@ def test_upload_over_16_mib_is_multipart(make_store, k1, s3, bucket):
     with pytest.raises(ClientError):
         s3.get_object(Bucket=bucket, Key="big")
     check_wire(wire, [k1])
+
+
+def test_segmented_bodies_arrive_whole_and_are_let_go_of_once_sent(make_store, k1, s3, bucket):
+    """The fs hands each part over as the cache chunks it decrypted (buffers.Segments, pieces
+    of any length, bytes or views): the object holds exactly those bytes, and every body was
+    emptied by the send (a part in flight is held once, by awscrt)."""
+    store, _ = make_store(k1)
+    size = s3store.SINGLE_PUT_MAX + MiB + 777
+    data = os.urandom(size)
+    bodies = []
+
+    def reader(off, ln):
+        view, cuts = memoryview(data)[off:off + ln], [0, 1, 4096, 131072 + 3, ln // 2, ln]
+        cuts = sorted(set(c for c in cuts if c <= ln))
+        body = buffers.Segments([bytes(view[a:b]) if i % 2 else view[a:b]
+                                 for i, (a, b) in enumerate(zip(cuts, cuts[1:]))])
+        bodies.append(body)
+        return body
+
+    store.upload("segmented", size, reader, {})
+    got = s3.get_object(Bucket=bucket, Key="segmented", **sse(raw_of(k1)))["Body"].read()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    small = buffers.Segments([b"abc", memoryview(b"defgh")[1:], b""])
+    store.put("small-segmented", small, {})
+    assert store.get_range("small-segmented", 0, 7, k1.fingerprint) == b"abcefgh"
+    assert len(bodies) == -(-size // s3store.MIN_PART)
+    assert all(b.parts == [] for b in bodies + [small])
 
 
 def test_small_upload_is_single_put(make_store, k1):

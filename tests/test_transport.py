@@ -23,6 +23,8 @@ from dataclasses import replace
 import boto3
 import botocore.credentials
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies
 from botocore.config import Config
 
 from helpers import REPO, run_ssecfs, sse
@@ -720,3 +722,20 @@ def test_a_chunk_kept_holds_only_its_own_segment(seaweed, bucket, made, monkeypa
     assert ids[1] not in reused, "received into a segment a kept chunk still shows"
     assert {ids[0], ids[2], ids[3]} <= reused, "segments nobody refers to were not reused"
     assert bytes(kept) == big[9 * 128 * 1024:10 * 128 * 1024] and bytes(again) == big
+
+
+@settings(max_examples=200, deadline=None)
+@given(strategies.lists(strategies.binary(max_size=40), max_size=8),
+       strategies.lists(strategies.integers(1, 50), min_size=1))
+def test_a_segmented_body_reads_back_in_order_and_drops_each_piece_once_read(pieces, sizes):
+    stream = transport._body_stream(buffers.Segments(list(pieces)))
+    out, i = b"", 0
+    while True:
+        buf = bytearray(sizes[i % len(sizes)])
+        n = stream.readinto(buf)
+        i += 1
+        if n == 0:
+            break
+        out += bytes(buf[:n])
+    assert out == b"".join(pieces)
+    assert not [p for p in stream._parts if len(p)]
