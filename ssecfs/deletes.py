@@ -42,6 +42,9 @@ log = logging.getLogger("ssecfs.deletes")
 DELETE_DELAY = 0.05          # s a key waits for others to go in the same request
 BATCH_MAX = 1000             # keys per DeleteObjects (S3's limit)
 STREAMS = 4                  # DeleteObjects requests at once
+# SeaweedFS works through one DeleteObjects key by key: many keys go faster as a few requests
+# at once (of at least MIN_BATCH keys each) than as one
+MIN_BATCH = 25
 WRITE_WAIT = 60.0            # s a write waits for the delete before it (then EIO)
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 ETAGS_KEPT = 100_000         # ETags seen, so that a replayed delete knows what it deleted
@@ -217,7 +220,9 @@ class DeferredDeletes:
                     wait = self.delay - age
             if wait is None:
                 batch = []
-                while self._queue and len(batch) < BATCH_MAX:
+                size = min(BATCH_MAX, max(MIN_BATCH,
+                                          -(-len(self._queue) // (STREAMS - self._batches))))
+                while self._queue and len(batch) < size:
                     t = self._queue[0]
                     # SeaweedFS keeps a "dir/" key listed while a key under it exists: a
                     # directory key goes after every earlier key under it is gone

@@ -23,8 +23,6 @@ from .store import OPEN
 
 log = logging.getLogger("ssecfs.fs")
 
-DELETE_STREAMS = 4        # DeleteObjects requests at once when a moved tree is removed
-DELETE_MIN_BATCH = 25     # keys per request at least (fewer keys: one request)
 NO_ID = (-1, 0xFFFFFFFF)  # chown(2): leave the owner (group) as it is
 
 
@@ -380,31 +378,16 @@ class NamespaceOps:
                 implied.add("/".join(parts[:n]) + "/")
         implied = {d for d in implied if d.startswith(root)}     # never above the moved tree
         todo = set(keys) | implied
-        # the files first, then the directory keys level by level, deepest first; each group
-        # in a few DeleteObjects requests at once (SeaweedFS works through one request key by
-        # key: 100 keys in one request 82-104 ms, in four at once 44-71 ms)
+        # the files first, then the directory keys level by level, deepest first (deletes.py
+        # sends a group as a few DeleteObjects requests at once)
         files = sorted(k for k in todo if not k.endswith("/"))
         levels: dict[int, list[str]] = {}
         for k in todo:
             if k.endswith("/"):
                 levels.setdefault(k.count("/"), []).append(k)
         for group in [files] + [sorted(levels[n]) for n in sorted(levels, reverse=True)]:
-            self._delete_group(group)
-
-    def _delete_group(self, keys: list[str]) -> None:
-        """Delete keys whose order does not matter, in up to DELETE_STREAMS requests at once
-        (each of at least DELETE_MIN_BATCH and at most 1,000 keys)."""
-        if not keys:
-            return
-        size = min(1000, max(DELETE_MIN_BATCH, -(-len(keys) // DELETE_STREAMS)))
-        batches = [keys[i:i + size] for i in range(0, len(keys), size)]
-        if len(batches) == 1:
-            self.store.delete_many(batches[0])
-            return
-        for i in range(0, len(batches), DELETE_STREAMS):
-            futs = {n: self._copy_pool.submit(self.store.delete_many, b)
-                    for n, b in enumerate(batches[i:i + DELETE_STREAMS])}
-            self._drain(futs, {})
+            if group:
+                self.store.delete_many(group)
 
     def _move_state(self, st, opfx: str, npfx: str, okey: str, nkey: str, copied: dict) -> None:
         with st.lock:

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import wait_until
 from memstore import MemStore
+from ssecfs import deletes
 from ssecfs.deljournal import DeleteJournal
 from ssecfs.errors import NotFound
 from test_fs_unit import (in_thread, make_fs, open_cache, read_all, remote_file,  # noqa: F401
@@ -74,7 +75,8 @@ def test_many_unlinks_go_out_in_few_requests(dfs, store):
     fs.fsyncdir("/many")
     assert not [k for k in store.keys() if k.startswith("many/f")]
     assert store.calls["delete"] == 0
-    assert store.calls["delete_many"] <= 3, store.calls
+    # a few requests at once, of at least MIN_BATCH keys each while that many wait
+    assert store.calls["delete_many"] <= 300 // deletes.MIN_BATCH, store.calls
 
 
 def test_rm_r_leaves_nothing_and_the_directory_goes_after_its_files(dfs, store):
@@ -262,3 +264,34 @@ def test_keys_deleted_together_go_out_without_waiting_for_more(tmp_path, ring, s
         assert wait_until(lambda: not store.exists("t/a") and not store.exists("t/b"), 10)
     finally:
         d.close()
+
+
+def test_a_moved_tree_goes_in_requests_at_once_files_first_then_directories_deepest_first(
+        dfs, store, monkeypatch):
+    """The old keys go in several DeleteObjects requests at once, but never a directory key
+    before everything under it (SeaweedFS keeps a "dir/" listed that still has children)."""
+    fs = dfs()
+    for i in range(120):
+        store.put(f"t/f{i:03d}", b"f", {})
+    for i in range(30):
+        store.put(f"t/s/g{i:02d}", b"g", {})
+    store.put("t/", b"", {})
+    store.put("t/s/", b"", {})
+    batches, lock = [], threading.Lock()
+    real = store.delete_many
+
+    def recording(keys):
+        with lock:
+            batches.append(list(keys))
+        real(keys)
+    monkeypatch.setattr(store, "delete_many", recording)
+    fs.rename("/t", "/u")
+    assert fs.flush_all(timeout=10)
+    assert not [k for k in store.keys() if k.startswith("t/")]
+    assert len([k for k in store.keys() if k.startswith("u/")]) == 152
+    deleted = [k for b in batches for k in b]
+    assert sorted(deleted) == sorted(["t/", "t/s/"] + [f"t/f{i:03d}" for i in range(120)]
+                                     + [f"t/s/g{i:02d}" for i in range(30)])
+    file_batches = [b for b in batches if not any(k.endswith("/") for k in b)]
+    assert len(file_batches) == len(batches) - 2 >= deletes.STREAMS    # the 150 files
+    assert batches[-2:] == [["t/s/"], ["t/"]]                # then the deepest directory first

@@ -499,35 +499,6 @@ def test_rename_directory_moves_all_objects(fs, store, ring):
     assert read_all(fs, "/e/sub/y") == b"y data"
 
 
-def test_rename_of_a_big_tree_deletes_files_first_then_directories_deepest_first(
-        fs, store, monkeypatch):
-    """The old keys go in several DeleteObjects requests at once, but never a directory key
-    before everything under it (SeaweedFS keeps a "dir/" listed that still has children)."""
-    for i in range(120):
-        store.put(f"t/f{i:03d}", b"f", {})
-    for i in range(30):
-        store.put(f"t/s/g{i:02d}", b"g", {})
-    store.put("t/", b"", {})
-    store.put("t/s/", b"", {})
-    batches, lock = [], threading.Lock()
-    real = store.delete_many
-
-    def recording(keys):
-        with lock:
-            batches.append(list(keys))
-        real(keys)
-    monkeypatch.setattr(store, "delete_many", recording)
-    fs.rename("/t", "/u")
-    assert not [k for k in store.keys() if k.startswith("t/")]
-    assert len([k for k in store.keys() if k.startswith("u/")]) == 152
-    deleted = [k for b in batches for k in b]
-    assert sorted(deleted) == sorted(["t/", "t/s/"] + [f"t/f{i:03d}" for i in range(120)]
-                                     + [f"t/s/g{i:02d}" for i in range(30)])
-    file_batches = [b for b in batches if not any(k.endswith("/") for k in b)]
-    assert len(file_batches) == len(batches) - 2 >= 2       # the 150 files: several requests
-    assert batches[-2:] == [["t/s/"], ["t/"]]                # then the deepest directory first
-
-
 def test_rename_directory_with_pending_local_file(fs, store):
     fs.mkdir("/d", 0o755)
     fh = fs.create("/d/p", 0o644)

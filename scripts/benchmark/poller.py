@@ -14,8 +14,15 @@ from botocore.config import Config
 
 from .common import BenchError, echoed, sse_params
 
-POLL = 0.05             # seconds between HEADs of the durability poller
-LIST_POLL = 0.1         # seconds between listings of the durability poller
+POLL = 0.05             # seconds between HEADs of the durability poller, at most
+LIST_POLL = 0.1         # seconds between listings of the durability poller, at most
+POLL_SHARE = 0.03       # ... and at most this share of the time waited so far (a fixed
+                        # interval would add up to itself to a row of 0.2 s)
+POLL_MIN = 0.005
+
+
+def pause(start: float, cap: float) -> None:
+    time.sleep(min(cap, max(POLL_MIN, (time.monotonic() - start) * POLL_SHARE)))
 SETTLE = 1.0            # the ETag(s) must stay the same this long
 
 
@@ -69,7 +76,8 @@ class Poller:
                     gone: str | None = None) -> float:
         """Monotonic time at which the complete object was first seen (then stable SETTLE s);
         with `gone`, that key must be absent too."""
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         stable = Stable()
         while True:
             h = self.head(bucket, key)
@@ -86,7 +94,7 @@ class Poller:
                 last = (h, "old key still there" if not gone_ok else "")
                 raise BenchError(f"s3://{bucket}/{key} not durable after {timeout:.0f}s "
                                  f"(last HEAD: {last})")
-            time.sleep(POLL)
+            pause(start, POLL)
 
     def listing(self, bucket: str, prefix: str, max_keys: int | None = None) -> dict:
         """key -> (size, etag) under a prefix (the first page only with max_keys)."""
@@ -106,7 +114,8 @@ class Poller:
                      gone_prefix: str | None = None) -> float:
         """Monotonic time at which every expected key had its size (ETags then stable SETTLE
         s); with `gone_prefix`, no key may be left under that prefix."""
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         stable = Stable()
         while True:
             cur = self.listing(bucket, prefix)
@@ -121,7 +130,7 @@ class Poller:
                 raise BenchError(f"s3://{bucket}/{prefix}: {len(missing)} of {len(expect)} "
                                  f"objects not durable after {timeout:.0f}s"
                                  + ("" if gone_ok else f"; keys still under {gone_prefix}"))
-            time.sleep(LIST_POLL)
+            pause(start, LIST_POLL)
 
     def verify_sse(self, bucket: str, keys) -> None:
         keys = list(keys)
