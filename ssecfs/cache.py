@@ -73,7 +73,7 @@ from typing import NamedTuple
 from .crypto import (FORMS, NONCE_LEN, OVERHEAD, SPLIT_GCM, SPLIT_OCB, WHOLE_GCM, WHOLE_OCB,
                      WRITE_ID_LEN, Sealer, chunk_aad, open_subs, record_aad, seal_chunk,
                      sealed_len)
-from .errors import IntegrityError, NoSpace, UserError
+from .errors import IntegrityError, NameTooLong, NoSpace, UserError
 
 log = logging.getLogger("ssecfs.cache")
 
@@ -778,7 +778,7 @@ class CacheEntry:
                                 self._record_aad(seq))
         record = RHEADER.pack(RMAGIC, self.key_fp.encode(), seq, len(blob)) + blob
         if len(record) > RSLOT:
-            raise OSError(errno.ENAMETOOLONG, "journal record too long (path or key)")
+            raise NameTooLong("journal record too long (path or key)")
         for attempt in range(2):
             try:
                 with self.io_lock:

@@ -18,7 +18,7 @@ from ssecfs.cache import (BASE, CHUNK, EXIT_CACHE, HEADER, NEVER, RHEADER, RSLOT
 from ssecfs.cache import _cost
 from ssecfs.crypto import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, WHOLE_GCM,
                            WHOLE_OCB, Sealer, open_subs, sub_aad)
-from ssecfs.errors import IntegrityError, NoSpace, UserError
+from ssecfs.errors import IntegrityError, NameTooLong, NoSpace, UserError
 from ssecfs.keys import Key
 
 COST = _cost(CHUNK)           # accounted bytes of one full chunk (whole 4 KiB blocks)
@@ -531,6 +531,14 @@ def test_slot_moved_to_another_index_or_entry_fails(cache):
     rescan(b)
     with pytest.raises(IntegrityError):
         b.read_chunk(0)
+
+
+def test_a_record_too_big_for_its_slot_is_refused_as_a_name_too_long(cache):
+    e = cache.new_entry()
+    e.save_state({"dirty": True, "path": "/f", "size": 1})
+    with pytest.raises(NameTooLong):
+        e.save_state({"dirty": True, "path": "/" + "n" * RSLOT, "size": 2})
+    assert e.load_state()["size"] == 1            # the record before it stands
 
 
 def test_tampered_journal_record_fails(cache):

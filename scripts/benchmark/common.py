@@ -22,7 +22,10 @@ T_START = time.monotonic()
 
 
 def progress(msg: str) -> None:
-    print(f"[bench {time.monotonic() - T_START:7.1f}s] {msg}", file=sys.stderr, flush=True)
+    try:
+        print(f"[bench {time.monotonic() - T_START:7.1f}s] {msg}", file=sys.stderr, flush=True)
+    except OSError:
+        pass        # stderr on a full disk: the run (and its cleanup) goes on without it
 
 
 class BenchError(Exception):

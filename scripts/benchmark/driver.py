@@ -53,6 +53,21 @@ def run_column(b, work, steps: list[str], run_no: int, target=None) -> None:
         run_step(b, work, step, run_no, target)
         if target is not None:
             note_log_errors(b, target, step)
+    clear_bucket(b, work)
+
+
+def clear_bucket(b, work) -> None:
+    """After a column's run, untimed: its objects go (every run writes files of its own
+    names; kept, five runs of five columns would fill the disk), and settle() compacts them
+    away before the next step."""
+    t = getattr(work, "t", None)
+    bucket, have = (t.bucket, t.have) if t is not None else (work.bucket, work.have)
+    keys = list(b.poller.listing(bucket, ""))
+    for i in range(0, len(keys), 1000):
+        b.poller.s3.delete_objects(Bucket=bucket, Delete={
+            "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+    have.clear()
+    progress(f"{work.column}: the run's {len(keys)} objects deleted (untimed)")
 
 
 def run_step(b, work, step: str, run_no: int, target) -> None:

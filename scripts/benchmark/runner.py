@@ -14,8 +14,8 @@ import time
 from seaweed import SeaweedFS, self_signed_cert
 
 from . import tools
-from .common import (DIR_FILES, MB, GiB, MiB, SMALL, human, progress, sse_params,
-                     write_secret)
+from .common import (DIR_FILES, MB, BenchError, GiB, MiB, SMALL, human, progress,
+                     sse_params, write_secret)
 from .load import ForeignLoad
 from .poller import Poller
 from .rtt import DelayProxy
@@ -68,16 +68,20 @@ class Bench:
         return p
 
     def check_disk(self) -> None:
+        """Refuses to start a run that would fill the disk. A column's objects are deleted
+        after each of its runs (driver.clear_bucket), so one run of every column is what
+        SeaweedFS holds at most, besides the source files and the mounts' caches."""
         per_target = self.size + self.mv_size + self.rss_size + (self.n + DIR_FILES) * SMALL
         ntargets = 5 if self.args.compare else 3
-        need = (per_target * ntargets * self.args.runs * 1.2 + self.size + self.rss_size
-                + self.rss_size * 2)
+        need = (per_target * ntargets * 1.2 + self.size + self.rss_size + self.rss_size * 2
+                + 2 * GiB)                                  # + the disk's own slack
         if "huge" in self.steps:
             need += self.huge_size * ntargets * 1.2 + self.huge_size   # + each cache's bound
         free = shutil.disk_usage(self.work).free
         if free < need:
-            progress(f"WARNING: {free / GiB:.1f} GiB free under {self.work}, the run may need "
-                     f"about {need / GiB:.1f} GiB (SeaweedFS data, caches, source files)")
+            raise BenchError(f"{free / GiB:.1f} GiB free under {self.work}, the run needs about "
+                             f"{need / GiB:.1f} GiB (SeaweedFS data, caches, source files): "
+                             "use --workdir on a bigger disk, or a smaller --size-mb")
 
     def setup(self) -> None:
         self.work = tempfile.mkdtemp(prefix="ssecfs-bench-", dir=self.args.workdir)
@@ -248,13 +252,16 @@ class Bench:
             progress(f"kept {self.work}")
             return
         if self.failed:
-            keep = tempfile.mkdtemp(prefix="ssecfs-bench-logs-", dir=self.args.workdir)
-            for t in self.targets:
-                if os.path.exists(t.log):
-                    shutil.copy(t.log, os.path.join(keep, f"{t.name}.log"))
-            if self.sw is not None and os.path.exists(self.sw.log_path):
-                shutil.copy(self.sw.log_path, os.path.join(keep, "weed.log"))
-            progress(f"logs of the failed run kept in {keep}")
+            try:
+                keep = tempfile.mkdtemp(prefix="ssecfs-bench-logs-", dir=self.args.workdir)
+                for t in self.targets:
+                    if os.path.exists(t.log):
+                        shutil.copy(t.log, os.path.join(keep, f"{t.name}.log"))
+                if self.sw is not None and os.path.exists(self.sw.log_path):
+                    shutil.copy(self.sw.log_path, os.path.join(keep, "weed.log"))
+                progress(f"logs of the failed run kept in {keep}")
+            except OSError as e:     # a full disk, say: the work directory goes all the same
+                progress(f"logs of the failed run not kept ({e})")
         if any(t.mounted() for t in self.targets):
             progress(f"something is still mounted under {self.work}; not removing it")
             return
