@@ -66,7 +66,7 @@ def key(tmp_path):
 
 class Mount:
     def __init__(self, path, cache_dir, source, keyfile, endpoint, args, log_file=None):
-        from ssecfs.daemon import default_log_file
+        from ssecfs.mount.daemon import default_log_file
         self.path = str(path)
         self.cache_dir = str(cache_dir)
         self.source = source
@@ -84,7 +84,7 @@ class Mount:
             return ""
 
     def pid(self) -> int | None:
-        from ssecfs.daemon import read_registry
+        from ssecfs.mount.daemon import read_registry
         reg = read_registry(self.path)
         return reg["pid"] if reg else None
 

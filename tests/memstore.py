@@ -1,6 +1,6 @@
 """An in-memory object store for fast, kernel-free tests of the filesystem layer.
 
-It implements the same contract as ssecfs.s3store.S3Store and, like a real S3 server, it
+It implements the same contract as ssecfs.store.s3.S3Store and, like a real S3 server, it
 ENFORCES SSE-C: every object remembers the fingerprint of the key it was written with, a read
 or copy with another key is refused (PermissionDenied, as S3Store translates a 403), a
 plaintext object is never served as data (KeyMismatch, as S3Store refuses it), and head()
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field, replace
 
 from ssecfs.errors import (KeyMismatch, NotFound, PermissionDenied, Stale, StoreError,
                            StoreUnavailable)
-from ssecfs.keys import Key, KeyRing
-from ssecfs.s3store import KEY_FP_META
-from ssecfs.store import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo
+from ssecfs.crypto.keys import Key, KeyRing
+from ssecfs.store.s3 import KEY_FP_META
+from ssecfs.store.contract import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo
 
 PART = 8 * 1024 * 1024
 

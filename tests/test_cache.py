@@ -1,4 +1,4 @@
-"""The encrypted on-disk chunk cache (ssecfs.cache): confidentiality, integrity, locking,
+"""The encrypted on-disk chunk cache (ssecfs.cache.core): confidentiality, integrity, locking,
 crash recovery, and the eviction bound."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import pytest
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from helpers import marker_blob, scan_dir_for, wait_until
-from ssecfs import cache as cache_mod
-from ssecfs import crypto as crypto_mod
-from ssecfs.cache import (BASE, CHUNK, EXIT_CACHE, HEADER, NEVER, RHEADER, RSLOT, SEAL_BATCH,
+from ssecfs.cache import core as cache_mod
+from ssecfs.crypto import aead as crypto_mod
+from ssecfs.cache.core import (BASE, CHUNK, EXIT_CACHE, HEADER, NEVER, RHEADER, RSLOT, SEAL_BATCH,
                           SLOT, SLOT_MAGIC, SUBS_AT, VERSION_TEXT, Cache, CacheEntry, Slots)
-from ssecfs.cache import _cost
-from ssecfs.crypto import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, WHOLE_GCM,
+from ssecfs.cache.core import _cost
+from ssecfs.crypto.aead import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, WHOLE_GCM,
                            WHOLE_OCB, Sealer, open_subs, sub_aad)
 from ssecfs.errors import IntegrityError, NameTooLong, NoSpace, UserError
-from ssecfs.keys import Key
+from ssecfs.crypto.keys import Key
 
 COST = _cost(CHUNK)           # accounted bytes of one full chunk (whole 4 KiB blocks)
 # slot forms: AES-OCB3, and AES-GCM where OpenSSL lacks OCB3; whole, and in sub-blocks
@@ -1090,7 +1090,7 @@ def test_chunk_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
     """A pwrite that writes only part of a slot (the disk filled up mid-slot) must surface as
     NoSpace from drain() -- never a torn slot counted as written -- and the data stays readable
     from memory."""
-    import ssecfs.cache as cachemod
+    import ssecfs.cache.core as cachemod
     real = os.pwrite
     monkeypatch.setattr(cachemod.os, "pwritev",
                         lambda fd, bufs, off: real(fd, b"".join(bytes(b) for b in bufs)[:100], off))
@@ -1104,7 +1104,7 @@ def test_chunk_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
 
 def test_state_record_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
     """save_state: a write that makes no progress is NoSpace, and the previous record stays."""
-    import ssecfs.cache as cachemod
+    import ssecfs.cache.core as cachemod
     e = cache.new_entry()
     e.save_state({"v": 1})
     real = os.pwrite
@@ -1135,7 +1135,7 @@ def test_dirty_entry_starts_disk_writes_early_clean_one_does_not(cache_dir, keys
     """A big dirty file's slots go to disk while it is written (sync_file_range every
     WRITEOUT_EVERY bytes), so the fdatasync of close() has little left to do; chunks fetched
     from the bucket (clean) are not pushed."""
-    from ssecfs import cache as cache_mod
+    from ssecfs.cache import core as cache_mod
     calls = []
     real = cache_mod._start_writeout
     monkeypatch.setattr(cache_mod, "_start_writeout", lambda fd: (calls.append(fd), real(fd)))

@@ -1,4 +1,4 @@
-"""AEAD sealing of cache chunks and journal records (ssecfs.crypto)."""
+"""AEAD sealing of cache chunks and journal records (ssecfs.crypto.aead)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3
 
-from ssecfs import crypto as crypto_mod
-from ssecfs.crypto import (FORMS, NONCE_LEN, OVERHEAD, SPLIT_GCM, SPLIT_OCB, TAG_LEN, WHOLE_GCM,
+from ssecfs.crypto import aead as crypto_mod
+from ssecfs.crypto.aead import (FORMS, NONCE_LEN, OVERHEAD, SPLIT_GCM, SPLIT_OCB, TAG_LEN, WHOLE_GCM,
                            WHOLE_OCB, Sealer, chunk_aad, open_subs, record_aad, seal_chunk,
                            sub_aad)
 from ssecfs.errors import IntegrityError

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from ssecfs import daemon
+from ssecfs.mount import daemon
 from ssecfs.errors import UserError
 from helpers import read_cold
 
@@ -21,7 +21,7 @@ OTHER_UID = 65534
 def test_harden_process_disables_core_dumps_and_ptrace():
     """Run in a child: the settings last for the life of the process that makes them."""
     code = ("import ctypes, resource\n"
-            "from ssecfs.daemon import harden_process\n"
+            "from ssecfs.mount.daemon import harden_process\n"
             "harden_process()\n"
             "libc = ctypes.CDLL(None)\n"
             "print(libc.prctl(3, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE))\n")

@@ -11,8 +11,8 @@ import pytest
 
 from helpers import wait_until
 from memstore import MemStore
-from ssecfs import deletes
-from ssecfs.deljournal import DeleteJournal
+from ssecfs.store import deferred as deletes
+from ssecfs.store.deljournal import DeleteJournal
 from ssecfs.errors import NotFound
 from test_fs_unit import (in_thread, make_fs, open_cache, read_all, remote_file,  # noqa: F401
                           ring, store, write_file)
@@ -207,7 +207,7 @@ def test_a_journal_cut_by_a_crash_keeps_its_whole_records(tmp_path, dfs, store):
 def test_a_replayed_delete_without_etag_spares_an_object_written_after_it(tmp_path, ring,
                                                                           store):
     import time
-    from ssecfs.deletes import DeferredDeletes
+    from ssecfs.store.deferred import DeferredDeletes
     cache = open_cache(tmp_path / "c", ring)
     now = time.time()
     remote_file(store, "older", b"1")
@@ -255,7 +255,7 @@ def test_a_listing_sent_before_a_delete_was_done_does_not_show_its_key(dfs, stor
 
 
 def test_keys_deleted_together_go_out_without_waiting_for_more(tmp_path, ring, store):
-    from ssecfs.deletes import DeferredDeletes
+    from ssecfs.store.deferred import DeferredDeletes
     d = DeferredDeletes(store, delay=3600)         # a lone key would wait an hour
     try:
         remote_file(store, "t/a", b"1")

@@ -16,10 +16,12 @@ import pytest
 
 from helpers import sse, wait_until
 from memstore import MemStore
-from ssecfs import attrs, dirindex, namespace
-from ssecfs.dirindex import INDEX_NAME, MIN_FILES, Entry, decode, encode
+from ssecfs.fs import attrs
+from ssecfs.fs import dirindex
+from ssecfs.fs import namespace
+from ssecfs.fs.dirindex import INDEX_NAME, MIN_FILES, Entry, decode, encode
 from ssecfs.errors import InvalidName, NotFound
-from ssecfs.store import ListedObject
+from ssecfs.store.contract import ListedObject
 from test_fs_unit import make_fs, ring, settle, store, write_file  # noqa: F401 - fixtures
 
 N = MIN_FILES + 8

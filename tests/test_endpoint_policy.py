@@ -29,10 +29,10 @@ import pytest
 from conftest import make_keyfile
 from helpers import REPO, read_cold, run_ssecfs
 
-from ssecfs import transport
+from ssecfs.store import transport
 from ssecfs.errors import StoreUnavailable, UserError
-from ssecfs.keys import Key, KeyRing
-from ssecfs.s3store import EXIT_SECURITY, S3Store
+from ssecfs.crypto.keys import Key, KeyRing
+from ssecfs.store.s3 import EXIT_SECURITY, S3Store
 
 GUARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netguard")
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
@@ -185,7 +185,7 @@ def test_daemon_refuses_before_connecting(tmp_path):
     (tmp_path / "mp").mkdir()
     script = textwrap.dedent(f"""
         import os
-        from ssecfs import daemon
+        from ssecfs.mount import daemon
         from ssecfs.config import FsConfig, MountConfig, StoreConfig
         cfg = MountConfig(store=StoreConfig(bucket="some-bucket"), fs=FsConfig(),
                           mountpoint={str(tmp_path / "mp")!r}, keyfile={keyfile!r},
@@ -508,7 +508,7 @@ def test_no_proxy_is_honoured_for_https(guarded, proxy_recorder):
 
 
 def test_check_reports_the_resolved_transport(guarded):
-    from ssecfs.check import FAIL, OK, WARN, check_transport
+    from ssecfs.commands.check import FAIL, OK, WARN, check_transport
     guarded({"AWS_ENDPOINT_URL_S3": "https://minio.example.invalid:9000",
              "HTTPS_PROXY": "http://proxyuser:s3cr3tpass@127.0.0.1:3128"})
     status, msg = check_transport(resolve_transport(None))

@@ -1,4 +1,4 @@
-"""Filesystem semantics (ssecfs.fs.Filesystem) without a kernel: over the SSE-C-enforcing
+"""Filesystem semantics (ssecfs.fs.filesystem.Filesystem) without a kernel: over the SSE-C-enforcing
 in-memory store (tests/memstore.py) and a real encrypted cache in tmp_path."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import pytest
 
 from helpers import REPO, wait_until
 from memstore import MemStore
-from ssecfs.cache import CHUNK, Cache
+from ssecfs.cache.core import CHUNK, Cache
 from ssecfs.config import FsConfig
-from ssecfs.crypto import Sealer
+from ssecfs.crypto.aead import Sealer
 from ssecfs.errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory,
                            NotEmpty, NotFound, NotSupported, ReadOnly, StoreUnavailable,
                            TimedOut)
-from ssecfs import fs as fs_mod
-from ssecfs.fs import Filesystem
-from ssecfs.keys import Key, KeyRing
+from ssecfs.fs import filesystem as fs_mod
+from ssecfs.fs.filesystem import Filesystem
+from ssecfs.crypto.keys import Key, KeyRing
 
 REG = stat.S_IFREG
 DIR = stat.S_IFDIR
@@ -785,7 +785,7 @@ def test_a_lookup_on_its_way_is_not_kept_when_its_path_changes(make_fs, store, c
 
 
 def test_path_changes_never_report_unchanged_wrongly():
-    from ssecfs.attrs import _PathChanges
+    from ssecfs.fs.attrs import _PathChanges
     ch = _PathChanges(maxsize=2)
     ch["/d/a"] = 1
     assert ch.changed_since("/d/a", 0) and not ch.changed_since("/d/b", 0)
@@ -798,7 +798,7 @@ def test_path_changes_never_report_unchanged_wrongly():
 
 
 def test_change_log_never_reports_unchanged_wrongly():
-    from ssecfs.attrs import _ChangeLog
+    from ssecfs.fs.attrs import _ChangeLog
     log = _ChangeLog(maxsize=2)
     m0 = log.mark()
     log.note("/a")
@@ -1004,12 +1004,12 @@ CHILD = r"""
 import os, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from memstore import MemStore
-from ssecfs.cache import Cache
+from ssecfs.cache.core import Cache
 from ssecfs.config import FsConfig
-from ssecfs.crypto import Sealer
-from ssecfs import fs as fs_mod
-from ssecfs.fs import Filesystem
-from ssecfs.keys import load_keyring
+from ssecfs.crypto.aead import Sealer
+from ssecfs.fs import filesystem as fs_mod
+from ssecfs.fs.filesystem import Filesystem
+from ssecfs.crypto.keys import load_keyring
 ring = load_keyring(sys.argv[3])
 cache = Cache(sys.argv[4], {k.fingerprint: Sealer(k.cache_key()) for k in ring.keys},
               1 << 30, ring.current.fingerprint)
@@ -1200,7 +1200,7 @@ def test_memstore_fault_hook_and_counters(ring):
 
 
 # ------------------------------------------------------------------------- streamed uploads
-from ssecfs.stream import STREAM_PART, STREAM_START  # noqa: E402
+from ssecfs.fs.stream import STREAM_PART, STREAM_START  # noqa: E402
 
 
 def write_pieces(fs, fh, data: bytes, start: int = 0) -> None:
@@ -1291,7 +1291,7 @@ def test_parts_left_at_completion_are_sent_once(make_fs, store):
     """When the write-back completes a stream, it sends the parts not sent yet itself, once
     each: the stream's pump must not send them a second time (nor, later, to the completed
     upload). Parts 1-8 are held until the upload has started, the others until one is sent."""
-    from ssecfs.stream import STREAM_WINDOW
+    from ssecfs.fs.stream import STREAM_WINDOW
     fs = make_fs(writeback_delay=30)
     window, rest = threading.Event(), threading.Event()
     store.before["mpu_part"] = \
@@ -1389,7 +1389,7 @@ def test_failed_part_falls_back_to_whole_upload(make_fs, store):
 def test_files_read_in_listing_order_are_looked_up_ahead_of_the_reader(make_fs, store):
     """`cp -r`/`tar`/`cat *`: from the second file opened in listing order, the next ones
     are looked up (with their content) ahead, in parallel; no file is asked twice."""
-    from ssecfs.attrs import SIBLINGS_AHEAD
+    from ssecfs.fs.attrs import SIBLINGS_AHEAD
     fs = make_fs(attr_timeout=60)
     data = {f"f{n:03d}": os.urandom(3000 + n) for n in range(80)}
     for name, body in data.items():

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import fuse
 import pytest
 
-from ssecfs import errors, fuse_adapter
-from ssecfs.fuse_adapter import FuseAdapter, SsecfsFUSE
+from ssecfs import errors
+from ssecfs.mount import adapter as fuse_adapter
+from ssecfs.mount.adapter import FuseAdapter, SsecfsFUSE
 
 
 def call_read(answer, size=1 << 17):
@@ -79,7 +80,7 @@ class Recorder:
 
 
 def test_new_entries_and_changes_of_owner_carry_the_callers_identity(monkeypatch):
-    from ssecfs.namespace import Caller
+    from ssecfs.fs.namespace import Caller
     monkeypatch.setattr(fuse_adapter, "fuse_get_context", lambda: (1001, 1002, os.getpid()))
     fs = Recorder()
     a = FuseAdapter(fs)
@@ -152,8 +153,8 @@ def test_known_kind_answers_from_what_is_cached_only(tmp_path):
     from memstore import MemStore
     from test_fs_unit import open_cache, remote_file
     from ssecfs.config import FsConfig
-    from ssecfs.fs import Filesystem
-    from ssecfs.keys import Key, KeyRing
+    from ssecfs.fs.filesystem import Filesystem
+    from ssecfs.crypto.keys import Key, KeyRing
     ring = KeyRing([Key(os.urandom(32))])
     store = MemStore(ring)
     remote_file(store, "a", b"1")

@@ -1,4 +1,4 @@
-"""Key files, the key ring, SSE-C parameters and the derived cache key (ssecfs.keys).
+"""Key files, the key ring, SSE-C parameters and the derived cache key (ssecfs.crypto.keys).
 
 Every error path also checks that the key never leaks: not in the message, not in repr/str,
 not in the chained exceptions or the formatted traceback, in raw, base64 or hex form.
@@ -14,9 +14,9 @@ import traceback
 
 import pytest
 
-from ssecfs import cli
+from ssecfs.commands import cli
 from ssecfs.errors import UserError
-from ssecfs.keys import (CACHE_KDF_INFO, EXIT_KEYFILE, Key, KeyRing, load_keyring,
+from ssecfs.crypto.keys import (CACHE_KDF_INFO, EXIT_KEYFILE, Key, KeyRing, load_keyring,
                          parse_keyfile_bytes, resolve_keyfile_path, write_keyfile)
 
 

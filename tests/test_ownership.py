@@ -17,10 +17,12 @@ import pytest
 
 from helpers import wait_until
 from memstore import MemStore
-from ssecfs import cli, errors, namespace
-from ssecfs.dirindex import INDEX_NAME, MIN_FILES, decode
+from ssecfs.commands import cli
+from ssecfs import errors
+from ssecfs.fs import namespace
+from ssecfs.fs.dirindex import INDEX_NAME, MIN_FILES, decode
 from ssecfs.errors import UserError
-from ssecfs.keys import Key
+from ssecfs.crypto.keys import Key
 from test_fs_unit import fs, make_fs, ring, settle, store, write_file  # noqa: F401 - fixtures
 
 REG, DIR, LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK

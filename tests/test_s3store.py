@@ -1,4 +1,4 @@
-"""The S3 store (ssecfs.s3store.S3Store, on awscrt) against a real SeaweedFS: SSE-C headers
+"""The S3 store (ssecfs.store.s3.S3Store, on awscrt) against a real SeaweedFS: SSE-C headers
 on the wire for every data/metadata request (seen by a recording proxy in front of the server,
 so the requests awscrt makes on its own are seen too), verification of what the server did,
 re-encryption on copy, the UploadPartCopy fallback, LOCKED/PLAINTEXT detection, and the same
@@ -17,15 +17,16 @@ import pytest
 from botocore.exceptions import ClientError
 
 from helpers import sse
-from ssecfs import buffers, s3store
-from ssecfs.cache import CHUNK
+from ssecfs import buffers
+from ssecfs.store import s3 as s3store
+from ssecfs.cache.core import CHUNK
 from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
                            Stale, StoreError, StoreUnavailable, UserError)
-from ssecfs.keys import Key, KeyRing
-from ssecfs.s3store import EXIT_SECURITY, KEY_FP_META, PROBE_DATA, S3Store
-from ssecfs.store import LOCKED, OPEN, PLAINTEXT, pieces
+from ssecfs.crypto.keys import Key, KeyRing
+from ssecfs.store.s3 import EXIT_SECURITY, KEY_FP_META, PROBE_DATA, S3Store
+from ssecfs.store.contract import LOCKED, OPEN, PLAINTEXT, pieces
 from ssecfs.buffers import Segments
-from ssecfs.transport import check_endpoint
+from ssecfs.store.transport import check_endpoint
 from wire import TamperProxy, Wire
 
 pytestmark = pytest.mark.seaweed

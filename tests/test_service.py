@@ -34,8 +34,8 @@ from botocore.exceptions import ClientError
 
 from conftest import _alive, fuse_available, make_keyfile
 from helpers import REPO, sse, wait_until
-from ssecfs import cli
-from ssecfs.daemon import default_log_file
+from ssecfs.commands import cli
+from ssecfs.mount.daemon import default_log_file
 from ssecfs.errors import UserError
 
 UNIT = os.path.join(REPO, "systemd", "ssecfs@.service")
@@ -425,7 +425,7 @@ def test_unknown_o_option_is_one_line_usage_error(opts, capsys):
 
 
 def test_keyfile_bare_name_comes_from_credentials_directory(tmp_path, monkeypatch):
-    from ssecfs.keys import load_keyring
+    from ssecfs.crypto.keys import load_keyring
     creds = tmp_path / "creds"
     creds.mkdir()
     raw = make_keyfile(creds / "key")
@@ -900,7 +900,7 @@ def test_mount_t_fuse_ssecfs_then_umount_and_fusermount(seaweed, s3, bucket, key
         assert os.path.ismount(mp) and fs_type_at(str(mp)) == "fuse.ssecfs"
         with open(mp / "seen.txt", "rb") as f:
             assert f.read() == seen_data
-        from ssecfs.daemon import read_registry
+        from ssecfs.mount.daemon import read_registry
         pid = read_registry(str(mp))["pid"]
         cleanup.pids.append(pid)
         files = {f"r{round_}-{n}": d for n, d in some_files().items()}

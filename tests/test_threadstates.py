@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from helpers import wait_until
-from ssecfs.threadstates import ThreadStatePins
+from ssecfs.mount.threadstates import ThreadStatePins
 
 libc = ctypes.CDLL(None, use_errno=True)
 START = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)

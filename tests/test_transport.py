@@ -1,4 +1,4 @@
-"""The transport (ssecfs.transport, on awscrt) against real SeaweedFS servers: every request
+"""The transport (ssecfs.store.transport, on awscrt) against real SeaweedFS servers: every request
 type with SSE-C over http and https (--ca-bundle), path-style and virtual-hosted, signatures an
 authenticating server accepts, credentials that rotate while in use, credential errors that
 are not "wrong key", retries of throttling and 5xx, a CONNECT proxy for https, and bad
@@ -29,14 +29,16 @@ from botocore.config import Config
 
 from helpers import REPO, run_ssecfs, sse
 from seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
-from ssecfs import buffers, s3store, transport
+from ssecfs import buffers
+from ssecfs.store import s3 as s3store
+from ssecfs.store import transport
 from ssecfs.errors import (NotFound, PermissionDenied, StoreError, StoreUnavailable,
                            UserError)
-from ssecfs.keys import Key, KeyRing
-from ssecfs.s3store import S3Store
-from ssecfs.store import LOCKED, OPEN
+from ssecfs.crypto.keys import Key, KeyRing
+from ssecfs.store.s3 import S3Store
+from ssecfs.store.contract import LOCKED, OPEN
 from ssecfs.buffers import BufferPool
-from ssecfs.transport import Answer, resolve_transport
+from ssecfs.store.transport import Answer, resolve_transport
 from test_tls import make_ca_and_cert
 from wire import TamperProxy
 
@@ -204,8 +206,8 @@ def test_tls_verification_failure_is_one_clear_error(tls_seaweed, made, tmp_path
 CHILD = """
 import json, os, sys
 sys.path[:0] = [{repo!r}, {tests!r}, {scripts!r}]
-from ssecfs.keys import Key, KeyRing
-from ssecfs.s3store import S3Store
+from ssecfs.crypto.keys import Key, KeyRing
+from ssecfs.store.s3 import S3Store
 from ssecfs.errors import UserError
 from dataclasses import replace
 import test_transport

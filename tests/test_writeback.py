@@ -1,4 +1,4 @@
-"""The write-back scheduler (ssecfs.writeback): coalescing, retries with backoff, quiesce,
+"""The write-back scheduler (ssecfs.fs.writeback): coalescing, retries with backoff, quiesce,
 waiters, expedite. No sleeps: every wait is on an event or a deadline."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from ssecfs import writeback as wbmod
+from ssecfs.fs import writeback as wbmod
 from ssecfs.errors import StoreUnavailable
-from ssecfs.writeback import WriteBack
+from ssecfs.fs.writeback import WriteBack
 
 
 class Recorder:

@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from helpers import fsync_dir, run_ssecfs, ssecfs_cmd, sse, wait_until
-from ssecfs.cache import BASE, SLOT
+from ssecfs.cache.core import BASE, SLOT
 
 pytestmark = pytest.mark.mount
 
@@ -97,7 +97,7 @@ def wait_durable(s3, bucket: str, key: str, raw: bytes, data: bytes, timeout: fl
 
 
 def status(m) -> dict:
-    from ssecfs.daemon import query_control, read_registry
+    from ssecfs.mount.daemon import query_control, read_registry
     return query_control(read_registry(m.path)["control"])
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from ssecfs.cli import pid_alive  # noqa: F401  (re-exported for the mounts)
+from ssecfs.commands.cli import pid_alive  # noqa: F401  (re-exported for the mounts)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

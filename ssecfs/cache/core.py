@@ -70,10 +70,10 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from .crypto import (FORMS, NONCE_LEN, OVERHEAD, SPLIT_GCM, SPLIT_OCB, WHOLE_GCM, WHOLE_OCB,
+from ..crypto.aead import (FORMS, NONCE_LEN, OVERHEAD, SPLIT_GCM, SPLIT_OCB, WHOLE_GCM, WHOLE_OCB,
                      WRITE_ID_LEN, Sealer, chunk_aad, open_subs, record_aad, seal_chunk,
                      sealed_len)
-from .errors import IntegrityError, NameTooLong, NoSpace, UserError
+from ..errors import IntegrityError, NameTooLong, NoSpace, UserError
 
 log = logging.getLogger("ssecfs.cache")
 

@@ -33,16 +33,16 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 
 from .attrs import AttrOps, _now
-from .buffers import Segments
-from .cache import CHUNK, Cache, CacheEntry
-from .config import FsConfig
-from .deletes import DeferredDeletes
-from .deljournal import DeleteJournal
+from ..buffers import Segments
+from ..cache.core import CHUNK, Cache, CacheEntry
+from ..config import FsConfig
+from ..store.deferred import DeferredDeletes
+from ..store.deljournal import DeleteJournal
 from .dirindex import INDEX_NAME
-from .errors import (InvalidName, IsADirectory, KeyMismatch, NameTooLong, NotFound,
+from ..errors import (InvalidName, IsADirectory, KeyMismatch, NameTooLong, NotFound,
                      ReadOnly, Stale, TimedOut)
 from .namespace import NamespaceOps
-from .store import LOCKED, PLAINTEXT, Store, pieces
+from ..store.contract import LOCKED, PLAINTEXT, Store, pieces
 from .stream import STREAM_CLOSE_DELAY, StreamOps
 from .writeback import WriteBack
 

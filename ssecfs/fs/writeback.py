@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Callable, Hashable
 
-from .errors import StoreUnavailable
+from ..errors import StoreUnavailable
 
 log = logging.getLogger("ssecfs.writeback")
 

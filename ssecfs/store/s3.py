@@ -28,10 +28,10 @@ from dataclasses import replace
 from cachetools import LRUCache
 
 from . import s3xml
-from .errors import (EncryptionNotApplied, KeyMismatch, NotFound, NotSupported,
+from ..errors import (EncryptionNotApplied, KeyMismatch, NotFound, NotSupported,
                      PermissionDenied, Stale, StoreError, StoreUnavailable, UserError)
-from .keys import Key, KeyRing
-from .store import LOCKED, OPEN, PLAINTEXT, Body, ListedObject, ListPage, ObjectInfo, Reader
+from ..crypto.keys import Key, KeyRing
+from .contract import LOCKED, OPEN, PLAINTEXT, Body, ListedObject, ListPage, ObjectInfo, Reader
 from .transport import (EXIT_SECURITY, EXIT_STORE, Answer, Client, Transport,
                         TransportFailure, resolve_transport)
 

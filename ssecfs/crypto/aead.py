@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import IntegrityError
+from ..errors import IntegrityError
 
 FORMAT_VERSION = 6                  # the cache format (cache.VERSION_TEXT), in every AAD
 NONCE_LEN = 12

@@ -46,9 +46,9 @@ from awscrt.s3 import (S3Client, S3RequestTlsMode, S3RequestType, S3ResponseErro
                        S3RetryMode, create_default_s3_signing_config)
 from botocore.config import Config
 
-from . import buffers
-from .buffers import SEG, Segments
-from .errors import UserError
+from .. import buffers
+from ..buffers import SEG, Segments
+from ..errors import UserError
 
 log = logging.getLogger("ssecfs.transport")
 

@@ -26,7 +26,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import StoreError
+from ..errors import StoreError
 
 log = logging.getLogger("ssecfs.stream")
 

@@ -15,11 +15,11 @@ import posixpath
 import stat
 from dataclasses import dataclass, replace
 
-from .errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
+from ..errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
                      NotFound, NotPermitted, NotSupported, PermissionDenied)
 from .attrs import LISTING_CACHE_MAX, _now
 from .dirindex import HEAL_MIN, INDEX_NAME, MAX_ENTRIES
-from .store import OPEN
+from ..store.contract import OPEN
 
 log = logging.getLogger("ssecfs.fs")
 

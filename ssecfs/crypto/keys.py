@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import UserError
+from ..errors import UserError
 
 KEY_LEN = 32
 EXIT_KEYFILE = 3

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 
-from .errors import PermissionDenied, SsecfsError, UserError
-from .keys import Key, KeyRing
-from .s3store import SSEC_BLOCKED_HINT
-from .transport import Transport, is_loopback
+from ..errors import PermissionDenied, SsecfsError, UserError
+from ..crypto.keys import Key, KeyRing
+from ..store.s3 import SSEC_BLOCKED_HINT
+from ..store.transport import Transport, is_loopback
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MAX_SKEW = 300.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
-from .buffers import Segments
+from ..buffers import Segments
 
 # Access states of an object, as far as our key ring is concerned.
 OPEN = "open"            # a key of the ring opens it; key_fp says which

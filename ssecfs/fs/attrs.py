@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 
 from cachetools import LRUCache, TTLCache
 
-from .config import ID_MAX
+from ..config import ID_MAX
 from .dirindex import HEAL_MIN, INDEX_NAME, DirIndexes
-from .errors import KeyMismatch, NotFound, PermissionDenied, StoreUnavailable
-from .store import OPEN, ObjectInfo
+from ..errors import KeyMismatch, NotFound, PermissionDenied, StoreUnavailable
+from ..store.contract import OPEN, ObjectInfo
 
 log = logging.getLogger("ssecfs.fs")
 

@@ -18,10 +18,10 @@ import time
 import fuse
 from fuse import FuseOSError, Operations, fuse_get_context
 
-from . import errors as E
-from .attrs import Attr
-from .fs import Filesystem
-from .namespace import Caller
+from .. import errors as E
+from ..fs.attrs import Attr
+from ..fs.filesystem import Filesystem
+from ..fs.namespace import Caller
 from .threadstates import ThreadStatePins
 
 log = logging.getLogger("ssecfs.fuse")

@@ -40,9 +40,9 @@ from typing import Callable
 
 from cachetools import LRUCache
 
-from .config import ID_MAX
-from .errors import KeyMismatch, NotFound, PermissionDenied
-from .store import OPEN, ListedObject, ObjectInfo, Store
+from ..config import ID_MAX
+from ..errors import KeyMismatch, NotFound, PermissionDenied
+from ..store.contract import OPEN, ListedObject, ObjectInfo, Store
 
 log = logging.getLogger("ssecfs.dirindex")
 

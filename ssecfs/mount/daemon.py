@@ -21,12 +21,12 @@ import sys
 import threading
 import time
 
-from .cache import Cache
-from .config import MountConfig
-from .crypto import WHOLE_GCM, Sealer
-from .errors import UserError
-from .keys import KeyRing, load_keyring
-from .store import LOCKED
+from ..cache.core import Cache
+from ..config import MountConfig
+from ..crypto.aead import WHOLE_GCM, Sealer
+from ..errors import UserError
+from ..crypto.keys import KeyRing, load_keyring
+from ..store.contract import LOCKED
 
 log = logging.getLogger("ssecfs")
 
@@ -343,8 +343,8 @@ def check_ring_opens_bucket(store, prefix: str, sample: int = 10) -> None:
 
 # ---------------------------------------------------------------------------- run
 def build(cfg: MountConfig, ring: KeyRing):
-    from .fs import Filesystem
-    from .s3store import S3Store
+    from ..fs.filesystem import Filesystem
+    from ..store.s3 import S3Store
     sc = cfg.store
     store = S3Store(sc.bucket, ring, endpoint_url=sc.endpoint_url, region=sc.region,
                     profile=sc.profile, ca_bundle=sc.ca_bundle, workers=sc.workers)
@@ -462,7 +462,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
             log.warning("unmount: directory indexes not all written within %ds (only `ls -l` "
                         "speed depends on them)", INDEX_FLUSH_TIMEOUT)
 
-    from .fuse_adapter import FuseAdapter, SsecfsFUSE
+    from .adapter import FuseAdapter, SsecfsFUSE
     opts = dict(foreground=True, nothreads=False, big_writes=True, max_write=FUSE_MAX_WRITE,
                 max_read=FUSE_MAX_WRITE, default_permissions=True, hard_remove=True,
                 auto_cache=True, fsname=f"ssecfs#{cfg.source}", subtype="ssecfs",

@@ -34,8 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from cachetools import LRUCache
 
 from .deljournal import JOURNAL_MAX, DeleteJournal
-from .errors import NotFound, StoreUnavailable
-from .store import ListPage
+from ..errors import NotFound, StoreUnavailable
+from .contract import ListPage
 
 log = logging.getLogger("ssecfs.deletes")
 

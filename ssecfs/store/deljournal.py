@@ -8,8 +8,8 @@ import logging
 import os
 import struct
 
-from .crypto import Sealer, record_aad
-from .errors import IntegrityError
+from ..crypto.aead import Sealer, record_aad
+from ..errors import IntegrityError
 
 log = logging.getLogger("ssecfs.deletes")
 

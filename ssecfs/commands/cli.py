@@ -18,10 +18,10 @@ import subprocess
 import sys
 import time
 
-from . import __version__
-from .config import (FsConfig, MountConfig, StoreConfig, parse_id, parse_mode, parse_size,
+from .. import __version__
+from ..config import (FsConfig, MountConfig, StoreConfig, parse_id, parse_mode, parse_size,
                      parse_source)
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger("ssecfs")
 
@@ -170,14 +170,14 @@ def default_cache_dir(store: StoreConfig, endpoint: str, prefix: str) -> str:
 
 
 def build_mount_config(args: argparse.Namespace) -> MountConfig:
-    from .cache import default_cache_size
+    from ..cache.core import default_cache_size
     apply_o_options(args)
     if not args.keyfile:
         raise UserError("--keyfile is required (make one with: ssecfs keygen FILE)", 2)
     bucket, prefix = parse_source(args.source)
     store = StoreConfig(bucket=bucket, endpoint_url=args.endpoint_url, region=args.region,
                         profile=args.profile, ca_bundle=args.ca_bundle)
-    from .transport import resolve_transport   # refuses here, before the daemon starts
+    from ..store.transport import resolve_transport   # refuses here, before the daemon starts
     transport = resolve_transport(store.endpoint_url, profile=store.profile, region=store.region,
                                   ca_bundle=store.ca_bundle)
     if args.ca_bundle and not os.path.isfile(args.ca_bundle):
@@ -218,7 +218,7 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_mount(args: argparse.Namespace) -> int:
-    from . import daemon
+    from ..mount import daemon
     try:
         cfg = build_mount_config(args)
     except UserError as e:
@@ -234,7 +234,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
     """Start ourselves again with --foreground in a new session and wait for its first line:
     READY (exit 0) or ERROR CODE MESSAGE (print MESSAGE, exit CODE)."""
-    from .daemon import default_log_file, open_log_file
+    from ..mount.daemon import default_log_file, open_log_file
     os.makedirs(cfg.cache_dir, mode=0o700, exist_ok=True)
     log_file = os.path.abspath(args.log_file or default_log_file(cfg.cache_dir))
     os.close(open_log_file(log_file))       # its problems are said here, in one line
@@ -315,7 +315,7 @@ def pid_alive(pid: int | None) -> bool:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from . import daemon
+    from ..mount import daemon
     mp = os.path.abspath(args.mountpoint)
     reg = daemon.read_registry(mp)
     if not os.path.ismount(mp) and not reg:
@@ -354,7 +354,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     import json
-    from . import daemon
+    from ..mount import daemon
     reg = daemon.read_registry(args.mountpoint)
     if not reg:
         raise UserError(f"{args.mountpoint}: no ssecfs daemon is serving this mount point", 1)
@@ -380,7 +380,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from .keys import write_keyfile
+    from ..crypto.keys import write_keyfile
     key = write_keyfile(args.path)
     print(f"wrote a new 32-byte key to {args.path} (mode 0600, {key.short_id}); "
           "keep a copy somewhere safe: without it the data cannot be read", file=sys.stderr)
@@ -388,8 +388,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _store_for(args: argparse.Namespace):
-    from .keys import load_keyring
-    from .s3store import S3Store
+    from ..crypto.keys import load_keyring
+    from ..store.s3 import S3Store
     if not args.keyfile:
         raise UserError("--keyfile is required", 2)
     bucket, prefix = parse_source(args.source)
@@ -403,7 +403,7 @@ def _store_for(args: argparse.Namespace):
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:
-    from .daemon import harden_process
+    from ..mount.daemon import harden_process
     from .rekey import rekey, summary
     harden_process()
     logging.basicConfig(level=logging.WARNING, format="ssecfs: %(message)s")
@@ -418,7 +418,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import FAIL, run_checks
-    from .daemon import harden_process
+    from ..mount.daemon import harden_process
     harden_process()
     store, prefix = _store_for(args)
     failed = False

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from .errors import SsecfsError
-from .store import LOCKED, PLAINTEXT
+from ..errors import SsecfsError
+from ..store.contract import LOCKED, PLAINTEXT
 
 log = logging.getLogger("ssecfs.rekey")
 

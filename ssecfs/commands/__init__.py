@@ -1,0 +1,1 @@
+"""The `ssecfs` command line: mount, umount, status, keygen, check, rekey."""
