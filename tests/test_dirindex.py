@@ -18,7 +18,7 @@ from helpers import sse, wait_until
 from memstore import MemStore
 from ssecfs.fs import attrs
 from ssecfs.fs import dirindex
-from ssecfs.fs import namespace
+from ssecfs.fs import prefetch
 from ssecfs.fs.dirindex import INDEX_NAME, MIN_FILES, Entry, decode, encode
 from ssecfs.errors import InvalidName, NotFound
 from ssecfs.store.contract import ListedObject
@@ -80,8 +80,9 @@ def listed_attrs(fs, d: str = "/d") -> dict:
 
 def expire_attrs(fs) -> None:
     """As if the attribute timeout had passed (the caches of lookups and listings)."""
-    with fs._attr_lock:
-        for c in (fs._attrs, fs._infos, fs._starts, fs._listings):
+    a = fs.attrs
+    with a.lock:
+        for c in (a._attrs, a._infos, a._starts, a._listings):
             c.clear()
 
 
@@ -93,7 +94,7 @@ def ls_l_late(fs, store: MemStore, d: str = "/o") -> tuple[dict, int]:
     expire_attrs(fs)
     mark = len(store.log)
     got = {n: fs.getattr(f"{d}/{n}") for n in names}
-    wait_until(lambda: not fs._heads, 10, what="prefetches to finish")
+    wait_until(lambda: not fs.attrs.prefetch.heads, 10, what="prefetches to finish")
     return got, mark
 
 
@@ -431,11 +432,11 @@ def test_rm_r_of_a_directory_seen_before_asks_no_removed_file_again(make_fs, sto
     mark = len(store.log)
     for n in names:
         expire_attrs(fs)                              # as if the timeout had passed again
-        with fs._attr_lock:
-            fs._prefetch_runs["/o"]["checked"].clear()
+        with fs.attrs.lock:
+            fs.attrs.prefetch._runs["/o"]["checked"].clear()
         assert stat.S_ISREG(fs.getattr(f"/o/{n}").mode)
         fs.unlink(f"/o/{n}")
-    wait_until(lambda: not fs._heads, 10, what="prefetches to finish")
+    wait_until(lambda: not fs.attrs.prefetch.heads, 10, what="prefetches to finish")
     assert heads_of_files(store, mark) == []
     assert [k for op, k in store.log[mark:] if op == "delete"] == [f"o/{n}" for n in names]
     assert [op for op, _k in store.log[mark:]].count("list") >= len(names)   # checked each time
@@ -449,7 +450,7 @@ def test_a_directory_listed_again_within_the_timeout_costs_one_listing(make_fs, 
     fs2.getattr("/d")                                 # (the directory's own lookup)
     mark = len(store.log)
     got = listed_attrs(fs2)                           # names found cached from the listing
-    wait_until(lambda: not fs2._heads, 10, what="prefetches to finish")
+    wait_until(lambda: not fs2.attrs.prefetch.heads, 10, what="prefetches to finish")
     assert store.log[mark:] == [("list", "d/")], store.log[mark:]
     assert all(same(got[n], want[n]) for n in want)
 
@@ -459,8 +460,8 @@ def test_a_big_directory_is_asked_a_listing_page_at_a_time(make_fs, store, monke
     of the listing at a time, in parallel, each file asked once (it was one HEAD after the
     other, as `ls` reached them); listed again, the page vouches for the files that did not
     change, and only the changed one is asked."""
-    monkeypatch.setattr(namespace, "LISTING_CACHE_MAX", 5)
-    monkeypatch.setattr(attrs, "WINDOW", 10)
+    monkeypatch.setattr(attrs, "LISTING_CACHE_MAX", 5)
+    monkeypatch.setattr(prefetch, "WINDOW", 10)
     monkeypatch.setattr(dirindex, "MAX_ENTRIES", 20)          # no index object: memory only
     n = 45
     others_files(store, n)
@@ -479,7 +480,7 @@ def test_a_big_directory_is_asked_a_listing_page_at_a_time(make_fs, store, monke
     mark = len(store.log)
     with pytest.raises(NotFound):
         fs.getattr("/o/new")
-    wait_until(lambda: not fs._heads, 10, what="prefetches to finish")
+    wait_until(lambda: not fs.attrs.prefetch.heads, 10, what="prefetches to finish")
     assert set(heads_of_files(store, mark)) == {"o/new"}     # no page, no neighbour asked
     assert (stat.S_IMODE(got["f33"].mode), got["f33"].size) == (0o600, 7)
     assert all(same(got[x], first[x]) for x in first if x != "f33")

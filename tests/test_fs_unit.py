@@ -20,8 +20,9 @@ from ssecfs.crypto.aead import Sealer
 from ssecfs.errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory,
                            NotEmpty, NotFound, NotSupported, ReadOnly, StoreUnavailable,
                            TimedOut)
-from ssecfs.fs import filesystem as fs_mod
+from ssecfs.fs import reader as reader_mod
 from ssecfs.fs.filesystem import Filesystem
+from ssecfs.fs.reader import READ_UNIT
 from ssecfs.crypto.keys import Key, KeyRing
 
 REG = stat.S_IFREG
@@ -74,7 +75,7 @@ def fs(make_fs):
 
 def settle(fs: Filesystem, timeout: float = 10) -> None:
     """Wait until every dirty file is durable and no upload runs."""
-    ok = fs.wb.wait(lambda: not fs.dirty_files() and fs.wb.in_flight() == 0, timeout=timeout)
+    ok = fs.uploads.wb.wait(lambda: not fs.dirty_files() and fs.uploads.wb.in_flight() == 0, timeout=timeout)
     assert ok, f"uploads not done: {fs.status()}"
 
 
@@ -284,8 +285,8 @@ def record_gets(store: MemStore) -> list:
 @pytest.fixture
 def scan_min(monkeypatch):
     """A small SCAN_MIN_SIZE (two read units), so that a "big" file takes 24 MiB."""
-    monkeypatch.setattr(fs_mod, "SCAN_MIN_SIZE", 2 * fs_mod.READ_UNIT)
-    return 3 * fs_mod.READ_UNIT + 4321
+    monkeypatch.setattr(reader_mod, "SCAN_MIN_SIZE", 2 * READ_UNIT)
+    return 3 * READ_UNIT + 4321
 
 
 def test_a_big_file_read_end_to_end_is_cached_from_its_second_read(fs, store, scan_min):
@@ -298,8 +299,8 @@ def test_a_big_file_read_end_to_end_is_cached_from_its_second_read(fs, store, sc
     gets = record_gets(store)
     assert read_all(fs, "/big") == data
     units = sorted(s for s, _ in gets)
-    assert units == list(range(0, scan_min, fs_mod.READ_UNIT)), gets
-    assert fs.cache.stats()["cache_used_bytes"] < fs_mod.READ_UNIT
+    assert units == list(range(0, scan_min, READ_UNIT)), gets
+    assert fs.cache.stats()["cache_used_bytes"] < READ_UNIT
     gets.clear()
     assert read_all(fs, "/big") == data
     assert sorted(s for s, _ in gets) == units
@@ -328,10 +329,10 @@ def test_random_reads_of_a_big_file_are_cached_at_once(fs, store, scan_min):
     gets = record_gets(store)
     fh = fs.open("/big", os.O_RDONLY)
     try:
-        for off in (5 * fs_mod.READ_UNIT // 2, 17 * CHUNK, 2 * fs_mod.READ_UNIT + 99):
+        for off in (5 * READ_UNIT // 2, 17 * CHUNK, 2 * READ_UNIT + 99):
             assert fs.read(fh, 4096, off) == data[off:off + 4096]
         n = len(gets)
-        for off in (5 * fs_mod.READ_UNIT // 2, 17 * CHUNK, 2 * fs_mod.READ_UNIT + 99):
+        for off in (5 * READ_UNIT // 2, 17 * CHUNK, 2 * READ_UNIT + 99):
             assert fs.read(fh, 4096, off) == data[off:off + 4096]
         assert len(gets) == n
     finally:
@@ -345,12 +346,12 @@ def test_a_big_file_with_unsent_writes_is_cached_as_it_is_read(fs, store, scan_m
     remote_file(store, "big", data)
     fh = fs.open("/big", os.O_RDWR)
     try:
-        assert fs.write(fh, b"x" * 10, 3 * fs_mod.READ_UNIT) == 10
+        assert fs.write(fh, b"x" * 10, 3 * READ_UNIT) == 10
         gets = record_gets(store)
-        for off in range(0, 3 * fs_mod.READ_UNIT, CHUNK):
+        for off in range(0, 3 * READ_UNIT, CHUNK):
             assert fs.read(fh, CHUNK, off) == data[off:off + CHUNK]
         n = len(gets)
-        for off in range(0, 3 * fs_mod.READ_UNIT, CHUNK):
+        for off in range(0, 3 * READ_UNIT, CHUNK):
             assert fs.read(fh, CHUNK, off) == data[off:off + CHUNK]
         assert len(gets) == n
     finally:
@@ -385,7 +386,7 @@ def test_small_file_changed_between_lookup_and_open_is_read_anew(make_fs, store)
     remote_file(store, "changing", b"old content")
     assert fs.getattr("/changing").size == 11
     remote_file(store, "changing", b"NEW content!")      # another mount wrote it meanwhile
-    assert fs.take_start("/changing", store.head("changing").etag) is None
+    assert fs.attrs.take_start("/changing", store.head("changing").etag) is None
     remote_file(store, "changing", b"old content")
     assert fs.getattr("/changing").size == 11            # a lookup fetched this version
     remote_file(store, "changing", b"NEW content!")
@@ -536,7 +537,7 @@ def test_failed_rename_keeps_the_pending_upload(make_fs, store, what):
     fh = fs.open("/d/n", os.O_RDWR)
     fs.write(fh, b"NEW", 0)
     fs.release(fh)                                       # closed, dirty, queued
-    assert fs.wb.pending() == 1
+    assert fs.uploads.wb.pending() == 1
     store.fail("copy", 1)
     store.fail("copy_as_is", 1)                          # the one-request copy of dir moves
     with pytest.raises(StoreUnavailable):
@@ -545,7 +546,7 @@ def test_failed_rename_keeps_the_pending_upload(make_fs, store, what):
         else:
             fs.rename("/d", "/e")
     assert fs.dirty_files(), "the write is not durable yet"
-    assert fs.wb.wait(lambda: fs.wb.pending() > 0 or not fs.dirty_files(), timeout=2), \
+    assert fs.uploads.wb.wait(lambda: fs.uploads.wb.pending() > 0 or not fs.dirty_files(), timeout=2), \
         "the dirty file was taken out of the upload queue and never put back"
 
 
@@ -554,7 +555,7 @@ def test_rename_directory_into_itself_refused(fs):
     fs.mkdir("/d/s", 0o755)
     with pytest.raises((InvalidName, NotSupported)):       # EINVAL (rename(2))
         fs.rename("/d", "/d/s/x")
-    assert fs.is_dir("/d/s")
+    assert fs.attrs.is_dir("/d/s")
 
 
 # ------------------------------------------------------------------------- unlink
@@ -567,7 +568,8 @@ def test_unlink_dirty_file_cancels_upload(make_fs, store):
     with pytest.raises(NotFound):
         fs.getattr("/u")
     assert fs.cache.stats()["cache_entries"] == 0
-    assert os.listdir(fs.cache.entries_dir) == []
+    # (a discarded entry's file is removed by a low-priority thread)
+    assert wait_until(lambda: os.listdir(fs.cache.entries_dir) == [], timeout=10)
 
 
 def test_unlink_open_file_before_close(fs, store):
@@ -699,7 +701,7 @@ def test_listing_taken_during_an_upload_still_answers_missing_names(make_fs, sto
     write_file(fs, "/d/a", b"one")
     settle(fs)
     fh = fs.open("/d/a", os.O_RDWR)
-    fs._listings.clear()                  # the cached listing expired
+    fs.attrs._listings.clear()                  # the cached listing expired
 
     def upload_meanwhile(key, *args):
         store.before.pop("list")
@@ -723,7 +725,7 @@ def test_listing_taken_while_a_name_changes_is_not_trusted(make_fs, store):
     fs = make_fs(attr_timeout=60)
     fs.mkdir("/d", 0o755)
     settle(fs)
-    fs._listings.clear()
+    fs.attrs._listings.clear()
 
     def create_meanwhile(key, *args):
         store.before.pop("list")
@@ -785,8 +787,8 @@ def test_a_lookup_on_its_way_is_not_kept_when_its_path_changes(make_fs, store, c
 
 
 def test_path_changes_never_report_unchanged_wrongly():
-    from ssecfs.fs.attrs import _PathChanges
-    ch = _PathChanges(maxsize=2)
+    from ssecfs.fs.changes import PathChanges
+    ch = PathChanges(maxsize=2)
     ch["/d/a"] = 1
     assert ch.changed_since("/d/a", 0) and not ch.changed_since("/d/b", 0)
     assert not ch.changed_since("/d/a", 1)
@@ -798,8 +800,8 @@ def test_path_changes_never_report_unchanged_wrongly():
 
 
 def test_change_log_never_reports_unchanged_wrongly():
-    from ssecfs.fs.attrs import _ChangeLog
-    log = _ChangeLog(maxsize=2)
+    from ssecfs.fs.changes import ChangeLog
+    log = ChangeLog(maxsize=2)
     m0 = log.mark()
     log.note("/a")
     assert log.changed_since("/a", m0) and not log.changed_since("/b", m0)
@@ -862,14 +864,14 @@ def test_chmod_as_the_upload_of_the_file_ends_is_seen_at_once(fs, store, monkeyp
     between the moment chmod finds the file there and the moment it changes it: the change
     must still show in the next stat, and reach the object once."""
     fs.release(fs.create("/f", 0o644))              # its upload is queued (delay 0)
-    real = fs._state
+    real = fs.files.get
 
     def state_then_upload_ends(path):
         st = real(path)
         if sys._getframe(1).f_code.co_name == "_change_meta":
             settle(fs)
         return st
-    monkeypatch.setattr(fs, "_state", state_then_upload_ends)
+    monkeypatch.setattr(fs.files, "get", state_then_upload_ends)
     fs.chmod("/f", 0o600)
     monkeypatch.undo()
     assert stat.S_IMODE(fs.getattr("/f").mode) == 0o600
@@ -1007,7 +1009,6 @@ from memstore import MemStore
 from ssecfs.cache.core import Cache
 from ssecfs.config import FsConfig
 from ssecfs.crypto.aead import Sealer
-from ssecfs.fs import filesystem as fs_mod
 from ssecfs.fs.filesystem import Filesystem
 from ssecfs.crypto.keys import load_keyring
 ring = load_keyring(sys.argv[3])
@@ -1150,7 +1151,7 @@ def test_a_change_of_metadata_only_keeps_its_journal_out_of_eviction(make_fs, st
     fh = fs.open("/m", os.O_RDONLY)
     assert fs.read(fh, len(data), 0) == data            # cached, clean
     fs.chmod("/m", 0o600)
-    entry = fs.handle(fh).entry
+    entry = fs.files.handle(fh).entry
     assert entry.dirty
     read_all(fs, "/other")                               # pressure: evicts what it may
     assert entry.dirty and os.path.exists(entry.data_path)
@@ -1239,7 +1240,7 @@ def test_close_of_a_duplicate_descriptor_does_not_cut_the_stream(make_fs, store)
     data = os.urandom(5 * STREAM_PART + 777)
     fh = fs.create("/dd.bin", 0o644)
     fs.flush(fh)                                         # close() of the dup'ed descriptor
-    st = fs.handle(fh)
+    st = fs.files.handle(fh)
     write_pieces(fs, fh, data[:4 * STREAM_PART])
     wait_until(lambda: st.deferred, what="the upload queued by the first close to be deferred")
     assert store.calls["mpu_complete"] == 0 and store.calls["upload"] == 0
@@ -1258,7 +1259,7 @@ def test_upload_waits_for_the_last_writer_and_not_for_readers(make_fs, store):
     uploads it once, even while a reader still holds it open."""
     fs = make_fs(writeback_delay=0.05)
     fh = fs.create("/log.txt", 0o644)
-    st = fs.handle(fh)
+    st = fs.files.handle(fh)
     fs.write(fh, b"one\n", 0)
     fs.flush(fh)                                         # close() of the dup'ed descriptor
     wait_until(lambda: st.deferred, what="the upload queued by the flush to be deferred")
@@ -1299,13 +1300,13 @@ def test_parts_left_at_completion_are_sent_once(make_fs, store):
     nparts = STREAM_WINDOW + 5
     data = os.urandom(nparts * STREAM_PART - 1000)
     fh = fs.create("/w.bin", 0o644)
-    st = fs.handle(fh)
+    st = fs.files.handle(fh)
     write_pieces(fs, fh, data)
     wait_until(lambda: len(st.stream.inflight) == STREAM_WINDOW, what="a window of parts held")
     fs.release(fh)
     done = threading.Thread(target=fs.flush_all, kwargs={"timeout": 60})
     done.start()
-    wait_until(lambda: fs.wb.in_flight() == 1, what="the upload to start completing the stream")
+    wait_until(lambda: fs.uploads.wb.in_flight() == 1, what="the upload to start completing the stream")
     window.set()
     wait_until(lambda: store.calls["mpu_part"] > STREAM_WINDOW, what="the other parts to go")
     rest.set()
@@ -1389,14 +1390,14 @@ def test_failed_part_falls_back_to_whole_upload(make_fs, store):
 def test_files_read_in_listing_order_are_looked_up_ahead_of_the_reader(make_fs, store):
     """`cp -r`/`tar`/`cat *`: from the second file opened in listing order, the next ones
     are looked up (with their content) ahead, in parallel; no file is asked twice."""
-    from ssecfs.fs.attrs import SIBLINGS_AHEAD
+    from ssecfs.fs.prefetch import SIBLINGS_AHEAD
     fs = make_fs(attr_timeout=60)
     data = {f"f{n:03d}": os.urandom(3000 + n) for n in range(80)}
     for name, body in data.items():
         remote_file(store, f"sib/{name}", body)
     names = [n for n in fs.readdir("/sib") if n not in (".", "..")]
     assert names == sorted(data)
-    assert wait_until(lambda: not fs._heads, timeout=10)     # the listing's own HEADs
+    assert wait_until(lambda: not fs.attrs.prefetch.heads, timeout=10)     # the listing's own HEADs
     n0 = len(store.log)
     # (MemStore's head_with_start logs as "head")
     asked = lambda: [k for op, k in store.log[n0:] if op == "head"]  # noqa: E731
@@ -1415,11 +1416,11 @@ def test_files_opened_out_of_listing_order_are_not_looked_up_ahead(make_fs, stor
     for n in range(40):
         remote_file(store, f"rnd/f{n:03d}", b"x" * 100)
     list(fs.readdir("/rnd"))
-    assert wait_until(lambda: not fs._heads, timeout=10)
+    assert wait_until(lambda: not fs.attrs.prefetch.heads, timeout=10)
     n0 = len(store.log)
     for n in (7, 30, 2, 19):
         assert read_all(fs, f"/rnd/f{n:03d}") == b"x" * 100
-    fs._head_pool.submit(lambda: None).result()
+    fs.attrs.head_pool.submit(lambda: None).result()
     assert not [k for op, k in store.log[n0:] if op == "head"]
     assert store.calls["get_range"] == 4
 
@@ -1434,10 +1435,10 @@ def test_a_random_read_of_a_scanned_unit_fetches_it_whole_and_caches_it(fs, stor
     gets = record_gets(store)
     fh = fs.open("/big", os.O_RDONLY)
     try:
-        off = fs_mod.READ_UNIT + 5 * CHUNK + 7
+        off = READ_UNIT + 5 * CHUNK + 7
         assert fs.read(fh, 4096, off) == data[off:off + 4096]
-        assert gets == [(fs_mod.READ_UNIT, fs_mod.READ_UNIT)]
-        for off in (fs_mod.READ_UNIT + 60 * CHUNK, fs_mod.READ_UNIT + 3):
+        assert gets == [(READ_UNIT, READ_UNIT)]
+        for off in (READ_UNIT + 60 * CHUNK, READ_UNIT + 3):
             assert fs.read(fh, 4096, off) == data[off:off + 4096]
         assert len(gets) == 1
     finally:
@@ -1453,6 +1454,6 @@ def test_files_opened_by_name_in_order_are_looked_up_ahead_once_listed(make_fs, 
     for n in range(10):
         assert read_all(fs, f"/named/f{n:03d}") == b"z" * (100 + n)
         if n >= 1:
-            assert wait_until(lambda: "/named" in fs._prefetch_runs, timeout=10)
+            assert wait_until(lambda: "/named" in fs.attrs.prefetch._runs, timeout=10)
     # its content was fetched with its lookup, before its open
-    assert wait_until(lambda: "/named/f030" in fs._starts, timeout=10)
+    assert wait_until(lambda: fs.attrs.has_start("/named/f030"), timeout=10)

@@ -72,7 +72,7 @@ def test_metadata_of_objects_no_key_opens_is_never_believed(make_fs, store, how)
         assert ids(a) == (want, 1234, 2345), path
         # times: the Last-Modified the server set, not what the object claims
         assert a.mtime == a.ctime == store._objects[key].mtime, path
-    assert fs.is_dir("/d") and "suid" in fs.readdir("/")
+    assert fs.attrs.is_dir("/d") and "suid" in fs.readdir("/")
 
 
 def test_plaintext_metadata_is_not_believed_with_the_default_options(fs, store):
@@ -132,7 +132,7 @@ def test_an_index_leaves_the_defaults_to_each_mount_that_reads_it(make_fs, store
     a = make_fs(attr_timeout=60)
     names = [x for x in a.readdir("/o") if x not in (".", "..")]
     assert {ids(a.getattr(f"/o/{x}"))[0] for x in names[1:]} == {REG | 0o644}
-    wait_until(lambda: not a._heads, 10, what="prefetches to finish")
+    wait_until(lambda: not a.attrs.prefetch.heads, 10, what="prefetches to finish")
     assert a.dirindex.flush(10)
     entries = decode(store.data("o/" + INDEX_NAME))
     assert len(entries) == n

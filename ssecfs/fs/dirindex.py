@@ -326,6 +326,25 @@ class DirIndexes:
         too new to index yet (build again later)."""
         with self._lock:
             start = (self._forgets, self._gens.get(dkey, 0))
+        listing = self._list_files(dkey)
+        if listing is None:
+            return False
+        listed, present = listing
+        with self._lock:
+            known = dkey in self._stored and dkey in self._obs
+        if present and not known:
+            self.load(dkey)          # its entries spare HEADs; and is it ours to overwrite?
+        with self._lock:
+            if dkey in self._foreign:
+                return False         # a file of that name from another tool, or another key
+            obs = dict(self._obs.get(dkey) or {})
+        keep, again = self._entries(dkey, listed, obs, ask)
+        self._write(dkey, keep, present, start, len(listed))
+        return again
+
+    def _list_files(self, dkey: str) -> tuple[list[ListedObject], bool] | None:
+        """The files of the directory, and whether it has an index object; None if it has
+        more files than an index holds."""
         listed: list[ListedObject] = []
         present = False
         for page in self.store.list_page_iter(dkey, delimiter="/"):
@@ -337,15 +356,12 @@ class DirIndexes:
                     listed.append(o)
             if len(listed) > MAX_ENTRIES:
                 log.debug("index of %r: more than %d files, none kept", dkey, MAX_ENTRIES)
-                return False
-        with self._lock:
-            known = dkey in self._stored and dkey in self._obs
-        if present and not known:
-            self.load(dkey)          # its entries spare HEADs; and is it ours to overwrite?
-        with self._lock:
-            if dkey in self._foreign:
-                return False         # a file of that name from another tool, or another key
-            obs = dict(self._obs.get(dkey) or {})
+                return None
+        return listed, present
+
+    def _entries(self, dkey: str, listed: list, obs: dict, ask: bool) -> tuple[dict, bool]:
+        """The entries of the listed files: the observations that match them, and (ask) the
+        answers of HEADs for the others, in parallel. Also: whether some were too new."""
         keep: dict[str, Entry] = {}
         todo: list[tuple[str, ListedObject]] = []
         for o in listed:
@@ -367,15 +383,20 @@ class DirIndexes:
                 keep[name] = e
             elif e is not None and e.etag == o.etag and e.seen < e.lm + MATURE:
                 again = True                 # too new: the answer may not be the last word
+        return keep, again
+
+    def _write(self, dkey: str, keep: dict, present: bool, start: tuple, files: int) -> None:
+        """Store the index of keep (or remove it: too few entries), unless it is what is
+        stored already or the directory changed since the build started (start)."""
         data = encode(keep) if len(keep) >= MIN_FILES else None
         digest = _digest(data) if data is not None else None
         with self._write_lock:
             with self._lock:
                 if (self._forgets, self._gens.get(dkey, 0)) != start:
-                    return again        # changed meanwhile: the next build (due) decides
+                    return              # changed meanwhile: the next build (due) decides
                 same = present == (data is not None) and self._stored.get(dkey) == digest
             if same:
-                return again
+                return
             if data is None:
                 try:
                     self.store.delete(dkey + INDEX_NAME)
@@ -383,13 +404,12 @@ class DirIndexes:
                     pass
             else:
                 self.store.put(dkey + INDEX_NAME, data, {})
-                log.debug("index of %r written: %d of %d files", dkey, len(keep), len(listed))
+                log.debug("index of %r written: %d of %d files", dkey, len(keep), files)
             with self._lock:
                 if digest is None:
                     self._stored.pop(dkey, None)
                 else:
                     self._stored[dkey] = digest
-        return again
 
     def flush(self, timeout: float) -> bool:
         """Build every index that is due now (unmount). Waits for versions to mature (at

@@ -27,6 +27,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import StoreError
+from .meta import meta_headers
 
 log = logging.getLogger("ssecfs.stream")
 
@@ -55,14 +56,17 @@ class PartStream:
         self.begin_lock = threading.Lock()
 
 
-class StreamOps:
-    """Mixin for Filesystem: the early part uploads of files being written."""
+class Streams:
+    """The early part uploads of files being written: the parts are read through the
+    Reader and sent to the store from a pool of their own."""
 
-    def _init_streams(self, workers: int) -> None:
-        self._stream_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stream")
+    def __init__(self, store, reader, workers: int):
+        self.store = store
+        self.reader = reader
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stream")
 
     # -- called with st.lock held ----------------------------------------------------------------
-    def _stream_on_write(self, st, offset: int, end: int) -> None:
+    def on_write(self, st, offset: int, end: int) -> None:
         if offset <= st.seq_end:
             st.seq_end = max(st.seq_end, end)        # written without a hole from 0 so far
         s = st.stream
@@ -71,14 +75,14 @@ class StreamOps:
                     or st.size > STREAM_PART * STREAM_MAX_PARTS // 2):
                 return
             m = st.meta
-            meta = {k: v for k, v in self._meta_headers(m).items() if k not in ("mtime", "ctime")}
+            meta = {k: v for k, v in meta_headers(m).items() if k not in ("mtime", "ctime")}
             st.stream = s = PartStream(st.key, meta, (m["mode"], m["uid"], m["gid"]))
             log.debug("%s: uploading while written (multipart)", st.path)
         for p in range(offset // STREAM_PART, (end - 1) // STREAM_PART + 1):
             s.versions[p] = s.versions.get(p, 0) + 1
-        self._stream_pump(st)
+        self._pump(st)
 
-    def _stream_pump(self, st) -> None:
+    def _pump(self, st) -> None:
         s = st.stream
         if s is None or s.broken or s.finishing:
             return
@@ -86,9 +90,9 @@ class StreamOps:
         while s.next_part < whole and len(s.inflight) < STREAM_WINDOW:
             p = s.next_part
             s.next_part += 1
-            s.inflight[p] = self._stream_pool.submit(self._stream_send, st, s, p)
+            s.inflight[p] = self._pool.submit(self._send, st, s, p)
 
-    def _stream_drop(self, st, reason: str, for_good: bool = False) -> None:
+    def drop(self, st, reason: str, for_good: bool = False) -> None:
         """Give up the stream of st (the file is then uploaded whole)."""
         s = st.stream
         if for_good:
@@ -98,38 +102,38 @@ class StreamOps:
         st.stream = None
         s.broken = True
         log.debug("%s: multipart stream dropped (%s)", st.path, reason)
-        self._stream_maybe_abort(s)
+        self._maybe_abort(s)
 
-    def _stream_maybe_abort(self, s: PartStream) -> None:
+    def _maybe_abort(self, s: PartStream) -> None:
         """Abort a dropped stream once no part of it is on its way (a part that lands after
         the abort could otherwise be left behind)."""
         if s.broken and not s.inflight and not s.abort_sent:
             s.abort_sent = True
-            self._stream_pool.submit(self._stream_abort, s)
+            self._pool.submit(self._abort, s)
 
     # -- worker side (never waits for another task of the pool) ----------------------------------
-    def _stream_abort(self, s: PartStream) -> None:
+    def _abort(self, s: PartStream) -> None:
         with s.begin_lock:
             if s.upload_id is not None:
                 self.store.mpu_abort(s.key, s.upload_id)
                 s.upload_id = None
 
-    def _stream_begin(self, s: PartStream) -> None:
+    def _begin(self, s: PartStream) -> None:
         with s.begin_lock:
             if s.upload_id is None and not s.broken:
                 s.upload_id, s.key_fp = self.store.mpu_begin(s.key, s.meta)
 
-    def _stream_send(self, st, s: PartStream, p: int) -> None:
+    def _send(self, st, s: PartStream, p: int) -> None:
         try:
             with st.lock:
                 if st.stream is not s:
                     return
                 ver = s.versions.get(p, 0)
                 length = min(STREAM_PART, st.size - p * STREAM_PART)
-            self._stream_begin(s)
+            self._begin(s)
             if s.upload_id is None:
                 return
-            body = self._read_for_upload(st, p * STREAM_PART, length)
+            body = self.reader.for_upload(st, p * STREAM_PART, length)
             etag = self.store.mpu_part(s.key, s.upload_id, p + 1, body, s.key_fp)
             with st.lock:
                 s.sent[p] = (ver, etag, length)
@@ -138,16 +142,16 @@ class StreamOps:
                         "whole", st.path, p + 1, e)
             with st.lock:
                 if st.stream is s:
-                    self._stream_drop(st, "a part failed")
+                    self.drop(st, "a part failed")
         finally:
             with st.lock:
                 s.inflight.pop(p, None)
                 if st.stream is s:
-                    self._stream_pump(st)
+                    self._pump(st)
                 else:
-                    self._stream_maybe_abort(s)
+                    self._maybe_abort(s)
 
-    def _stream_finish(self, st, key: str, size: int):
+    def finish(self, st, key: str, size: int):
         """Write-back side: complete st's stream as the upload of (key, size), or None when
         there is no usable stream (the caller uploads the file whole)."""
         with st.lock:
@@ -158,7 +162,7 @@ class StreamOps:
             if (s.key != key or s.broken or size < STREAM_START
                     or size > STREAM_PART * STREAM_MAX_PARTS
                     or s.ident != (m["mode"], m["uid"], m["gid"])):
-                self._stream_drop(st, "file changed shape")
+                self.drop(st, "file changed shape")
                 return None
             # from here on the parts not sent yet are sent below, once each: the pump would
             # send them a second time (and the late ones to a completed upload)
@@ -166,7 +170,7 @@ class StreamOps:
             pending = list(s.inflight.values())
         for f in pending:
             f.result()
-        self._stream_begin(s)
+        self._begin(s)
         with st.lock:
             if st.stream is not s or s.upload_id is None:
                 return None
@@ -182,11 +186,11 @@ class StreamOps:
 
         def send(item):
             p, ver, length = item
-            body = self._read_for_upload(st, p * STREAM_PART, length)
+            body = self.reader.for_upload(st, p * STREAM_PART, length)
             return p, ver, length, self.store.mpu_part(s.key, s.upload_id, p + 1, body, s.key_fp)
 
         try:
-            for p, ver, length, etag in self._stream_pool.map(send, todo):
+            for p, ver, length, etag in self._pool.map(send, todo):
                 done[p] = etag
                 with st.lock:
                     s.sent[p] = (ver, etag, length)
@@ -195,7 +199,7 @@ class StreamOps:
         except StoreError:
             with st.lock:
                 if st.stream is s:
-                    self._stream_drop(st, "completion failed")
+                    self.drop(st, "completion failed")
             raise
         with st.lock:
             if st.stream is s:
@@ -203,3 +207,6 @@ class StreamOps:
         log.info("%s: %d of %d parts were sent while it was written", st.path,
                   n - len(todo), n)
         return info
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,127 @@
+"""Attributes and the object metadata that carries them.
+
+Metadata (s3fs-compatible): mode, uid, gid, mtime, ctime as decimal strings. It is believed
+only of objects a key of the ring opens (`Metadata.own`): anyone who may write to the bucket
+can store an object without SSE-C, or under another key, with any metadata. What an object
+lacks, or may not claim, is the mount's default (FsConfig uid, gid, file_mode, dir_mode) and
+its Last-Modified; the root and directories without a marker get the defaults too.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+from ..config import ID_MAX
+from ..store.contract import OPEN, ObjectInfo
+
+
+@dataclass
+class Attr:
+    mode: int
+    size: int
+    mtime: float
+    ctime: float
+    uid: int
+    gid: int
+    nlink: int = 1
+
+
+def now() -> float:
+    return time.time()
+
+
+def _fmt_time(t: float) -> str:
+    s = f"{t:.9f}".rstrip("0").rstrip(".")
+    return s or "0"
+
+
+def meta_headers(meta: dict) -> dict:
+    """The object metadata that stores meta (mode, uid, gid, mtime, ctime)."""
+    return {"mode": str(int(meta["mode"])), "uid": str(int(meta["uid"])),
+            "gid": str(int(meta["gid"])), "mtime": _fmt_time(meta["mtime"]),
+            "ctime": _fmt_time(meta["ctime"])}
+
+
+def attr_from_meta(m: dict, size: int = 0, nlink: int = 1) -> Attr:
+    return Attr(mode=m["mode"], size=size, mtime=m["mtime"], ctime=m["ctime"],
+                uid=m["uid"], gid=m["gid"], nlink=nlink)
+
+
+def own_meta(info: ObjectInfo, kind: int) -> dict:
+    """The attributes an object's metadata sets, each only if well-formed, and none of an
+    object that no key of the ring opens (plaintext, or another key: anyone with write
+    access to the bucket can make such objects, e.g. a directory marker owned by an
+    accomplice, mode 0777, or a file mode 04755 owned by root; nothing vouches for them).
+    kind (stat.S_IFREG or stat.S_IFDIR): the type of a mode without one."""
+    if info.access != OPEN:
+        return {}
+    md = info.metadata
+    own = {}
+    for name, conv in (("mode", int), ("uid", int), ("gid", int), ("mtime", float),
+                       ("ctime", float)):
+        try:
+            own[name] = conv(md[name])
+        except (KeyError, ValueError, TypeError):
+            pass
+    if not 0 <= own.get("mode", 0) <= 0o177777:
+        del own["mode"]
+    elif "mode" in own and stat.S_IFMT(own["mode"]) == 0:
+        own["mode"] |= kind
+    for name in ("uid", "gid"):
+        if not 0 <= own.get(name, 0) <= ID_MAX:
+            del own[name]
+    return own
+
+
+def index_attr_of(info: ObjectInfo) -> Attr:
+    """An object's attributes as a directory index keeps them: mode, uid and gid -1 where
+    the object sets none (each mount that reads the index applies its own defaults)."""
+    own = own_meta(info, stat.S_IFREG)
+    mtime = own.get("mtime", info.mtime)
+    return Attr(mode=own.get("mode", -1), size=info.size, mtime=mtime,
+                ctime=own.get("ctime", mtime), uid=own.get("uid", -1), gid=own.get("gid", -1))
+
+
+class Metadata:
+    """The mount's defaults, and the attributes of objects, directories and open files."""
+
+    def __init__(self, config):
+        self.uid = config.uid if config.uid is not None else os.getuid()
+        self.gid = config.gid if config.gid is not None else os.getgid()
+        self.file_mode = config.file_mode
+        self.dir_mode = config.dir_mode
+        self.mount_time = now()
+
+    def default(self, mode: int) -> dict:
+        t = now()
+        return {"mode": mode, "uid": self.uid, "gid": self.gid, "mtime": t, "ctime": t}
+
+    def default_mode(self, kind: int) -> int:
+        """The mode of what carries none we trust: kind is stat.S_IFREG or stat.S_IFDIR."""
+        return kind | (self.dir_mode if kind == stat.S_IFDIR else self.file_mode)
+
+    def of(self, info: ObjectInfo, kind: int) -> dict:
+        """mode, uid, gid, mtime, ctime of an object: what its metadata sets (own_meta),
+        the rest the mount's defaults and the object's Last-Modified (set by the server)."""
+        own = own_meta(info, kind)
+        mtime = own.get("mtime", info.mtime)
+        return {"mode": own.get("mode", self.default_mode(kind)),
+                "uid": own.get("uid", self.uid), "gid": own.get("gid", self.gid),
+                "mtime": mtime, "ctime": own.get("ctime", mtime)}
+
+    def attr_of_info(self, info: ObjectInfo) -> Attr:
+        return attr_from_meta(self.of(info, stat.S_IFREG), info.size)
+
+    def attr_of_entry(self, e) -> Attr:
+        """The attributes of a file from an index entry (dirindex.Entry; -1: our default)."""
+        return Attr(e.mode if e.mode != -1 else self.default_mode(stat.S_IFREG), e.size,
+                    e.mtime, e.ctime, e.uid if e.uid != -1 else self.uid,
+                    e.gid if e.gid != -1 else self.gid)
+
+    def default_dir(self, t: float | None = None) -> Attr:
+        """A directory that carries no attributes we trust (the root, one without a marker)."""
+        t = self.mount_time if t is None else t
+        return Attr(self.default_mode(stat.S_IFDIR), 0, t, t, self.uid, self.gid, 2)
