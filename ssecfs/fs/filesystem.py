@@ -34,7 +34,7 @@ from cachetools import LRUCache
 
 from .attrs import AttrOps, _now
 from ..buffers import Segments
-from ..cache.core import CHUNK, Cache, CacheEntry
+from ..cache import CHUNK, Cache, CacheEntry
 from ..config import FsConfig
 from ..store.deferred import DeferredDeletes
 from ..store.deljournal import DeleteJournal
