@@ -14,7 +14,7 @@ from ..crypto.aead import FORMS, open_subs
 from ..errors import IntegrityError
 from . import oscalls
 from .datafile import DataFile
-from .layout import BASE, CHUNK, SLOT, Slot, _cost, decode_version, encode_version, sub_span
+from .layout import CHUNK, SLOT, Slot, _cost, decode_version, encode_version, sub_span
 from .journal import Journal
 from .ledger import Ledger
 from .recovery import Unverified
