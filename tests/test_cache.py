@@ -1,4 +1,4 @@
-"""The encrypted on-disk chunk cache (ssecfs.cache.core): confidentiality, integrity, locking,
+"""The encrypted on-disk chunk cache (ssecfs.cache): confidentiality, integrity, locking,
 crash recovery, and the eviction bound."""
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import pytest
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from helpers import marker_blob, scan_dir_for, wait_until
-from ssecfs.cache import core as cache_mod
+from ssecfs.cache import Cache, oscalls
+from ssecfs.cache import datafile as datafile_mod, entry as entry_mod, layout as layout_mod
 from ssecfs.crypto import aead as crypto_mod
-from ssecfs.cache.core import (BASE, CHUNK, EXIT_CACHE, HEADER, NEVER, RHEADER, RSLOT, SEAL_BATCH,
-                          SLOT, SLOT_MAGIC, SUBS_AT, VERSION_TEXT, Cache, CacheEntry, Slots)
-from ssecfs.cache.core import _cost
+from ssecfs.cache.cachedir import EXIT_CACHE, SEAL_BATCH
+from ssecfs.cache.layout import (BASE, CHUNK, HEADER, NEVER, RHEADER, RSLOT, SLOT, SLOT_MAGIC,
+                                 SUBS_AT, VERSION_TEXT, _cost, read_records)
+from ssecfs.cache.pending import Slots
 from ssecfs.crypto.aead import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, WHOLE_GCM,
                            WHOLE_OCB, Sealer, open_subs, sub_aad)
 from ssecfs.errors import IntegrityError, NameTooLong, NoSpace, UserError
@@ -70,9 +72,9 @@ def rescan(e, trusted: bool = True) -> None:
     """What a restart knows of an entry: only what its slot headers say. trusted: the
     record recovered confirms every version found (else each is verified at first use)."""
     with e.io_lock:
-        for m in (e.present, e.slots, e.stale, e._unresolved):
+        for m in (e.present, e.slots, e.stale, e.unverified):
             m.clear()
-    e._trusted = NEVER if trusted else -1
+    e.ledger.trusted = NEVER if trusted else -1
     e.scan_slots()
 
 
@@ -286,12 +288,12 @@ def test_no_reseal_of_a_dirty_entry_or_after_a_write(cache, monkeypatch):
     assert slot_magic(e, 1) == MAGIC_WHOLE and e.read_chunk(1) == d1
     # the entry turns dirty while the chunk is being sealed (outside the entry's lock): the
     # sealed slot is not written
-    real = cache_mod.seal_chunk
+    real = layout_mod.seal_chunk
 
     def seal_while_turning_dirty(*args):
         cache.set_dirty(e, True)
         return real(*args)
-    monkeypatch.setattr(cache_mod, "seal_chunk", seal_while_turning_dirty)
+    monkeypatch.setattr(layout_mod, "seal_chunk", seal_while_turning_dirty)
     e._resplit(1, d1, e.writes)
     assert e.dirty
     assert slot_magic(e, 1) == MAGIC_WHOLE and not e.pending and e.read_chunk(1) == d1
@@ -559,7 +561,7 @@ def test_records_alternate_and_a_torn_newest_falls_back_to_the_previous(cache_di
     e.write_chunk(0, b"data")
     for gen in range(1, 4):
         e.save_state({"dirty": True, "generation": gen})
-    (seq, _, _), (older, _, _) = CacheEntry.read_records(e.data_path)
+    (seq, _, _), (older, _, _) = read_records(e.data_path)
     assert seq > older and seq % 2 != older % 2
     assert e.load_state()["generation"] == 3
     e.close_fd()
@@ -572,7 +574,7 @@ def test_records_alternate_and_a_torn_newest_falls_back_to_the_previous(cache_di
         assert state["generation"] == 2 and r.read_chunk(0) == b"data"
         r.save_state({"dirty": True, "generation": 4}, sync=False)
         assert r.load_state()["generation"] == 4
-        assert CacheEntry.read_records(r.data_path)[0][0] % 2 == seq % 2   # over the torn one
+        assert read_records(r.data_path)[0][0] % 2 == seq % 2   # over the torn one
         corrupt(r.data_path, newest + RHEADER.size + 3)
         assert r.load_state()["generation"] == 2             # the one kept whole
         r.close_fd()
@@ -609,7 +611,7 @@ def test_a_record_never_goes_over_the_newest_flushed_one(cache_dir, keys, monkey
 
     def fdatasync(fd):
         raise PowerCut()
-    monkeypatch.setattr(cache_mod.os, "pwrite", torn_record)
+    monkeypatch.setattr(datafile_mod.os, "pwrite", torn_record)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     with pytest.raises(PowerCut):
         e.save_state({"dirty": True, "v": 3})          # the next close, cut
@@ -747,7 +749,7 @@ def test_recover_torn_record_kept_and_reported(cache_dir, keys):
     e.save_state({"dirty": True, "path": "/t"})
     e.sync()
     c.close()
-    assert len(CacheEntry.read_records(e.data_path)) == 2     # the record, its confirmation
+    assert len(read_records(e.data_path)) == 2     # the record, its confirmation
     with open(e.data_path, "r+b") as f:             # both torn
         for slot in (0, 1):
             f.seek(slot * RSLOT + RHEADER.size)
@@ -995,7 +997,8 @@ def test_discard_removes_files_and_accounting(cache):
     e.write_chunk(0, os.urandom(100))
     e.save_state({"dirty": True})
     cache.discard(e)
-    assert os.listdir(cache.entries_dir) == []
+    wait_until(lambda: os.listdir(cache.entries_dir) == [], 10,   # (removed in the background)
+               what="the discarded entry's file to be removed")
     s = cache.stats()
     assert s["cache_used_bytes"] == 0 and s["cache_dirty_bytes"] == 0 and s["cache_entries"] == 0
 
@@ -1090,9 +1093,8 @@ def test_chunk_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
     """A pwrite that writes only part of a slot (the disk filled up mid-slot) must surface as
     NoSpace from drain() -- never a torn slot counted as written -- and the data stays readable
     from memory."""
-    import ssecfs.cache.core as cachemod
     real = os.pwrite
-    monkeypatch.setattr(cachemod.os, "pwritev",
+    monkeypatch.setattr(datafile_mod.os, "pwritev",
                         lambda fd, bufs, off: real(fd, b"".join(bytes(b) for b in bufs)[:100], off))
     e = cache.new_entry()
     data = os.urandom(CHUNK)
@@ -1104,14 +1106,13 @@ def test_chunk_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
 
 def test_state_record_cut_short_by_a_full_disk_is_an_error(cache, monkeypatch):
     """save_state: a write that makes no progress is NoSpace, and the previous record stays."""
-    import ssecfs.cache.core as cachemod
     e = cache.new_entry()
     e.save_state({"v": 1})
     real = os.pwrite
-    monkeypatch.setattr(cachemod.os, "pwrite", lambda fd, b, off: real(fd, bytes(b)[:10], off))
+    monkeypatch.setattr(datafile_mod.os, "pwrite", lambda fd, b, off: real(fd, bytes(b)[:10], off))
     with pytest.raises(NoSpace):
         e.save_state({"v": 2, "pad": "x" * 1000})
-    monkeypatch.setattr(cachemod.os, "pwrite", real)
+    monkeypatch.setattr(datafile_mod.os, "pwrite", real)
     assert e.load_state() == {"v": 1}
     e.save_state({"v": 3})                   # the next record goes to the torn slot again
     assert e.load_state() == {"v": 3}
@@ -1135,13 +1136,12 @@ def test_dirty_entry_starts_disk_writes_early_clean_one_does_not(cache_dir, keys
     """A big dirty file's slots go to disk while it is written (sync_file_range every
     WRITEOUT_EVERY bytes), so the fdatasync of close() has little left to do; chunks fetched
     from the bucket (clean) are not pushed."""
-    from ssecfs.cache import core as cache_mod
     calls = []
-    real = cache_mod._start_writeout
-    monkeypatch.setattr(cache_mod, "_start_writeout", lambda fd: (calls.append(fd), real(fd)))
+    real = oscalls.start_writeout
+    monkeypatch.setattr(oscalls, "start_writeout", lambda fd: (calls.append(fd), real(fd)))
     c = make_cache(cache_dir, keys, max_bytes=1024 * COST)
     try:
-        per = -(-cache_mod.WRITEOUT_EVERY // SLOT)        # slots per early write-out
+        per = -(-entry_mod.WRITEOUT_EVERY // SLOT)        # slots per early write-out
         clean = c.new_entry()
         for i in range(3 * per):
             clean.write_chunk(i, os.urandom(CHUNK), dirty=False)
@@ -1249,7 +1249,7 @@ def tearing_pwritev(monkeypatch, tear):
         os.pwrite(fd, data, off)
         torn.append(off)
         return len(new)
-    monkeypatch.setattr(cache_mod.os, "pwritev", pwritev)
+    monkeypatch.setattr(datafile_mod.os, "pwritev", pwritev)
     return torn, real
 
 
@@ -1279,7 +1279,7 @@ def test_a_rewrite_torn_by_a_crash_leaves_the_acknowledged_chunk_readable(cache_
     torn, real = tearing_pwritev(monkeypatch, TEARS[tear])
     e.write_chunk(1, bytes(changed))
     e.drain()
-    monkeypatch.setattr(cache_mod.os, "pwritev", real)
+    monkeypatch.setattr(datafile_mod.os, "pwritev", real)
     assert len(torn) == 1
     e.close_fd()
     c.close()                                      # (a crash also drops the lock)
@@ -1350,7 +1350,7 @@ def test_a_first_write_torn_by_a_crash_reads_as_before_it(cache_dir, keys, monke
     torn, real = tearing_pwritev(monkeypatch, TEARS["new head, old tail"])
     e.write_chunk(3, os.urandom(CHUNK))
     e.drain()
-    monkeypatch.setattr(cache_mod.os, "pwritev", real)
+    monkeypatch.setattr(datafile_mod.os, "pwritev", real)
     assert len(torn) == 1
     e.close_fd()
     c.close()
@@ -1414,10 +1414,10 @@ def test_an_uploaded_file_is_evicted_only_once_its_clean_record_is_flushed(cache
             e.write_chunk(i, d)
         e.save_state({"dirty": True, "path": "/f", "size": 3 * CHUNK})
         events = []
-        real_fdatasync, real_punch = os.fdatasync, cache_mod._punch_hole
+        real_fdatasync, real_punch = os.fdatasync, oscalls.punch_hole
         monkeypatch.setattr(os, "fdatasync", lambda fd: events.append("flush") or
                             real_fdatasync(fd))
-        monkeypatch.setattr(cache_mod, "_punch_hole", lambda fd, off, n: events.append("hole")
+        monkeypatch.setattr(oscalls, "punch_hole", lambda fd, off, n: events.append("hole")
                             or real_punch(fd, off, n))
         if closed:                            # the file was closed, its entry's fd too
             c.max_bytes = 8 * COST
@@ -1534,10 +1534,10 @@ def test_writing_new_chunks_costs_one_slot_write_each_and_no_hole(cache_dir, key
     c, e = acknowledged_entry(cache_dir, keys, {0: os.urandom(CHUNK)})
     try:
         writes, holes = [], []
-        real_pwritev, real_punch = os.pwritev, cache_mod._punch_hole
+        real_pwritev, real_punch = os.pwritev, oscalls.punch_hole
         monkeypatch.setattr(os, "pwritev", lambda fd, b, off: writes.append(off) or
                             real_pwritev(fd, b, off))
-        monkeypatch.setattr(cache_mod, "_punch_hole", lambda *a: holes.append(a) or
+        monkeypatch.setattr(oscalls, "punch_hole", lambda *a: holes.append(a) or
                             real_punch(*a))
         for i in range(1, 9):
             e.write_chunk(i, os.urandom(CHUNK))
@@ -1645,12 +1645,12 @@ def test_a_torn_rewrite_right_after_recovery_still_leaves_the_acknowledged_versi
     for _ in range(2):
         c = make_cache(cache_dir, keys)
         (r, _), = c.recover()[0]
-        assert 1 in r._unresolved
+        assert 1 in r.unverified
         r.write_chunk(1, os.urandom(CHUNK))       # torn as well (pwritev still tears)
         r.drain()
         r.close_fd()
         c.close()
-    monkeypatch.setattr(cache_mod.os, "pwritev", real)
+    monkeypatch.setattr(datafile_mod.os, "pwritev", real)
     assert len(torn) == 3
     c = make_cache(cache_dir, keys)
     try:
@@ -1673,7 +1673,7 @@ def test_chunks_of_a_file_closed_once_are_confirmed_after_the_flush(cache_dir, k
     c = make_cache(cache_dir, keys)
     try:
         (r, _), = c.recover()[0]
-        assert r._unresolved == {}
+        assert r.unverified.chunks == {}
         with pytest.raises(IntegrityError):
             r.read_chunk(1)
         assert r.has(1) and r.read_chunk(0) is not None

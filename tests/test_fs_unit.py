@@ -14,7 +14,7 @@ import pytest
 
 from helpers import REPO, wait_until
 from memstore import MemStore
-from ssecfs.cache.core import CHUNK, Cache
+from ssecfs.cache import CHUNK, Cache
 from ssecfs.config import FsConfig
 from ssecfs.crypto.aead import Sealer
 from ssecfs.errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory,
@@ -1006,7 +1006,7 @@ CHILD = r"""
 import os, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from memstore import MemStore
-from ssecfs.cache.core import Cache
+from ssecfs.cache import Cache
 from ssecfs.config import FsConfig
 from ssecfs.crypto.aead import Sealer
 from ssecfs.fs.filesystem import Filesystem

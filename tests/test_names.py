@@ -267,7 +267,7 @@ def test_listing_keys_with_double_and_leading_slashes_unit(tmp_path):
     store, keys `x//y`, `/lead`, `p//` and `q/r//s` must not crash a listing, must not produce
     empty names or names with '/', and nothing may be deleted by walking the tree."""
     from memstore import MemStore
-    from ssecfs.cache.core import Cache
+    from ssecfs.cache import Cache
     from ssecfs.config import FsConfig
     from ssecfs.crypto.aead import Sealer
     from ssecfs.fs.filesystem import Filesystem

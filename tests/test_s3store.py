@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 from helpers import sse
 from ssecfs import buffers
 from ssecfs.store import s3 as s3store
-from ssecfs.cache.core import CHUNK
+from ssecfs.cache import CHUNK
 from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
                            Stale, StoreError, StoreUnavailable, UserError)
 from ssecfs.crypto.keys import Key, KeyRing

@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from helpers import fsync_dir, run_ssecfs, ssecfs_cmd, sse, wait_until
-from ssecfs.cache.core import BASE, SLOT
+from ssecfs.cache.layout import BASE, SLOT
 
 pytestmark = pytest.mark.mount
 

@@ -170,7 +170,7 @@ def default_cache_dir(store: StoreConfig, endpoint: str, prefix: str) -> str:
 
 
 def build_mount_config(args: argparse.Namespace) -> MountConfig:
-    from ..cache.core import default_cache_size
+    from ..cache import default_cache_size
     apply_o_options(args)
     if not args.keyfile:
         raise UserError("--keyfile is required (make one with: ssecfs keygen FILE)", 2)

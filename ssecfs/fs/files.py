@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from ..cache.core import Cache, CacheEntry
+from ..cache import Cache, CacheEntry
 from ..errors import NotFound
 
 

@@ -23,7 +23,7 @@ import os
 import stat
 import time
 
-from ..cache.core import CHUNK, Cache
+from ..cache import CHUNK, Cache
 from ..config import FsConfig
 from ..errors import IsADirectory, KeyMismatch, TimedOut
 from ..store.contract import LOCKED, PLAINTEXT, Store

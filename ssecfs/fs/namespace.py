@@ -21,7 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from ..cache.core import Cache
+from ..cache import Cache
 from ..errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
                       NotFound, NotPermitted, NotSupported, PermissionDenied, ReadOnly)
 from ..store.contract import OPEN, Store

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from cachetools import LRUCache
 
 from ..buffers import Segments
-from ..cache.core import CHUNK, Cache
+from ..cache import CHUNK, Cache
 from ..errors import Stale
 from ..store.contract import Store, pieces
 from .files import FileState, OpenFiles, Remote

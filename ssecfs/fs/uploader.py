@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..cache.core import Cache
+from ..cache import Cache
 from ..errors import TimedOut
 from ..store.contract import Store
 from .attrs import AttrCache

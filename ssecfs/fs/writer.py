@@ -6,7 +6,7 @@ hold the namespace lock; each method takes st.lock itself (begin_change: the cal
 
 from __future__ import annotations
 
-from ..cache.core import CHUNK, Cache
+from ..cache import CHUNK, Cache
 from .attrs import AttrCache
 from .files import FileState, OpenFiles
 from .meta import now

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from ..cache.core import Cache
+from ..cache import Cache
 from ..config import MountConfig
 from ..crypto.aead import WHOLE_GCM, Sealer
 from ..errors import UserError
