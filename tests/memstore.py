@@ -29,8 +29,9 @@ from dataclasses import dataclass, field, replace
 from ssecfs.errors import (KeyMismatch, NotFound, PermissionDenied, Stale, StoreError,
                            StoreUnavailable)
 from ssecfs.crypto.keys import Key, KeyRing
-from ssecfs.store.s3 import KEY_FP_META
-from ssecfs.store.contract import LOCKED, OPEN, PLAINTEXT, ListedObject, ListPage, ObjectInfo
+from ssecfs.store.ssec import KEY_FP_META
+from ssecfs.store.contract import (DELETE_MAX, LIST_PAGE_MAX, LOCKED, OPEN, PLAINTEXT, ListedObject,
+                                   ListPage, ObjectInfo)
 
 PART = 8 * 1024 * 1024
 
@@ -293,18 +294,18 @@ class MemStore:
             self._objects.pop(key, None)      # S3: deleting a missing key succeeds
 
     def delete_many(self, keys: list[str]) -> None:
-        for i in range(0, len(keys), 1000):
-            batch = keys[i:i + 1000]
+        for i in range(0, len(keys), DELETE_MAX):
+            batch = keys[i:i + DELETE_MAX]
             self._enter("delete_many", batch[0] if batch else "", len(batch))
             with self._lock:
                 for k in batch:
                     self._objects.pop(k, None)
 
-    def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = 1000,
+    def list_page_iter(self, prefix: str, delimiter: str | None = "/", max_keys: int = LIST_PAGE_MAX,
                        start_after: str | None = None):
         """ListObjectsV2 semantics: keys in order, common prefixes rolled up under the
         delimiter, max_keys entries (objects + prefixes) per page. Like S3Store, a caller
-        asking for fewer than 1000 keys gets one page only."""
+        asking for fewer than LIST_PAGE_MAX keys gets one page only."""
         self._enter("list", prefix)
         with self._lock:
             snapshot = sorted((k, o) for k, o in self._objects.items()
@@ -326,6 +327,6 @@ class MemStore:
             i += max_keys
             yield ListPage([e for _, e in page if e is not None],
                            [k for k, e in page if e is None])
-            if max_keys < 1000 or i >= len(entries):
+            if max_keys < LIST_PAGE_MAX or i >= len(entries):
                 return
             self._enter("list", prefix)

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import wait_until
 from memstore import MemStore
-from ssecfs.store import deferred as deletes
+from ssecfs.store import delqueue as deletes
 from ssecfs.store.deljournal import DeleteJournal
 from ssecfs.errors import NotFound
 from test_fs_unit import (in_thread, make_fs, open_cache, read_all, remote_file,  # noqa: F401

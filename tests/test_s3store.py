@@ -18,15 +18,17 @@ from botocore.exceptions import ClientError
 
 from helpers import sse
 from ssecfs import buffers
-from ssecfs.store import s3 as s3store
+from ssecfs.store import copies, multipart
 from ssecfs.cache import CHUNK
 from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
                            Stale, StoreError, StoreUnavailable, UserError)
 from ssecfs.crypto.keys import Key, KeyRing
-from ssecfs.store.s3 import EXIT_SECURITY, KEY_FP_META, PROBE_DATA, S3Store
-from ssecfs.store.contract import LOCKED, OPEN, PLAINTEXT, pieces
+from ssecfs.store.probe import PROBE_DATA
+from ssecfs.store.s3 import S3Store
+from ssecfs.store.ssec import KEY_FP_META
+from ssecfs.store.contract import LOCKED, MULTIPART_MIN_PART, OPEN, PLAINTEXT, pieces
 from ssecfs.buffers import Segments
-from ssecfs.store.transport import check_endpoint
+from ssecfs.store.transport import EXIT_SECURITY, check_endpoint
 from wire import TamperProxy, Wire
 
 pytestmark = pytest.mark.seaweed
@@ -188,7 +190,7 @@ def test_get_range_with_wrong_key_denied(make_store, k1):
 
 def test_upload_over_16_mib_is_multipart(make_store, k1, s3, bucket):
     store, wire = make_store(k1)
-    size = s3store.SINGLE_PUT_MAX + MiB + 12345
+    size = multipart.SINGLE_PUT_MAX + MiB + 12345
     data = os.urandom(size)
     reads = []
 
@@ -201,9 +203,9 @@ def test_upload_over_16_mib_is_multipart(make_store, k1, s3, bucket):
     ops = wire.ops()
     assert "PutObject" not in ops
     assert ops.count("CreateMultipartUpload") == 1 and ops.count("CompleteMultipartUpload") == 1
-    parts = -(-size // s3store.MIN_PART)
+    parts = -(-size // MULTIPART_MIN_PART)
     assert ops.count("UploadPart") == parts == len(reads)
-    assert sorted(reads) == [(i * s3store.MIN_PART, min(s3store.MIN_PART, size - i * s3store.MIN_PART))
+    assert sorted(reads) == [(i * MULTIPART_MIN_PART, min(MULTIPART_MIN_PART, size - i * MULTIPART_MIN_PART))
                              for i in range(parts)]
     got = s3.get_object(Bucket=bucket, Key="big", **sse(raw_of(k1)))["Body"].read()
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
@@ -217,7 +219,7 @@ def test_segmented_bodies_arrive_whole_and_are_let_go_of_once_sent(make_store, k
     of any length, bytes or views): the object holds exactly those bytes, and every body was
     emptied by the send (a part in flight is held once, by awscrt)."""
     store, _ = make_store(k1)
-    size = s3store.SINGLE_PUT_MAX + MiB + 777
+    size = multipart.SINGLE_PUT_MAX + MiB + 777
     data = os.urandom(size)
     bodies = []
 
@@ -235,7 +237,7 @@ def test_segmented_bodies_arrive_whole_and_are_let_go_of_once_sent(make_store, k
     small = buffers.Segments([b"abc", memoryview(b"defgh")[1:], b""])
     store.put("small-segmented", small, {})
     assert store.get_range("small-segmented", 0, 7, k1.fingerprint) == b"abcefgh"
-    assert len(bodies) == -(-size // s3store.MIN_PART)
+    assert len(bodies) == -(-size // MULTIPART_MIN_PART)
     assert all(b.parts == [] for b in bodies + [small])
 
 
@@ -287,7 +289,7 @@ def test_copy_over_copy_max_falls_back_to_streaming(make_store, monkeypatch, s3,
     size = 20 * MiB + 4321
     data = os.urandom(size)
     writer.upload("large", size, lambda off, ln: data[off:off + ln], {"mode": "33188"})
-    monkeypatch.setattr(s3store, "COPY_MAX", 1 * MiB)
+    monkeypatch.setattr(copies, "COPY_MAX", 1 * MiB)
     store, wire = make_store(new, old)
     info = store.copy("large", "large-copy", size, {"mode": "33188"}, old.fingerprint)
     assert info.key_fp == new.fingerprint and info.size == size
@@ -407,7 +409,7 @@ def test_directory_marker_without_echo_is_accepted(make_store, k1):
 def test_multipart_part_without_echo_is_refused_and_aborted(make_store, k1):
     store, wire = make_store(k1)
     _tamper(wire, "UploadPart", _without(ECHO_MD5))
-    size = s3store.SINGLE_PUT_MAX + 1
+    size = multipart.SINGLE_PUT_MAX + 1
     with pytest.raises(EncryptionNotApplied):
         store.upload("mp", size, lambda off, ln: bytes(ln), {})
     assert "AbortMultipartUpload" in wire.ops()
@@ -450,7 +452,7 @@ def test_check_endpoint_accepts(url):
 def test_check_endpoint_refuses_plain_http(url):
     with pytest.raises(UserError) as e:
         check_endpoint(url)
-    assert e.value.exit_code == s3store.EXIT_SECURITY and "https" in str(e.value)
+    assert e.value.exit_code == EXIT_SECURITY and "https" in str(e.value)
     with pytest.raises(UserError):
         S3Store("bucket", KeyRing([Key(os.urandom(32))]), endpoint_url=url)
 
@@ -549,6 +551,26 @@ def test_store_contract(contract, k1):
         st.head("c/a")
     st.delete_many(["c/foreign", "c/plain", "c/sub/b"])
     assert [o for p in st.list_page_iter("c/", delimiter=None) for o in p.objects] == []
+
+
+def test_store_contract_delete_many(contract, k1):
+    """delete_many, the filesystem's batch delete: every key given goes, whatever key opens
+    it (or none), a missing key is no error, an empty list does nothing, the rest stays."""
+    st, put_foreign, put_plain = contract
+    for name in ("a", "b", "sub/c"):
+        st.put(f"dm/{name}", name.encode(), {})
+    put_foreign("dm/foreign", b"f")
+    put_plain("dm/plain", b"p")
+    st.delete_many([])
+    st.delete_many(["dm/a", "dm/sub/c", "dm/foreign", "dm/plain", "dm/missing"])
+    assert [o.key for p in st.list_page_iter("dm/", delimiter=None) for o in p.objects] == \
+        ["dm/b"]
+    for key in ("dm/a", "dm/sub/c", "dm/foreign", "dm/plain"):
+        with pytest.raises(NotFound):
+            st.head(key)
+    assert st.get_range("dm/b", 0, 1, k1.fingerprint) == b"b"
+    st.delete_many(["dm/b"])
+    assert [o for p in st.list_page_iter("dm/", delimiter=None) for o in p.objects] == []
 
 
 # ------------------------------------------------------------------------- request shapes

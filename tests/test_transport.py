@@ -30,15 +30,15 @@ from botocore.config import Config
 from helpers import REPO, run_ssecfs, sse
 from seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
 from ssecfs import buffers
-from ssecfs.store import s3 as s3store
-from ssecfs.store import transport
+from ssecfs.store import client, copies, ssec, transport
 from ssecfs.errors import (NotFound, PermissionDenied, StoreError, StoreUnavailable,
                            UserError)
 from ssecfs.crypto.keys import Key, KeyRing
 from ssecfs.store.s3 import S3Store
 from ssecfs.store.contract import LOCKED, OPEN
 from ssecfs.buffers import BufferPool
-from ssecfs.store.transport import Answer, resolve_transport
+from ssecfs.store.client import Answer
+from ssecfs.store.transport import resolve_transport
 from test_tls import make_ca_and_cert
 from wire import TamperProxy
 
@@ -132,11 +132,11 @@ def exercise(st: S3Store, other: S3Store) -> list[str]:
     st.mpu_abort("x/aborted", up2)
     assert st.copy("x/a", "x/b", len(d), {"mode": "1"}, fp, h.etag).key_fp == fp
     assert st.copy_as_is("x/b", "x/c", len(d)).key_fp == fp
-    saved, s3store.COPY_MAX = s3store.COPY_MAX, MiB
+    saved, copies.COPY_MAX = copies.COPY_MAX, MiB
     try:
         st.copy("x/big", "x/bigcopy", len(big), {}, fp)      # UploadPartCopy, then streamed
     finally:
-        s3store.COPY_MAX = saved
+        copies.COPY_MAX = saved
     assert bytes(st.get_range("x/bigcopy", 0, len(big), fp)) == big
     assert other.head("x/a").access == LOCKED
     with pytest.raises(PermissionDenied):
@@ -666,7 +666,7 @@ def test_repeated_headers_are_joined_as_one():
                      ("X-Amz-Server-Side-Encryption-Customer-Key-Md5", "abc=="),
                      ("ETag", '"e"')], b"")
     assert a.headers["x-amz-server-side-encryption-customer-key-md5"] == "abc==, abc=="
-    assert s3store._echo_fps(a.headers["x-amz-server-side-encryption-customer-key-md5"]) == {"abc=="}
+    assert ssec.echo_fps(a.headers["x-amz-server-side-encryption-customer-key-md5"]) == {"abc=="}
     assert a.ok and not Answer(200, [], b"<Error/>", failed=True).ok and not Answer(404, [], b"").ok
 
 
@@ -730,7 +730,7 @@ def test_a_chunk_kept_holds_only_its_own_segment(seaweed, bucket, made, monkeypa
 @given(strategies.lists(strategies.binary(max_size=40), max_size=8),
        strategies.lists(strategies.integers(1, 50), min_size=1))
 def test_a_segmented_body_reads_back_in_order_and_drops_each_piece_once_read(pieces, sizes):
-    stream = transport._body_stream(buffers.Segments(list(pieces)))
+    stream = client._body_stream(buffers.Segments(list(pieces)))
     out, i = b"", 0
     while True:
         buf = bytearray(sizes[i % len(sizes)])

@@ -9,7 +9,7 @@ import os
 
 from ..errors import PermissionDenied, SsecfsError, UserError
 from ..crypto.keys import Key, KeyRing
-from ..store.s3 import SSEC_BLOCKED_HINT
+from ..store.s3requests import SSEC_BLOCKED_HINT
 from ..store.transport import Transport, is_loopback
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"

@@ -28,15 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import StoreError
 from .meta import meta_headers
+from ..store.contract import MULTIPART_MAX_PARTS, MULTIPART_MIN_PART
 
 log = logging.getLogger("ssecfs.stream")
 
-MiB = 1024 * 1024
-STREAM_PART = 8 * MiB
+STREAM_PART = MULTIPART_MIN_PART
 STREAM_START = 3 * STREAM_PART       # files smaller than this are uploaded whole (one PUT)
 STREAM_WINDOW = 8                    # parts of one file being sent at once
 STREAM_CLOSE_DELAY = 0.5             # write-back delay after close of a streamed file (s)
-STREAM_MAX_PARTS = 10_000
+STREAM_MAX_PARTS = MULTIPART_MAX_PARTS
 
 
 class PartStream:

@@ -1,5 +1,7 @@
-"""The object-store contract the filesystem is written against (implemented by s3store.S3Store
-for real, and by tests/memstore.MemStore for fast unit tests; both enforce SSE-C).
+"""The object-store contract the filesystem is written against: the Store protocol, the values
+it answers with, and the S3 limits the filesystem plans its uploads with. Implemented by
+s3.S3Store for real (deferred.DeferredDeletes in front of it), and by tests/memstore.MemStore
+for fast unit tests; both enforce SSE-C.
 
 Keys are object keys *relative to the bucket* (the filesystem adds the prefix). Every data
 or metadata call is made with a key of the ring; the store picks which one.
@@ -11,6 +13,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 from ..buffers import Segments
+
+MiB = 1024 * 1024
+# S3's limits, and the smallest part the store sends in a multipart upload (S3 allows 5 MiB;
+# parts are made of whole 8 MiB read units of the cache)
+MULTIPART_MIN_PART = 8 * MiB
+MULTIPART_MAX_PARTS = 10_000          # parts of one upload
+COPY_MAX = 5 * 1024 * MiB             # the largest object one CopyObject copies
+LIST_PAGE_MAX = 1000                  # keys of one ListObjectsV2 answer, at most
+DELETE_MAX = 1000                     # keys of one DeleteObjects request, at most
 
 # Access states of an object, as far as our key ring is concerned.
 OPEN = "open"            # a key of the ring opens it; key_fp says which
@@ -79,6 +90,7 @@ class Store(Protocol):
              src_key_fp: str | None, src_etag: str | None = None) -> ObjectInfo: ...
     def copy_as_is(self, src: str, dst: str, size: int) -> ObjectInfo: ...
     def delete(self, key: str) -> None: ...
+    def delete_many(self, keys: list[str]) -> None: ...
     def list_page_iter(self, prefix: str, delimiter: str | None = "/",
                        max_keys: int = 1000,
                        start_after: str | None = None) -> Iterator[ListPage]: ...
