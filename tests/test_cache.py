@@ -13,12 +13,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from helpers import marker_blob, scan_dir_for, wait_until
 from ssecfs.cache import core as cache_mod
 from ssecfs.crypto import aead as crypto_mod
-from ssecfs.cache.core import (BASE, CHUNK, EXIT_CACHE, HEADER, NEVER, RHEADER, RSLOT, SEAL_BATCH,
+from ssecfs.cache.core import (BASE, CHUNK, HEADER, NEVER, RHEADER, RSLOT, SEAL_BATCH,
                           SLOT, SLOT_MAGIC, SUBS_AT, VERSION_TEXT, Cache, CacheEntry, Slots)
 from ssecfs.cache.core import _cost
 from ssecfs.crypto.aead import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, WHOLE_GCM,
                            WHOLE_OCB, Sealer, open_subs, sub_aad)
-from ssecfs.errors import IntegrityError, NameTooLong, NoSpace, UserError
+from ssecfs.errors import EXIT_CACHE, IntegrityError, NameTooLong, NoSpace, UserError
 from ssecfs.crypto.keys import Key
 
 COST = _cost(CHUNK)           # accounted bytes of one full chunk (whole 4 KiB blocks)

@@ -20,10 +20,10 @@ from helpers import sse
 from ssecfs import buffers
 from ssecfs.store import s3 as s3store
 from ssecfs.cache.core import CHUNK
-from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
+from ssecfs.errors import (EXIT_SECURITY, EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
                            Stale, StoreError, StoreUnavailable, UserError)
 from ssecfs.crypto.keys import Key, KeyRing
-from ssecfs.store.s3 import EXIT_SECURITY, KEY_FP_META, PROBE_DATA, S3Store
+from ssecfs.store.s3 import KEY_FP_META, PROBE_DATA, S3Store
 from ssecfs.store.contract import LOCKED, OPEN, PLAINTEXT, pieces
 from ssecfs.buffers import Segments
 from ssecfs.store.transport import check_endpoint
@@ -450,7 +450,7 @@ def test_check_endpoint_accepts(url):
 def test_check_endpoint_refuses_plain_http(url):
     with pytest.raises(UserError) as e:
         check_endpoint(url)
-    assert e.value.exit_code == s3store.EXIT_SECURITY and "https" in str(e.value)
+    assert e.value.exit_code == EXIT_SECURITY and "https" in str(e.value)
     with pytest.raises(UserError):
         S3Store("bucket", KeyRing([Key(os.urandom(32))]), endpoint_url=url)
 

@@ -73,7 +73,7 @@ from typing import NamedTuple
 from ..crypto.aead import (FORMS, NONCE_LEN, OVERHEAD, SPLIT_GCM, SPLIT_OCB, WHOLE_GCM, WHOLE_OCB,
                      WRITE_ID_LEN, Sealer, chunk_aad, open_subs, record_aad, seal_chunk,
                      sealed_len)
-from ..errors import IntegrityError, NameTooLong, NoSpace, UserError
+from ..errors import IntegrityError, NameTooLong, NoSpace, CacheDirError
 
 log = logging.getLogger("ssecfs.cache")
 
@@ -101,7 +101,6 @@ RSLOT = 64 * 1024               # one record slot (a record is a few hundred byt
 BASE = 2 * RSLOT                # where the chunk slots start
 RHEADER = struct.Struct(">4s24sQI")   # magic, key fingerprint, sequence, sealed length
 RMAGIC = b"SSR6"
-EXIT_CACHE = 6
 NEVER = 1 << 62                 # a generation no write reaches
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -959,7 +958,7 @@ class Cache:
             os.chmod(self.dir, 0o700)
             os.chmod(self.entries_dir, 0o700)
         except OSError as e:
-            raise UserError(f"cache dir {self.dir}: {e.strerror}", EXIT_CACHE) from None
+            raise CacheDirError(f"cache dir {self.dir}: {e.strerror}") from None
         vpath = os.path.join(self.dir, "VERSION")
         version = None
         if os.path.exists(vpath):
@@ -967,19 +966,19 @@ class Cache:
                 version = f.read(64)
             if version != VERSION_TEXT.encode():
                 found = version.decode("ascii", "replace").strip()[:40]
-                raise UserError(
+                raise CacheDirError(
                     f"cache dir {self.dir}: format {found!r} is not this version's ({FORMAT}); "
                     "if it holds pending uploads, mount it once with the ssecfs version that "
                     "wrote it and unmount (that uploads everything), then remove the "
-                    "directory", EXIT_CACHE)
+                    "directory")
         self._lock_fd = os.open(os.path.join(self.dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise UserError(f"cache dir {self.dir} is in use by another ssecfs daemon",
-                            EXIT_CACHE) from None
+            raise CacheDirError(f"cache dir {self.dir} is in use by another ssecfs "
+                                "daemon") from None
         if version is None:
             tmp = vpath + ".tmp"
             with open(tmp, "w") as f:

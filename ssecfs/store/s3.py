@@ -29,10 +29,11 @@ from cachetools import LRUCache
 
 from . import s3xml
 from ..errors import (EncryptionNotApplied, KeyMismatch, NotFound, NotSupported,
-                     PermissionDenied, Stale, StoreError, StoreUnavailable, UserError)
+                     PermissionDenied, Stale, StoreError, StoreUnavailable, SecurityRefusal,
+                     StoreSetupError)
 from ..crypto.keys import Key, KeyRing
 from .contract import LOCKED, OPEN, PLAINTEXT, Body, ListedObject, ListPage, ObjectInfo, Reader
-from .transport import (EXIT_SECURITY, EXIT_STORE, Answer, Client, Transport,
+from .transport import (Answer, Client, Transport,
                         TransportFailure, resolve_transport)
 
 log = logging.getLogger("ssecfs.store")
@@ -616,26 +617,25 @@ class S3Store:
                 a = self.wire.send("ListObjectsV2", "GET", None, query=q)
         except TransportFailure as e:
             if e.no_credentials:
-                raise UserError("no AWS credentials found (environment, profile or config files)",
-                                EXIT_STORE) from None
+                raise StoreSetupError("no AWS credentials found (environment, profile or config "
+                                      "files)") from None
             if e.credentials:
-                raise UserError(f"AWS credentials could not be obtained ({e.name}; see the log)",
-                                EXIT_STORE) from None
+                raise StoreSetupError(f"AWS credentials could not be obtained ({e.name}; see the "
+                                      "log)") from None
             if e.tls:
-                raise UserError(f"TLS verification failed for {self.transport.url} ({e.name}); "
-                                "use --ca-bundle for a private CA", EXIT_STORE) from None
-            raise UserError(f"endpoint {at} unreachable ({e.name})", EXIT_STORE) from None
+                raise StoreSetupError(f"TLS verification failed for {self.transport.url} "
+                                      f"({e.name}); use --ca-bundle for a private CA") from None
+            raise StoreSetupError(f"endpoint {at} unreachable ({e.name})") from None
         finally:
             once.close()
         if a.ok:
             return
         code = s3xml.error_code(a.body)[0]
         if a.status == 404 or code == "NoSuchBucket":
-            raise UserError(f"bucket {self.bucket!r} does not exist at {at}", EXIT_STORE)
+            raise StoreSetupError(f"bucket {self.bucket!r} does not exist at {at}")
         if a.status == 403:
-            raise UserError(f"credentials refused for bucket {self.bucket!r} ({code or 403})",
-                            EXIT_STORE)
-        raise UserError(f"bucket {self.bucket!r}: {code or a.status}", EXIT_STORE)
+            raise StoreSetupError(f"credentials refused for bucket {self.bucket!r} ({code or 403})")
+        raise StoreSetupError(f"bucket {self.bucket!r}: {code or a.status}")
 
     def probe_sse(self, probe_key: str) -> None:
         """Prove the endpoint enforces SSE-C: write a probe with the key, then a GET without
@@ -644,20 +644,20 @@ class S3Store:
         try:
             self.put(probe_key, PROBE_DATA, {})
         except EncryptionNotApplied:
-            raise UserError(f"endpoint {self.endpoint_url or 'AWS'} does not apply SSE-C "
-                            "(no key echo on PUT): refusing to mount", EXIT_SECURITY) from None
+            raise SecurityRefusal(f"endpoint {self.endpoint_url or 'AWS'} does not apply SSE-C "
+                            "(no key echo on PUT): refusing to mount") from None
         except PermissionDenied as e:
             if self.ssec_blocked():
-                raise UserError(f"bucket {self.bucket!r}: {SSEC_BLOCKED_HINT}", EXIT_STORE) from None
-            raise UserError(f"cannot write to bucket {self.bucket!r}: {e}", EXIT_STORE) from None
+                raise StoreSetupError(f"bucket {self.bucket!r}: {SSEC_BLOCKED_HINT}") from None
+            raise StoreSetupError(f"cannot write to bucket {self.bucket!r}: {e}") from None
         except (StoreError, StoreUnavailable) as e:
-            raise UserError(f"cannot write to bucket {self.bucket!r}: {e}", EXIT_STORE) from None
+            raise StoreSetupError(f"cannot write to bucket {self.bucket!r}: {e}") from None
         try:
             a = self._try("GetObject", "GET", probe_key)
             served = bytes(a.body) if a.ok else None
             if served == PROBE_DATA:
-                raise UserError(f"endpoint {self.endpoint_url or 'AWS'} serves SSE-C objects "
-                                "without the key: refusing to mount", EXIT_SECURITY)
+                raise SecurityRefusal(f"endpoint {self.endpoint_url or 'AWS'} serves SSE-C objects "
+                                "without the key: refusing to mount")
             if served is not None:
                 # Served, but not the plaintext (the stored, encrypted bytes): no secret is
                 # revealed, so mount, and say so.
@@ -666,7 +666,7 @@ class S3Store:
                             self.endpoint_url or "AWS", len(served))
             got = self.get_range(probe_key, 0, len(PROBE_DATA), self._fp(k))
             if got != PROBE_DATA:
-                raise UserError("SSE-C probe read back wrong data: refusing to mount", EXIT_SECURITY)
+                raise SecurityRefusal("SSE-C probe read back wrong data: refusing to mount")
         finally:
             try:
                 self.delete(probe_key)
