@@ -1,7 +1,10 @@
-"""Validated, frozen configuration, one dataclass per layer. No I/O, no argv."""
+"""Validated, frozen configuration, one dataclass per layer, and the parsing of option
+values. No I/O, no argv."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -20,7 +23,7 @@ class StoreConfig:
         b = self.bucket
         if not (3 <= len(b) <= 63) or not all(c.isalnum() or c in "-._" for c in b) \
                 or not b[0].isalnum():
-            raise UserError(f"invalid bucket name {b!r} (3-63 characters: letters, digits, - . _)", 2)
+            raise UserError(f"invalid bucket name {b!r} (3-63 characters: letters, digits, - . _)")
 
 
 ID_MAX = 0xFFFFFFFE          # (uid_t) -1 means "no change" to chown(2): never an owner
@@ -47,20 +50,20 @@ class FsConfig:
 
     def __post_init__(self):
         if self.prefix and (not self.prefix.endswith("/") or self.prefix.startswith("/")):
-            raise UserError(f"invalid prefix {self.prefix!r}", 2)
+            raise UserError(f"invalid prefix {self.prefix!r}")
         for name in ("uid", "gid"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and 0 <= v <= ID_MAX):
-                raise UserError(f"--{name} must be a number from 0 to {ID_MAX}", 2)
+                raise UserError(f"--{name} must be a number from 0 to {ID_MAX}")
         for name in ("file_mode", "dir_mode"):
             v = getattr(self, name)
             if not (isinstance(v, int) and 0 <= v <= 0o777):
                 raise UserError(f"--{name.replace('_', '-')} must be permission bits "
-                                "from 000 to 777 (octal)", 2)
+                                "from 000 to 777 (octal)")
         if self.upload_workers < 1:
-            raise UserError("--upload-workers must be at least 1", 2)
+            raise UserError("--upload-workers must be at least 1")
         if self.writeback_delay < 0 or self.attr_timeout < 0 or self.fsync_timeout < 0:
-            raise UserError("delays and timeouts must not be negative", 2)
+            raise UserError("delays and timeouts must not be negative")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,19 @@ class MountConfig:
     force: bool = False
     flush_timeout: float = 0.0
     source: str = field(default="")
+    log_file: str | None = None
+
+    # The daemon `ssecfs mount` starts in the background receives the validated config in
+    # this form (mount/__main__.py): every option is then defined once, by its field here.
+    # It names the key file, never a key.
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> MountConfig:
+        d = json.loads(text)
+        return cls(**{**d, "store": StoreConfig(**d["store"]), "fs": FsConfig(**d["fs"]),
+                      "fuse_options": tuple(d["fuse_options"])})
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -98,9 +114,9 @@ def parse_size(text: str) -> int:
     try:
         value = float(t) * mult
     except ValueError:
-        raise UserError(f"invalid size {text!r} (examples: 512M, 10G)", 2) from None
+        raise UserError(f"invalid size {text!r} (examples: 512M, 10G)") from None
     if value <= 0:
-        raise UserError(f"invalid size {text!r}: must be positive", 2)
+        raise UserError(f"invalid size {text!r}: must be positive")
     return int(value)
 
 
@@ -110,7 +126,7 @@ def parse_id(text: str, option: str) -> int:
     if not t.isdigit() or int(t) > ID_MAX:
         hint = "getent group NAME" if "gid" in option else "id -u NAME"
         raise UserError(f"invalid {option} {text!r}: a numeric id from 0 to {ID_MAX} "
-                        f"(`{hint}` tells it)", 2)
+                        f"(`{hint}` tells it)")
     return int(t)
 
 
@@ -119,5 +135,5 @@ def parse_mode(text: str, option: str) -> int:
     t = text.strip()
     if not t or any(c not in "01234567" for c in t) or int(t, 8) > 0o777:
         raise UserError(f"invalid {option} {text!r}: permission bits in octal, from 000 to "
-                        "777 (e.g. 0640)", 2)
+                        "777 (e.g. 0640)")
     return int(t, 8)

@@ -84,7 +84,7 @@ class Mount:
             return ""
 
     def pid(self) -> int | None:
-        from ssecfs.mount.daemon import read_registry
+        from ssecfs.mount.registry import read_registry
         reg = read_registry(self.path)
         return reg["pid"] if reg else None
 

@@ -14,13 +14,14 @@ from helpers import marker_blob, scan_dir_for, wait_until
 from ssecfs.cache import Cache, oscalls
 from ssecfs.cache import datafile as datafile_mod, entry as entry_mod, layout as layout_mod
 from ssecfs.crypto import aead as crypto_mod
-from ssecfs.cache.cachedir import EXIT_CACHE, SEAL_BATCH
+from ssecfs.cache.cachedir import SEAL_BATCH
+from ssecfs.errors import EXIT_CACHE
 from ssecfs.cache.layout import (BASE, CHUNK, HEADER, NEVER, RHEADER, RSLOT, SLOT, SLOT_MAGIC,
                                  SUBS_AT, VERSION_TEXT, _cost, read_records)
 from ssecfs.cache.pending import Slots
 from ssecfs.crypto.aead import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, WHOLE_GCM,
                            WHOLE_OCB, Sealer, open_subs, sub_aad)
-from ssecfs.errors import IntegrityError, NameTooLong, NoSpace, UserError
+from ssecfs.errors import EXIT_CACHE, IntegrityError, NameTooLong, NoSpace, UserError
 from ssecfs.crypto.keys import Key
 
 COST = _cost(CHUNK)           # accounted bytes of one full chunk (whole 4 KiB blocks)

@@ -164,7 +164,7 @@ def test_many_threads_no_lost_or_torn_writes(mounter, bucket, key, s3):
         w.join(max(0.0, watchdog_end - time.monotonic()))
     stuck = [f"{w.name} (in {w.last_op}, {w.ops} ops done)" for w in workers if w.is_alive()]
     if stuck:
-        from ssecfs.mount.daemon import query_control, read_registry
+        from ssecfs.mount.registry import query_control, read_registry
         try:
             st = query_control(read_registry(m.path)["control"], timeout=5)
         except Exception as e:  # noqa: BLE001 - the daemon may be wedged too

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from ssecfs.mount import daemon
-from ssecfs.errors import UserError
+from ssecfs.mount import daemon, registry
+from ssecfs.errors import EXIT_SECURITY, UserError
 from helpers import read_cold
 
 OTHER_UID = 65534
@@ -39,18 +39,18 @@ def test_runtime_dir_never_under_a_shared_tmp(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    d = daemon.runtime_dir()
+    d = registry.runtime_dir()
     assert d.startswith(str(tmp_path) + "/") and not d.startswith("/tmp/ssecfs"), d
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
-    assert daemon.runtime_dir() == "/run/user/4242/ssecfs"
+    assert registry.runtime_dir() == "/run/user/4242/ssecfs"
 
 
 def test_private_dir_made_0700_and_checked(tmp_path):
     d = str(tmp_path / "a" / "run")
-    assert daemon.private_dir(d) == d
+    assert registry.private_dir(d) == d
     assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
     os.chmod(d, 0o755)                      # ours, only readable by others: tightened
-    daemon.private_dir(d)
+    registry.private_dir(d)
     assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
 
 
@@ -69,31 +69,31 @@ def test_private_dir_refuses_what_another_user_could_have_planted(tmp_path, plan
         else:
             os.chmod(d, 0o777)
     with pytest.raises(UserError) as e:
-        daemon.private_dir(str(d))
-    assert e.value.exit_code == daemon.EXIT_SECURITY and "\n" not in str(e.value)
+        registry.private_dir(str(d))
+    assert e.value.exit_code == EXIT_SECURITY and "\n" not in str(e.value)
     assert str(d) in str(e.value)
 
 
 def test_registry_written_through_no_link_and_not_read_from_a_foreign_dir(monkeypatch, tmp_path):
     run = tmp_path / "run"
-    monkeypatch.setattr(daemon, "runtime_dir", lambda: str(run))
-    daemon.private_dir(str(run))
+    monkeypatch.setattr(registry, "runtime_dir", lambda: str(run))
+    registry.private_dir(str(run))
     mp = str(tmp_path / "mnt")
     # a link planted at the registry's name must not redirect the write
     victim = tmp_path / "victim"
     victim.write_text("untouched")
-    os.symlink(victim, daemon.registry_path(mp))
-    daemon.write_registry(mp, {"pid": 1})
+    os.symlink(victim, registry.registry_path(mp))
+    registry.write_registry(mp, {"pid": 1})
     assert victim.read_text() == "untouched"
-    assert not os.path.islink(daemon.registry_path(mp))
-    assert stat.S_IMODE(os.stat(daemon.registry_path(mp)).st_mode) == 0o600
-    assert daemon.read_registry(mp) == {"pid": 1}
+    assert not os.path.islink(registry.registry_path(mp))
+    assert stat.S_IMODE(os.stat(registry.registry_path(mp)).st_mode) == 0o600
+    assert registry.read_registry(mp) == {"pid": 1}
     # a runtime directory that is not ours alone: what is in it is not believed
     os.chmod(run, 0o777)
-    assert daemon.read_registry(mp) is None
+    assert registry.read_registry(mp) is None
     os.chmod(run, 0o700)
     os.chown(run, OTHER_UID, -1)
-    assert daemon.read_registry(mp) is None
+    assert registry.read_registry(mp) is None
 
 
 def test_log_file_opened_through_no_link_mode_0600(tmp_path):
@@ -137,8 +137,8 @@ def test_mounted_daemon_no_core_and_no_names_in_cache(mounter, bucket, key):
         f.flush()
         os.fsync(f.fileno())
     assert len(read_cold(os.path.join(m.path, name))) == 300_000
-    reg = daemon.read_registry(m.path)
-    assert reg and stat.S_IMODE(os.stat(daemon.registry_path(m.path)).st_mode) == 0o600
+    reg = registry.read_registry(m.path)
+    assert reg and stat.S_IMODE(os.stat(registry.registry_path(m.path)).st_mode) == 0o600
     m.umount()
     log = daemon.default_log_file(m.cache_dir)
     with open(log) as f:

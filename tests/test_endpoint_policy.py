@@ -30,10 +30,9 @@ from conftest import make_keyfile
 from helpers import REPO, read_cold, run_ssecfs
 
 from ssecfs.store import transport
-from ssecfs.errors import StoreUnavailable, UserError
+from ssecfs.errors import EXIT_SECURITY, StoreUnavailable, UserError
 from ssecfs.crypto.keys import Key, KeyRing
 from ssecfs.store.s3 import S3Store
-from ssecfs.store.transport import EXIT_SECURITY
 
 GUARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netguard")
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",

@@ -96,7 +96,7 @@ def keys_in(s3, bucket) -> dict[str, str]:
 
 
 def status(m) -> dict:
-    from ssecfs.mount.daemon import query_control, read_registry
+    from ssecfs.mount.registry import query_control, read_registry
     return query_control(read_registry(m.path)["control"])
 
 

@@ -105,8 +105,8 @@ def test_supplementary_groups_of_a_caller_and_of_one_gone():
 
 def test_a_change_only_the_owner_may_make_is_eperm_not_eacces():
     from ssecfs.errors import NotPermitted
-    assert FuseAdapter._fuse_error("chown", "/f", NotPermitted("x")).errno == errno.EPERM
-    assert FuseAdapter._fuse_error("open", "/f", errors.PermissionDenied("x")).errno == \
+    assert fuse_adapter.fuse_error("chown", "/f", NotPermitted("x")).errno == errno.EPERM
+    assert fuse_adapter.fuse_error("open", "/f", errors.PermissionDenied("x")).errno == \
         errno.EACCES
 
 
@@ -116,22 +116,28 @@ def _error_classes(base=errors.SsecfsError):
         yield from _error_classes(cls)
 
 
-FS_ERRORS = sorted({c for c in _error_classes() if c is not errors.UserError},
-                   key=lambda c: c.__name__)
+ALL_ERRORS = sorted(set(_error_classes()), key=lambda c: c.__name__)
 
 
-@pytest.mark.parametrize("cls", FS_ERRORS, ids=lambda c: c.__name__)
-def test_every_error_class_has_its_errno(cls):
-    """The adapter's table names every domain error (or a parent that is not the base): none
-    reaches the kernel as a catch-all EIO by omission. UserError is the CLI's (exit codes)."""
+@pytest.mark.parametrize("cls", ALL_ERRORS, ids=lambda c: c.__name__)
+def test_every_error_class_has_its_errno_or_its_exit_code(cls):
+    """Every domain error has a meaning at one boundary: the adapter's table names it (or a
+    parent that is not the base), so that none reaches the kernel as a catch-all EIO by
+    omission; or it is a UserError, the CLI's, and its class carries an exit code."""
+    if issubclass(cls, errors.UserError):
+        assert not any(c in fuse_adapter.ERRNO_TABLE for c in cls.__mro__)
+        assert isinstance(cls.exit_code, int) and 1 <= cls.exit_code <= 8, cls.exit_code
+        assert cls("x").exit_code == cls.exit_code
+        return
     mapped = [c for c in cls.__mro__ if c in fuse_adapter.ERRNO_TABLE]
     assert mapped, f"{cls.__name__} has no errno in ERRNO_TABLE"
-    assert FuseAdapter._fuse_error("op", "/p", cls("x")).errno == fuse_adapter.ERRNO_TABLE[mapped[0]]
+    assert fuse_adapter.fuse_error("op", "/p", cls("x")).errno == \
+        fuse_adapter.ERRNO_TABLE[mapped[0]]
 
 
 def test_an_unknown_exception_is_eio_with_its_traceback_logged(caplog):
     with caplog.at_level("ERROR", logger="ssecfs.fuse"):
-        e = FuseAdapter._fuse_error("read", "/p", ZeroDivisionError("bug"))
+        e = fuse_adapter.fuse_error("read", "/p", ZeroDivisionError("bug"))
     assert e.errno == errno.EIO
     assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
 
@@ -170,3 +176,22 @@ def test_known_kind_answers_from_what_is_cached_only(tmp_path):
     finally:
         fs.shutdown()
         fs.cache.close()
+
+
+def test_what_this_filesystem_lacks_is_answered_through_the_table(caplog):
+    """No operation picks its own errno: a missing one raises a domain error that
+    ERRNO_TABLE maps, or is fusepy's default (listxattr: none; setxattr, removexattr: ENOTSUP).
+    getxattr's ENOSYS is said once per mount by the kernel's asking: never logged."""
+    a = FuseAdapter(SimpleNamespace())
+    lacking = [("link", ("/l", "/f"), errno.EPERM),
+               ("mknod", ("/p", stat.S_IFIFO | 0o600, 0), errno.EPERM),
+               ("getxattr", ("/f", "user.x"), errno.ENOSYS),
+               ("setxattr", ("/f", "user.x", b"v", 0), errno.ENOTSUP),
+               ("removexattr", ("/f", "user.x"), errno.ENOTSUP)]
+    with caplog.at_level("INFO", logger="ssecfs.fuse"):
+        for op, args, code in lacking:
+            with pytest.raises(fuse.FuseOSError) as e:
+                a(op, *args)
+            assert e.value.errno == code, op
+    assert a("listxattr", "/f") == []
+    assert not any("getxattr" in r.getMessage() for r in caplog.records)

@@ -15,8 +15,8 @@ import traceback
 import pytest
 
 from ssecfs.commands import cli
-from ssecfs.errors import UserError
-from ssecfs.crypto.keys import (CACHE_KDF_INFO, EXIT_KEYFILE, Key, KeyRing, load_keyring,
+from ssecfs.errors import EXIT_KEYFILE, UserError
+from ssecfs.crypto.keys import (CACHE_KDF_INFO, Key, KeyRing, load_keyring,
                          parse_keyfile_bytes, resolve_keyfile_path, write_keyfile)
 
 

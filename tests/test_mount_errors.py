@@ -2,8 +2,9 @@
 material), read-only mounts, wrong keys, plaintext objects, and errno values of ordinary
 failing operations on a real mount.
 
-Exit codes (ssecfs/cli.py): 2 usage, 3 key file, 4 bucket/endpoint/credentials, 5 security
-refusal, 6 cache dir, 7 mountpoint, 8 wrong key.
+Exit codes (each UserError class of ssecfs/errors.py carries its own): 1 failure at run time,
+2 usage, 3 key file, 4 bucket/endpoint/credentials, 5 security refusal, 6 cache dir,
+7 mountpoint, 8 wrong key.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import uuid
 import pytest
 
 from helpers import sse, wait_until
+from ssecfs import errors
+from ssecfs.commands import cli, spawn
 
 pytestmark = pytest.mark.mount
 
@@ -87,6 +90,48 @@ def bucket_state(s3, bucket) -> dict[str, str]:
         for o in page.get("Contents") or []:
             out[o["Key"]] = o["ETag"]
     return out
+
+
+# ---------------------------------------------------------------------------- exit codes
+DOCUMENTED_EXIT_CODES = {errors.CommandFailed: 1, errors.UserError: 2, errors.KeyFileError: 3,
+                         errors.StoreSetupError: 4, errors.SecurityRefusal: 5,
+                         errors.CacheDirError: 6, errors.MountpointError: 7,
+                         errors.WrongKeyError: 8}
+
+
+def _user_error_classes(base=errors.UserError):
+    yield base
+    for cls in base.__subclasses__():
+        yield from _user_error_classes(cls)
+
+
+def test_every_exit_code_class_is_documented():
+    assert set(_user_error_classes()) == set(DOCUMENTED_EXIT_CODES)
+
+
+@pytest.mark.parametrize("cls, code", DOCUMENTED_EXIT_CODES.items(),
+                         ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
+def test_each_error_class_exits_with_its_documented_code(cls, code, monkeypatch, capsys):
+    """Raised in a command, the class's code is the exit status of `ssecfs`, with one line."""
+    def refuse(_args):
+        raise cls("the reason")
+    monkeypatch.setitem(cli.COMMANDS, "status", refuse)
+    assert cli.main(["status", "/mnt/x"]) == code
+    assert capsys.readouterr().err == "ssecfs: the reason\n"
+
+
+@pytest.mark.parametrize("cls, code", DOCUMENTED_EXIT_CODES.items(),
+                         ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
+def test_each_error_class_of_the_daemon_is_the_exit_code_of_ssecfs_mount(cls, code, capsys):
+    """Raised in the background daemon, it travels up the ready pipe (ERROR CODE MESSAGE) and
+    becomes the exit status of the `ssecfs mount` that started it."""
+    from ssecfs.mount.daemon import ParentPipe
+    r, w = os.pipe()
+    assert ParentPipe(w).refuse(cls("the reason")) == code
+    line = os.read(r, 4096).decode().strip()
+    os.close(r)
+    assert spawn._outcome(line, None, "/log") == code
+    assert capsys.readouterr().err == "ssecfs: the reason\n"
 
 
 # ---------------------------------------------------------------------------- key file

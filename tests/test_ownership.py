@@ -8,6 +8,7 @@ without a marker get the mount's defaults: --uid, --gid, --file-mode, --dir-mode
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import subprocess
@@ -274,13 +275,16 @@ def test_bad_owner_or_mode_is_one_line_and_exit_2(option, value, capsys):
 
 
 def test_the_daemon_started_gets_the_same_owner_and_modes(monkeypatch, tmp_path):
+    from ssecfs.commands.spawn import spawn_daemon
+    from ssecfs.config import MountConfig
     started = []
 
     class NoDaemon:
         returncode = 1
 
         def __init__(self, argv, **_kw):
-            started.append(argv)
+            # the config pipe's read end, kept open past the parent's close of it
+            started.append((argv, os.dup(int(argv[argv.index("--config-fd") + 1]))))
 
         def poll(self):
             return 1
@@ -291,8 +295,12 @@ def test_the_daemon_started_gets_the_same_owner_and_modes(monkeypatch, tmp_path)
         args = parse(["b-u-c", "/mnt/x", "--keyfile", "/k", "--cache-size", "1G",
                       "--cache-dir", str(tmp_path / "c"), *extra])
         cfg = cli.build_mount_config(args)
-        assert cli.spawn_daemon(cfg, args) == 1          # (no daemon: it "exited")
-        argv = started[-1]
-        assert argv[:3] == [sys.executable, "-m", "ssecfs"]
-        child = cli.build_mount_config(parse(argv[3:]))
+        assert spawn_daemon(cfg) == 1          # (no daemon: it "exited")
+        argv, config_fd = started[-1]
+        assert argv[:3] == [sys.executable, "-m", "ssecfs.mount"]
+        with os.fdopen(config_fd, "rb") as f:
+            child = MountConfig.from_json(f.read())
         assert child.fs == cfg.fs and child.allow_other == cfg.allow_other, extra
+        # the whole validated config, and the log file the daemon is to write
+        assert child == dataclasses.replace(cfg, log_file=child.log_file), extra
+        assert child.log_file and os.path.isabs(child.log_file)

@@ -20,15 +20,15 @@ from helpers import sse
 from ssecfs import buffers
 from ssecfs.store import copies, multipart
 from ssecfs.cache import CHUNK
-from ssecfs.errors import (EncryptionNotApplied, KeyMismatch, NotFound, PermissionDenied,
-                           Stale, StoreError, StoreUnavailable, UserError)
+from ssecfs.errors import (EXIT_SECURITY, EncryptionNotApplied, KeyMismatch, NotFound,
+                           PermissionDenied, Stale, StoreError, StoreUnavailable, UserError)
 from ssecfs.crypto.keys import Key, KeyRing
 from ssecfs.store.probe import PROBE_DATA
 from ssecfs.store.s3 import S3Store
 from ssecfs.store.ssec import KEY_FP_META
 from ssecfs.store.contract import LOCKED, MULTIPART_MIN_PART, OPEN, PLAINTEXT, pieces
 from ssecfs.buffers import Segments
-from ssecfs.store.transport import EXIT_SECURITY, check_endpoint
+from ssecfs.store.transport import check_endpoint
 from wire import TamperProxy, Wire
 
 pytestmark = pytest.mark.seaweed

@@ -900,7 +900,7 @@ def test_mount_t_fuse_ssecfs_then_umount_and_fusermount(seaweed, s3, bucket, key
         assert os.path.ismount(mp) and fs_type_at(str(mp)) == "fuse.ssecfs"
         with open(mp / "seen.txt", "rb") as f:
             assert f.read() == seen_data
-        from ssecfs.mount.daemon import read_registry
+        from ssecfs.mount.registry import read_registry
         pid = read_registry(str(mp))["pid"]
         cleanup.pids.append(pid)
         files = {f"r{round_}-{n}": d for n, d in some_files().items()}

@@ -31,7 +31,7 @@ from helpers import REPO, run_ssecfs, sse
 from seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
 from ssecfs import buffers
 from ssecfs.store import client, copies, ssec, transport
-from ssecfs.errors import (NotFound, PermissionDenied, StoreError, StoreUnavailable,
+from ssecfs.errors import (EXIT_SECURITY, NotFound, PermissionDenied, StoreError, StoreUnavailable,
                            UserError)
 from ssecfs.crypto.keys import Key, KeyRing
 from ssecfs.store.s3 import S3Store
@@ -274,7 +274,7 @@ def test_virtual_addressing_over_plain_http_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     with pytest.raises(UserError) as e:
         resolve_transport("http://localhost:9000")
-    assert e.value.exit_code == transport.EXIT_SECURITY and "virtual-hosted" in str(e.value)
+    assert e.value.exit_code == EXIT_SECURITY and "virtual-hosted" in str(e.value)
     t = resolve_transport("https://s3.example.invalid")
     assert t.addressing == "virtual" and t.virtual_for("my-bucket")
     assert not t.virtual_for("dotted.bucket.name") and not t.virtual_for("Upper")

@@ -97,7 +97,7 @@ def wait_durable(s3, bucket: str, key: str, raw: bytes, data: bytes, timeout: fl
 
 
 def status(m) -> dict:
-    from ssecfs.mount.daemon import query_control, read_registry
+    from ssecfs.mount.registry import query_control, read_registry
     return query_control(read_registry(m.path)["control"])
 
 

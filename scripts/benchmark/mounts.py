@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from ssecfs.mount.daemon import read_registry
+from ssecfs.mount.registry import read_registry
 
 from .common import (BenchError, log_tail, pid_alive, progress, run, stop_process,
                      wait_pid_gone)

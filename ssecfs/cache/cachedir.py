@@ -20,7 +20,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from ..crypto.aead import NONCE_LEN, Sealer
-from ..errors import IntegrityError, UserError
+from ..errors import CacheDirError, IntegrityError
 from . import oscalls
 from .entry import CacheEntry
 from .layout import FORMAT, GONE, VERSION_TEXT, read_records
@@ -31,7 +31,6 @@ log = logging.getLogger("ssecfs.cache")
 SEALER_THREADS = 2
 MAX_PENDING = 256                    # chunks (32 MiB) of plaintext waiting to be sealed
 SEAL_BATCH = 16                      # a fetcher that waits for room waits for this much
-EXIT_CACHE = 6
 
 
 class Cache:
@@ -65,7 +64,7 @@ class Cache:
             os.chmod(self.dir, 0o700)
             os.chmod(self.entries_dir, 0o700)
         except OSError as e:
-            raise UserError(f"cache dir {self.dir}: {e.strerror}", EXIT_CACHE) from None
+            raise CacheDirError(f"cache dir {self.dir}: {e.strerror}") from None
         vpath = os.path.join(self.dir, "VERSION")
         version = None
         if os.path.exists(vpath):
@@ -73,19 +72,18 @@ class Cache:
                 version = f.read(64)
             if version != VERSION_TEXT.encode():
                 found = version.decode("ascii", "replace").strip()[:40]
-                raise UserError(
+                raise CacheDirError(
                     f"cache dir {self.dir}: format {found!r} is not this version's ({FORMAT}); "
                     "if it holds pending uploads, mount it once with the ssecfs version that "
                     "wrote it and unmount (that uploads everything), then remove the "
-                    "directory", EXIT_CACHE)
+                    "directory")
         self._lock_fd = os.open(os.path.join(self.dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise UserError(f"cache dir {self.dir} is in use by another ssecfs daemon",
-                            EXIT_CACHE) from None
+            raise CacheDirError(f"cache dir {self.dir} is in use by another ssecfs daemon") from None
         if version is None:
             tmp = vpath + ".tmp"
             with open(tmp, "w") as f:

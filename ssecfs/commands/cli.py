@@ -1,8 +1,9 @@
 """Command line: mount, umount, status, keygen (and the mount.fuse calling convention
 ``ssecfs SOURCE MOUNTPOINT -o opt,opt``). Builds the config; knows nothing of boto3 or FUSE.
 
-Exit codes: 0 ok, 1 failure at run time, 2 bad usage, 3 key file, 4 bucket/endpoint/credentials,
-5 security refusal (plain http, SSE-C not enforced), 6 cache dir, 7 mountpoint, 8 wrong key.
+Exit codes: 0 ok, else the exit code of the UserError class raised (ssecfs/errors.py: 1 failure
+at run time, 2 bad usage, 3 key file, 4 bucket/endpoint/credentials, 5 security refusal, 6 cache
+dir, 7 mountpoint, 8 wrong key).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import logging
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -21,18 +21,10 @@ import time
 from .. import __version__
 from ..config import (FsConfig, MountConfig, StoreConfig, parse_id, parse_mode, parse_size,
                      parse_source)
-from ..errors import UserError
+from ..errors import EXIT_FAILURE, CommandFailed, UserError
 
 log = logging.getLogger("ssecfs")
 
-# -o spellings of CLI options (fstab / mount.fuse); value-less ones are flags.
-O_VALUE = {"keyfile", "endpoint_url", "region", "profile", "ca_bundle", "cache_dir",
-           "cache_size", "log_level", "log_file", "writeback_delay", "upload_workers",
-           "attr_timeout", "fsync_timeout", "flush_timeout", "uid", "gid", "file_mode",
-           "dir_mode"}
-O_FLAG = {"ro": "read_only", "read_only": "read_only", "allow_other": "allow_other",
-          "foreground": "foreground", "force": "force", "no_dir_index": "no_dir_index",
-          "cache_every_read": "cache_every_read"}
 # Options mount(8)/mount.fuse add or that only matter to mount(8): accepted and ignored.
 O_IGNORED = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
              "_netdev", "nofail", "user", "nouser", "users", "defaults", "atime", "noatime",
@@ -43,19 +35,18 @@ O_FUSE = {"nonempty", "allow_root", "auto_unmount", "kernel_cache", "direct_io",
           "fsname", "subtype", "umask", "debug"}
 
 
-# glibc: serve the daemon's multi-MiB buffers (range GETs, upload parts) from the heap and
-# keep it, instead of an mmap + page faults + munmap per buffer (~10% of a cold read's CPU).
-# Applied to the daemon `ssecfs mount` starts (the environment wins); the systemd unit sets
-# the same.
-MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
-                 "MALLOC_ARENA_MAX": "4"}
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssecfs", description="Mount an S3 bucket with SSE-C "
                                 "encryption and an encrypted write-back cache.")
     p.add_argument("--version", action="version", version=f"ssecfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_mount_parser(sub)
+    _add_daemon_parsers(sub)
+    _add_bucket_parsers(sub)
+    return p
 
+
+def _add_mount_parser(sub) -> None:
     m = sub.add_parser("mount", help="mount BUCKET[:PREFIX] on MOUNTPOINT")
     m.add_argument("source", metavar="BUCKET[:PREFIX]")
     m.add_argument("mountpoint")
@@ -67,14 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", "-f", action="store_true", help="stay attached (systemd)")
     m.add_argument("--read-only", "--ro", action="store_true", dest="read_only")
     m.add_argument("--allow-other", action="store_true", help="let other users access the mount")
-    m.add_argument("--uid", help="owner of the root, of directories without a marker and of "
-                   "objects without trusted ssecfs metadata (written by other tools, or opened "
-                   "by no key of the ring); default: the mounting user")
-    m.add_argument("--gid", help="their group (default: the mounting user's)")
-    m.add_argument("--file-mode", help="permission bits of such files, octal (default 0644; "
-                   "0600 with --allow-other)")
-    m.add_argument("--dir-mode", help="permission bits of such directories, octal (default "
-                   "0755; 0700 with --allow-other)")
+    _add_ownership_args(m)
     m.add_argument("--force", action="store_true",
                    help="mount even if no key of the ring opens any sampled object")
     m.add_argument("--no-dir-index", action="store_true",
@@ -89,6 +73,21 @@ def _parser() -> argparse.ArgumentParser:
                                                           "debug", "info", "warning", "error"])
     m.add_argument("--log-file", help="log here instead of stderr (default when daemonized: "
                    "/var/log/ssecfs/CACHE-ID.log, or ~/.local/state/ssecfs/ for other users)")
+    _add_timing_args(m)
+
+
+def _add_ownership_args(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--uid", help="owner of the root, of directories without a marker and of "
+                   "objects without trusted ssecfs metadata (written by other tools, or opened "
+                   "by no key of the ring); default: the mounting user")
+    m.add_argument("--gid", help="their group (default: the mounting user's)")
+    m.add_argument("--file-mode", help="permission bits of such files, octal (default 0644; "
+                   "0600 with --allow-other)")
+    m.add_argument("--dir-mode", help="permission bits of such directories, octal (default "
+                   "0755; 0700 with --allow-other)")
+
+
+def _add_timing_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("--writeback-delay", type=float, default=None,
                    help="seconds to wait after close before uploading (default 2)")
     m.add_argument("--upload-workers", type=int, default=None, help="parallel uploads (default 8)")
@@ -99,8 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--flush-timeout", type=float, default=None,
                    help="at unmount, stop waiting for uploads after this many seconds "
                    "(default 0: wait; data left stays in the cache for the next mount)")
-    m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
+
+def _add_daemon_parsers(sub) -> None:
     u = sub.add_parser("umount", help="upload pending data, then unmount")
     u.add_argument("mountpoint")
     u.add_argument("--timeout", type=float, default=0,
@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint")
     s.add_argument("--json", action="store_true")
 
+
+def _add_bucket_parsers(sub) -> None:
     k = sub.add_parser("keygen", help="write a new random 32-byte key file (mode 0600)")
     k.add_argument("path")
 
@@ -125,7 +127,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("source", metavar="BUCKET[:PREFIX]")
     add_store_args(c)
     c.add_argument("--sample", type=int, default=20, help="objects to test the keys on")
-    return p
+
+
+def _o_spellings() -> tuple[set, dict]:
+    """The -o spellings (fstab / mount.fuse) of the mount command's options, taken from its
+    parser so that an option is declared once: --cache-dir X is -o cache_dir=X, --ro is -o ro.
+    Returns (names that take a value, flag name -> the attribute it sets)."""
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    values, flags = set(), {}
+    for action in sub.choices["mount"]._actions:
+        for opt in action.option_strings:
+            if not opt.startswith("--") or action.dest == "help":
+                continue
+            name = opt[2:].replace("-", "_")
+            if action.nargs == 0:
+                flags[name] = action.dest
+            else:
+                values.add(name)
+    return values, flags
 
 
 def add_store_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +153,9 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region")
     p.add_argument("--profile", help="AWS profile for credentials")
     p.add_argument("--ca-bundle", help="CA bundle to verify the endpoint's TLS certificate")
+
+
+O_VALUE, O_FLAG = _o_spellings()
 
 
 def apply_o_options(args: argparse.Namespace) -> None:
@@ -153,7 +175,7 @@ def apply_o_options(args: argparse.Namespace) -> None:
             elif key in O_FUSE:
                 fuse_opts.append(opt)
             else:
-                raise UserError(f"unknown mount option {name!r} (see ssecfs mount --help)", 2)
+                raise UserError(f"unknown mount option {name!r} (see ssecfs mount --help)")
     args.fuse_options = tuple(fuse_opts)
 
 
@@ -173,7 +195,7 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
     from ..cache import default_cache_size
     apply_o_options(args)
     if not args.keyfile:
-        raise UserError("--keyfile is required (make one with: ssecfs keygen FILE)", 2)
+        raise UserError("--keyfile is required (make one with: ssecfs keygen FILE)")
     bucket, prefix = parse_source(args.source)
     store = StoreConfig(bucket=bucket, endpoint_url=args.endpoint_url, region=args.region,
                         profile=args.profile, ca_bundle=args.ca_bundle)
@@ -181,7 +203,7 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
     transport = resolve_transport(store.endpoint_url, profile=store.profile, region=store.region,
                                   ca_bundle=store.ca_bundle)
     if args.ca_bundle and not os.path.isfile(args.ca_bundle):
-        raise UserError(f"--ca-bundle {args.ca_bundle}: no such file", 2)
+        raise UserError(f"--ca-bundle {args.ca_bundle}: no such file")
 
     def num(v, default, conv=float):
         if v in (None, ""):
@@ -189,7 +211,7 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
         try:
             return conv(v)
         except ValueError:
-            raise UserError(f"invalid number {v!r}", 2) from None
+            raise UserError(f"invalid number {v!r}") from None
     fs = FsConfig(prefix=prefix, read_only=bool(args.read_only),
                   attr_timeout=num(args.attr_timeout, 1.0),
                   writeback_delay=num(args.writeback_delay, 2.0),
@@ -213,87 +235,19 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
                        foreground=bool(args.foreground), allow_other=bool(args.allow_other),
                        fuse_options=args.fuse_options,
                        log_level=(args.log_level or "INFO").upper(), force=bool(args.force),
-                       flush_timeout=num(args.flush_timeout, 0.0), source=args.source)
+                       flush_timeout=num(args.flush_timeout, 0.0), source=args.source,
+                       log_file=args.log_file)
 
 
 # ---------------------------------------------------------------------------- commands
 def cmd_mount(args: argparse.Namespace) -> int:
     from ..mount import daemon
-    try:
-        cfg = build_mount_config(args)
-    except UserError as e:
-        if args.ready_fd is not None:       # the daemon `ssecfs mount` started: tell it why
-            os.write(args.ready_fd, f"ERROR {e.exit_code} {e}\n".encode())
-        raise
+    cfg = build_mount_config(args)
     if cfg.foreground:
-        daemon.setup_logging(cfg.log_level, args.log_file)
-        return daemon.run(cfg, ready_fd=args.ready_fd)
-    return spawn_daemon(cfg, args)
-
-
-def spawn_daemon(cfg: MountConfig, args: argparse.Namespace) -> int:
-    """Start ourselves again with --foreground in a new session and wait for its first line:
-    READY (exit 0) or ERROR CODE MESSAGE (print MESSAGE, exit CODE)."""
-    from ..mount.daemon import default_log_file, open_log_file
-    os.makedirs(cfg.cache_dir, mode=0o700, exist_ok=True)
-    log_file = os.path.abspath(args.log_file or default_log_file(cfg.cache_dir))
-    os.close(open_log_file(log_file))       # its problems are said here, in one line
-    argv = [sys.executable, "-m", "ssecfs", "mount", cfg.source, cfg.mountpoint,
-            "--keyfile", cfg.keyfile, "--cache-dir", cfg.cache_dir,
-            "--cache-size", str(cfg.cache_size), "--foreground", "--log-file", log_file,
-            "--log-level", cfg.log_level,
-            "--writeback-delay", str(cfg.fs.writeback_delay),
-            "--upload-workers", str(cfg.fs.upload_workers),
-            "--attr-timeout", str(cfg.fs.attr_timeout),
-            "--fsync-timeout", str(cfg.fs.fsync_timeout),
-            "--flush-timeout", str(cfg.flush_timeout),
-            "--uid", str(cfg.fs.uid), "--gid", str(cfg.fs.gid),
-            "--file-mode", f"{cfg.fs.file_mode:04o}", "--dir-mode", f"{cfg.fs.dir_mode:04o}"]
-    for flag, val in (("--endpoint-url", cfg.store.endpoint_url), ("--region", cfg.store.region),
-                      ("--profile", cfg.store.profile), ("--ca-bundle", cfg.store.ca_bundle)):
-        if val:
-            argv += [flag, val]
-    for flag, on in (("--read-only", cfg.fs.read_only), ("--allow-other", cfg.allow_other),
-                     ("--force", cfg.force), ("--no-dir-index", not cfg.fs.dir_index),
-                     ("--cache-every-read", cfg.fs.cache_every_read)):
-        if on:
-            argv.append(flag)
-    if cfg.fuse_options:
-        argv += ["-o", ",".join(cfg.fuse_options)]
-    r, w = os.pipe()
-    argv += ["--ready-fd", str(w)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True,
-                            close_fds=True, env={**MALLOC_TUNING, **os.environ})
-    os.close(w)
-    deadline = time.monotonic() + 300
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([r], [], [], 1.0)
-        if ready:
-            part = os.read(r, 4096)
-            if not part:
-                break
-            buf += part
-            if b"\n" in buf:
-                break
-        elif proc.poll() is not None:
-            break
-    os.close(r)
-    line = buf.decode(errors="replace").strip()
-    if line == "READY":
-        return 0
-    if line.startswith("ERROR "):
-        _, code, msg = line.split(" ", 2)
-        print(f"ssecfs: {msg}", file=sys.stderr)
-        return int(code)
-    if proc.poll() is None:
-        proc.terminate()
-        print(f"ssecfs: mount did not become ready in time (see {log_file})", file=sys.stderr)
-    else:
-        print(f"ssecfs: daemon exited with status {proc.returncode} (see {log_file})",
-              file=sys.stderr)
-    return 1
+        daemon.setup_logging(cfg.log_level, cfg.log_file)
+        return daemon.run(cfg)
+    from .spawn import spawn_daemon
+    return spawn_daemon(cfg)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -315,11 +269,11 @@ def pid_alive(pid: int | None) -> bool:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from ..mount import daemon
+    from ..mount import registry
     mp = os.path.abspath(args.mountpoint)
-    reg = daemon.read_registry(mp)
+    reg = registry.read_registry(mp)
     if not os.path.ismount(mp) and not reg:
-        raise UserError(f"{mp} is not mounted", 2)
+        raise UserError(f"{mp} is not mounted")
     if os.path.ismount(mp):
         tool = shutil.which("fusermount") or shutil.which("fusermount3")
         cmd = [tool, "-u"] + (["-z"] if args.lazy else []) + [mp] if tool else \
@@ -327,8 +281,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             msg = (res.stderr or res.stdout).strip().splitlines()
-            raise UserError(f"cannot unmount {mp}: {msg[-1] if msg else 'failed'} "
-                            "(files in use? close them, or use --lazy)", 1)
+            raise CommandFailed(f"cannot unmount {mp}: {msg[-1] if msg else 'failed'} "
+                            "(files in use? close them, or use --lazy)")
     if not reg:
         return 0
     pid = reg.get("pid", 0)
@@ -338,11 +292,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if deadline and time.monotonic() > deadline:
             print(f"ssecfs: uploads still pending after {args.timeout:.0f}s; the daemon "
                   f"(pid {pid}) keeps trying in the background", file=sys.stderr)
-            return 1
+            return EXIT_FAILURE
         if time.monotonic() - last > 2:
             last = time.monotonic()
             try:
-                s = daemon.query_control(reg["control"], timeout=2)
+                s = registry.query_control(reg["control"], timeout=2)
                 if s.get("dirty_files"):
                     print(f"ssecfs: waiting for {s['dirty_files']} file(s), "
                           f"{s['bytes_pending']} bytes to upload", file=sys.stderr)
@@ -354,14 +308,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     import json
-    from ..mount import daemon
-    reg = daemon.read_registry(args.mountpoint)
+    from ..mount import registry
+    reg = registry.read_registry(args.mountpoint)
     if not reg:
-        raise UserError(f"{args.mountpoint}: no ssecfs daemon is serving this mount point", 1)
+        raise CommandFailed(f"{args.mountpoint}: no ssecfs daemon is serving this mount point")
     try:
-        s = daemon.query_control(reg["control"])
+        s = registry.query_control(reg["control"])
     except (OSError, ValueError) as e:
-        raise UserError(f"{args.mountpoint}: daemon not answering ({e})", 1) from None
+        raise CommandFailed(f"{args.mountpoint}: daemon not answering ({e})") from None
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -391,7 +345,7 @@ def _store_for(args: argparse.Namespace):
     from ..crypto.keys import load_keyring
     from ..store.s3 import S3Store
     if not args.keyfile:
-        raise UserError("--keyfile is required", 2)
+        raise UserError("--keyfile is required")
     bucket, prefix = parse_source(args.source)
     sc = StoreConfig(bucket=bucket, endpoint_url=args.endpoint_url, region=args.region,
                      profile=args.profile, ca_bundle=args.ca_bundle)
@@ -413,7 +367,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
                 progress=not args.no_progress and sys.stderr.isatty())
     for line in summary(rep, args.dry_run):
         print(line)
-    return 0 if rep.ok else 1
+    return 0 if rep.ok else EXIT_FAILURE
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -426,7 +380,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{status:4} {msg}")
         failed |= status == FAIL
     print("verdict: " + ("NOT SAFE" if failed else "safe"))
-    return 1 if failed else 0
+    return EXIT_FAILURE if failed else 0
 
 
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, "keygen": cmd_keygen,

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..errors import UserError
+from ..errors import KeyFileError
 
 KEY_LEN = 32
-EXIT_KEYFILE = 3
 CACHE_KDF_INFO = b"ssecfs local cache v1"
 
 
@@ -88,10 +87,10 @@ class KeyRing:
 
     def __init__(self, keys: list[Key], source: str = "<memory>"):
         if not keys:
-            raise UserError(f"{source}: no key in key file", EXIT_KEYFILE)
+            raise KeyFileError(f"{source}: no key in key file")
         fps = [k.fingerprint for k in keys]
         if len(set(fps)) != len(fps):
-            raise UserError(f"{source}: the same key appears twice", EXIT_KEYFILE)
+            raise KeyFileError(f"{source}: the same key appears twice")
         self.keys = list(keys)
         self.source = source
         self._by_fp = {k.fingerprint: k for k in keys}
@@ -125,9 +124,9 @@ def write_keyfile(path: str, raw: bytes | None = None) -> Key:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise UserError(f"{path}: already exists; refusing to overwrite a key", EXIT_KEYFILE)
+        raise KeyFileError(f"{path}: already exists; refusing to overwrite a key")
     except OSError as e:
-        raise UserError(f"{path}: cannot create key file: {e.strerror}", EXIT_KEYFILE)
+        raise KeyFileError(f"{path}: cannot create key file: {e.strerror}")
     with os.fdopen(fd, "wb") as f:
         f.write(raw)
         f.flush()
@@ -139,8 +138,8 @@ def resolve_keyfile_path(path: str) -> str:
     """``-`` is refused (keys on stdin/command line leak); a bare name that exists in
     ``$CREDENTIALS_DIRECTORY`` (systemd LoadCredential=) is taken from there."""
     if path == "-":
-        raise UserError("--keyfile -: reading keys from stdin is not supported; "
-                        "put the key in a file with mode 0600", EXIT_KEYFILE)
+        raise KeyFileError("--keyfile -: reading keys from stdin is not supported; "
+                        "put the key in a file with mode 0600")
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir and os.sep not in path:
         candidate = os.path.join(cred_dir, path)
@@ -154,26 +153,24 @@ def _check_permissions(path: str, st: os.stat_result) -> None:
     replace, in directories nobody else can swap it in. Whoever can write the file or its
     directory can make us encrypt under a key they know."""
     if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{path}: not a regular file", EXIT_KEYFILE)
+        raise KeyFileError(f"{path}: not a regular file")
     if st.st_uid not in (0, os.geteuid()):
-        raise UserError(f"{path}: key file belongs to uid {st.st_uid}, not to this user "
-                        f"({os.geteuid()}) or root; fix with: chown {os.geteuid()} {path}",
-                        EXIT_KEYFILE)
+        raise KeyFileError(f"{path}: key file belongs to uid {st.st_uid}, not to this user "
+                        f"({os.geteuid()}) or root; fix with: chown {os.geteuid()} {path}")
     if st.st_mode & 0o077:
-        raise UserError(
-            f"{path}: key file is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"fix with: chmod 600 {path}", EXIT_KEYFILE)
+        raise KeyFileError(
+            f"{path}: key file is accessible by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); fix with: chmod 600 {path}")
     d = os.path.dirname(os.path.realpath(path))
     while True:
         dst = os.stat(d)
         if dst.st_uid not in (0, os.geteuid()):
-            raise UserError(f"{path}: directory {d} belongs to uid {dst.st_uid}, who could "
-                            "replace the key file; keep keys in a directory of yours or root's",
-                            EXIT_KEYFILE)
+            raise KeyFileError(f"{path}: directory {d} belongs to uid {dst.st_uid}, who could "
+                            "replace the key file; keep keys in a directory of yours or root's")
         if dst.st_mode & 0o022 and not dst.st_mode & stat.S_ISVTX:
-            raise UserError(f"{path}: directory {d} is writable by others (mode "
+            raise KeyFileError(f"{path}: directory {d} is writable by others (mode "
                             f"{stat.S_IMODE(dst.st_mode):04o}), who could replace the key file; "
-                            f"fix with: chmod go-w {d}", EXIT_KEYFILE)
+                            f"fix with: chmod go-w {d}")
         parent = os.path.dirname(d)
         if parent == d:
             return
@@ -183,15 +180,15 @@ def _check_permissions(path: str, st: os.stat_result) -> None:
 def parse_keyfile_bytes(data: bytes, source: str) -> KeyRing:
     """Parse key file contents. Errors name the line, never its content."""
     if not data:
-        raise UserError(f"{source}: key file is empty", EXIT_KEYFILE)
+        raise KeyFileError(f"{source}: key file is empty")
     if len(data) == KEY_LEN and not _looks_like_text_keys(data):
         return KeyRing([Key(bytes(data))], source)
     if not _is_text(data):
         # Binary content of the wrong length (a truncated or padded raw key, or the wrong
         # file): say so, whatever its bytes happen to look like line by line.
-        raise UserError(
+        raise KeyFileError(
             f"{source}: {len(data)} bytes of binary data; a raw key file is exactly "
-            f"{KEY_LEN} bytes, a text key file has one base64 key per line", EXIT_KEYFILE)
+            f"{KEY_LEN} bytes, a text key file has one base64 key per line")
     keys = []
     for lineno, bline in enumerate(data.splitlines(), 1):
         bline = bline.strip()
@@ -200,17 +197,16 @@ def parse_keyfile_bytes(data: bytes, source: str) -> KeyRing:
         try:
             line = bline.decode("ascii")
         except UnicodeDecodeError:
-            raise UserError(
+            raise KeyFileError(
                 f"{source}: line {lineno}: neither base64 text nor a raw 32-byte key file "
-                f"({len(data)} bytes)", EXIT_KEYFILE) from None
+                f"({len(data)} bytes)") from None
         try:
             raw = base64.b64decode(line, validate=True)
         except (binascii.Error, ValueError):
-            raise UserError(f"{source}: line {lineno}: not valid base64", EXIT_KEYFILE)
+            raise KeyFileError(f"{source}: line {lineno}: not valid base64")
         if len(raw) != KEY_LEN:
-            raise UserError(
-                f"{source}: line {lineno}: key is {len(raw)} bytes, an SSE-C key is 32 bytes",
-                EXIT_KEYFILE)
+            raise KeyFileError(
+                f"{source}: line {lineno}: key is {len(raw)} bytes, an SSE-C key is 32 bytes")
         keys.append(Key(raw))
     return KeyRing(keys, source)
 
@@ -239,20 +235,19 @@ def load_keyring(path: str, check_permissions: bool = True) -> KeyRing:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise UserError(f"{path}: key file not found (make one with: ssecfs keygen {path})",
-                        EXIT_KEYFILE)
+        raise KeyFileError(f"{path}: key file not found (make one with: ssecfs keygen {path})")
     except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a key file", EXIT_KEYFILE)
+        raise KeyFileError(f"{path}: is a directory, not a key file")
     except PermissionError:
-        raise UserError(f"{path}: key file not readable (permission denied)", EXIT_KEYFILE)
+        raise KeyFileError(f"{path}: key file not readable (permission denied)")
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise UserError(f"{path}: is a directory, not a key file", EXIT_KEYFILE)
+            raise KeyFileError(f"{path}: is a directory, not a key file")
         if check_permissions:
             _check_permissions(path, st)
         if st.st_size > 64 * 1024:
-            raise UserError(f"{path}: too large to be a key file", EXIT_KEYFILE)
+            raise KeyFileError(f"{path}: too large to be a key file")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read()
     finally:

@@ -1,8 +1,11 @@
-"""fusepy Operations: one short method per operation, stat dicts, and THE error -> errno table.
+"""The FUSE adapter: fusepy Operations, one short method per operation, and THE error ->
+errno boundary.
 
 Only translation happens here. fusepy turns any exception that is not FuseOSError into EINVAL,
-so every call goes through __call__, which maps domain errors by ERRNO_TABLE and logs anything
-unexpected with its traceback (as EIO).
+so every call goes through __call__ and fuse_error, which maps domain errors by ERRNO_TABLE
+(the one place that picks an errno) and logs anything unexpected with its traceback (as EIO).
+Operations this filesystem lacks and fusepy's defaults answer as wanted (listxattr: none;
+setxattr, removexattr: ENOTSUP) are left to those defaults.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ ERRNO_TABLE: dict[type, int] = {
     E.NoSpace: errno.ENOSPC,
     E.Stale: errno.EIO,
     E.TimedOut: errno.EIO,
+    E.Unimplemented: errno.ENOSYS,
 }
 
 # Errors that are part of normal operation (lookups of missing names...): no log line.
-QUIET = (E.NotFound, E.Exists, E.NotEmpty)
+QUIET = (E.NotFound, E.Exists, E.NotEmpty, E.Unimplemented)
 
 
 def errno_of(exc: BaseException) -> int:
@@ -59,6 +63,32 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO
+
+
+def fuse_error(op: str, path, e: Exception) -> FuseOSError:
+    """THE translation of an exception into the errno FUSE returns (logged)."""
+    if isinstance(e, FuseOSError):
+        return e
+    if isinstance(e, E.SsecfsError):
+        code = errno_of(e)
+        if not isinstance(e, QUIET):
+            level = logging.ERROR if code == errno.EIO else logging.INFO
+            log.log(level, "%s %s: %s: %s -> %s", op, path, type(e).__name__, e,
+                    errno.errorcode.get(code, code))
+        return FuseOSError(code)
+    if isinstance(e, OSError):
+        log.error("%s %s: %s", op, path, e)
+        return FuseOSError(e.errno or errno.EIO)
+    log.error("unexpected error in %s %s", op, path, exc_info=e)   # a bug: EIO
+    return FuseOSError(errno.EIO)
+
+
+def stat_of(a: Attr) -> dict:
+    ns = lambda t: int(t * 1e9)  # noqa: E731
+    return {"st_mode": a.mode, "st_size": a.size, "st_nlink": a.nlink,
+            "st_uid": a.uid, "st_gid": a.gid, "st_mtime": ns(a.mtime),
+            "st_atime": ns(a.mtime), "st_ctime": ns(a.ctime),
+            "st_blocks": (a.size + 511) // 512, "st_blksize": 131072}
 
 
 def groups_of(pid: int) -> frozenset:
@@ -101,25 +131,7 @@ class FuseAdapter(Operations):
         try:
             return getattr(self, op)(*args)
         except Exception as e:  # noqa: BLE001 - every error leaves as an errno
-            raise self._fuse_error(op, args[0] if args else "", e) from None
-
-    @staticmethod
-    def _fuse_error(op: str, path, e: Exception) -> FuseOSError:
-        """THE translation of an exception into the errno FUSE returns (logged)."""
-        if isinstance(e, FuseOSError):
-            return e
-        if isinstance(e, E.SsecfsError):
-            code = errno_of(e)
-            if not isinstance(e, QUIET):
-                level = logging.ERROR if code == errno.EIO else logging.INFO
-                log.log(level, "%s %s: %s: %s -> %s", op, path, type(e).__name__, e,
-                        errno.errorcode.get(code, code))
-            return FuseOSError(code)
-        if isinstance(e, OSError):
-            log.error("%s %s: %s", op, path, e)
-            return FuseOSError(e.errno or errno.EIO)
-        log.error("unexpected error in %s %s", op, path, exc_info=e)   # a bug: EIO
-        return FuseOSError(errno.EIO)
+            raise fuse_error(op, args[0] if args else "", e) from None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def init(self, path):
@@ -131,16 +143,8 @@ class FuseAdapter(Operations):
             self._on_destroy()
 
     # -- attributes ---------------------------------------------------------------------------
-    @staticmethod
-    def _stat(a: Attr) -> dict:
-        ns = lambda t: int(t * 1e9)  # noqa: E731
-        return {"st_mode": a.mode, "st_size": a.size, "st_nlink": a.nlink,
-                "st_uid": a.uid, "st_gid": a.gid, "st_mtime": ns(a.mtime),
-                "st_atime": ns(a.mtime), "st_ctime": ns(a.ctime),
-                "st_blocks": (a.size + 511) // 512, "st_blksize": 131072}
-
     def getattr(self, path, fh=None):
-        return self._stat(self.fs.getattr(path))
+        return stat_of(self.fs.getattr(path))
 
     def access(self, path, amode):
         self.fs.getattr(path)
@@ -184,7 +188,7 @@ class FuseAdapter(Operations):
                     self.fs.known_kind(posixpath.join(path, name))
                 yield (name, {"st_mode": kind}, 0) if kind else name
         except Exception as e:  # noqa: BLE001
-            raise self._fuse_error("readdir", path, e) from None
+            raise fuse_error("readdir", path, e) from None
 
     def mkdir(self, path, mode):
         uid, gid, _ = fuse_get_context()
@@ -214,7 +218,7 @@ class FuseAdapter(Operations):
             return self.fs.read(fh, size, offset, copy=False)
         except Exception as e:  # noqa: BLE001 - every error leaves as an errno
             path = raw_path.decode("utf-8", "surrogateescape") if raw_path else f"(fh {fh})"
-            raise self._fuse_error("read", path, e) from None
+            raise fuse_error("read", path, e) from None
 
     def write(self, path, data, offset, fh):
         return self.fs.write(fh, data, offset)
@@ -258,29 +262,20 @@ class FuseAdapter(Operations):
 
     # -- unsupported, loudly ------------------------------------------------------------------
     def link(self, target, source):
-        raise FuseOSError(errno.EPERM)
+        raise E.NotPermitted(f"hard links are not supported: {target}")
 
     def mknod(self, path, mode, dev):
         if stat.S_ISREG(mode):
             uid, gid, _ = fuse_get_context()
             self.fs.release(self.fs.create(path, mode, uid, gid))
             return 0
-        raise FuseOSError(errno.EPERM)
+        raise E.NotPermitted(f"only regular files can be made by mknod: {path}")
 
     def getxattr(self, path, name, position=0):
         # ENOSYS: the kernel remembers that this filesystem has no xattrs and answers every
         # later getxattr itself with EOPNOTSUPP, so `ls -l` (security.selinux, POSIX ACLs)
         # costs no round trip to the daemon per file.
-        raise FuseOSError(errno.ENOSYS)
-
-    def listxattr(self, path):
-        return []
-
-    def setxattr(self, path, name, value, options, position=0):
-        raise FuseOSError(errno.ENOTSUP)
-
-    def removexattr(self, path, name):
-        raise FuseOSError(errno.ENOTSUP)
+        raise E.Unimplemented("getxattr")
 
 
 # ctypes.memmove releases the GIL around the copy and takes it back: two hand-offs of the GIL

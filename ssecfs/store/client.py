@@ -34,8 +34,8 @@ from awscrt.s3 import (S3Client, S3RequestTlsMode, S3RequestType, S3ResponseErro
 
 from .. import buffers
 from ..buffers import SEG, Segments
-from ..errors import UserError
-from .transport import EXIT_STORE, Transport
+from ..errors import StoreSetupError
+from .transport import Transport
 
 # the transport's log: what the user reads about connections and credentials
 log = logging.getLogger("ssecfs.transport")
@@ -120,8 +120,8 @@ def _tls_options(t: Transport):
     try:
         return ClientTlsContext(opts).new_connection_options()
     except AwsCrtError as e:
-        raise UserError(f"CA bundle {t.ca_bundle}: not usable ({e.name})"
-                        if t.ca_bundle else f"TLS setup failed ({e.name})", EXIT_STORE) from None
+        raise StoreSetupError(f"CA bundle {t.ca_bundle}: not usable ({e.name})"
+                        if t.ca_bundle else f"TLS setup failed ({e.name})") from None
 
 
 # ---------------------------------------------------------------------------- bodies

@@ -1,7 +1,7 @@
 """The mount-time checks and diagnostics of a bucket (mount, `ssecfs check`, rekey): that it
 exists and the credentials may list it (check_bucket), that the endpoint enforces SSE-C
 (probe_sse), whether the bucket blocks SSE-C writes, and what one key or none gets.
-Failures that stop a mount are UserErrors with the exit code the command returns."""
+Failures that stop a mount are UserErrors whose class gives the exit code of the command."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from . import s3xml
 from ..crypto.keys import Key
-from ..errors import EncryptionNotApplied, PermissionDenied, StoreError, StoreUnavailable, UserError
+from ..errors import (EncryptionNotApplied, PermissionDenied, SecurityRefusal, StoreError,
+                      StoreSetupError, StoreUnavailable)
 from .client import Client, TransportFailure
 from .contract import OPEN, PLAINTEXT, ObjectInfo
 from .s3requests import BUSY_CODES, SSEC_BLOCKED_HINT, http_date, info_of
-from .transport import EXIT_SECURITY, EXIT_STORE
 
 if TYPE_CHECKING:
     from .s3 import S3Store
@@ -52,23 +52,20 @@ class Probe:
             return
         code = s3xml.error_code(a.body)[0]
         if a.status == 404 or code == "NoSuchBucket":
-            raise UserError(f"bucket {s.bucket!r} does not exist at {self.at}", EXIT_STORE)
+            raise StoreSetupError(f"bucket {s.bucket!r} does not exist at {self.at}")
         if a.status == 403:
-            raise UserError(f"credentials refused for bucket {s.bucket!r} ({code or 403})",
-                            EXIT_STORE)
-        raise UserError(f"bucket {s.bucket!r}: {code or a.status}", EXIT_STORE)
+            raise StoreSetupError(f"credentials refused for bucket {s.bucket!r} ({code or 403})")
+        raise StoreSetupError(f"bucket {s.bucket!r}: {code or a.status}")
 
-    def _unreachable(self, e: TransportFailure) -> UserError:
+    def _unreachable(self, e: TransportFailure) -> StoreSetupError:
         if e.no_credentials:
-            return UserError("no AWS credentials found (environment, profile or config files)",
-                             EXIT_STORE)
+            return StoreSetupError("no AWS credentials found (environment, profile or config files)")
         if e.credentials:
-            return UserError(f"AWS credentials could not be obtained ({e.name}; see the log)",
-                             EXIT_STORE)
+            return StoreSetupError(f"AWS credentials could not be obtained ({e.name}; see the log)")
         if e.tls:
-            return UserError(f"TLS verification failed for {self.store.transport.url} "
-                             f"({e.name}); use --ca-bundle for a private CA", EXIT_STORE)
-        return UserError(f"endpoint {self.at} unreachable ({e.name})", EXIT_STORE)
+            return StoreSetupError(f"TLS verification failed for {self.store.transport.url} "
+                             f"({e.name}); use --ca-bundle for a private CA")
+        return StoreSetupError(f"endpoint {self.at} unreachable ({e.name})")
 
     def probe_sse(self, probe_key: str) -> None:
         """Prove the endpoint enforces SSE-C: write a probe with the key, then a GET without
@@ -77,14 +74,14 @@ class Probe:
         try:
             s.put(probe_key, PROBE_DATA, {})
         except EncryptionNotApplied:
-            raise UserError(f"endpoint {self.at} does not apply SSE-C "
-                            "(no key echo on PUT): refusing to mount", EXIT_SECURITY) from None
+            raise SecurityRefusal(f"endpoint {self.at} does not apply SSE-C "
+                            "(no key echo on PUT): refusing to mount") from None
         except PermissionDenied as e:
             if self.ssec_blocked():
-                raise UserError(f"bucket {s.bucket!r}: {SSEC_BLOCKED_HINT}", EXIT_STORE) from None
-            raise UserError(f"cannot write to bucket {s.bucket!r}: {e}", EXIT_STORE) from None
+                raise StoreSetupError(f"bucket {s.bucket!r}: {SSEC_BLOCKED_HINT}") from None
+            raise StoreSetupError(f"cannot write to bucket {s.bucket!r}: {e}") from None
         except (StoreError, StoreUnavailable) as e:
-            raise UserError(f"cannot write to bucket {s.bucket!r}: {e}", EXIT_STORE) from None
+            raise StoreSetupError(f"cannot write to bucket {s.bucket!r}: {e}") from None
         try:
             self._read_back(probe_key)
         finally:
@@ -99,8 +96,8 @@ class Probe:
         a = s.requests.try_("GetObject", "GET", probe_key)
         served = bytes(a.body) if a.ok else None
         if served == PROBE_DATA:
-            raise UserError(f"endpoint {self.at} serves SSE-C objects "
-                            "without the key: refusing to mount", EXIT_SECURITY)
+            raise SecurityRefusal(f"endpoint {self.at} serves SSE-C objects "
+                            "without the key: refusing to mount")
         if served is not None:
             # Served, but not the plaintext (the stored, encrypted bytes): no secret is
             # revealed, so mount, and say so.
@@ -108,7 +105,7 @@ class Probe:
                         "of an SSE-C object (not its plaintext)", self.at, len(served))
         got = s.get_range(probe_key, 0, len(PROBE_DATA), s.sse.fp(s.ring.current))
         if got != PROBE_DATA:
-            raise UserError("SSE-C probe read back wrong data: refusing to mount", EXIT_SECURITY)
+            raise SecurityRefusal("SSE-C probe read back wrong data: refusing to mount")
 
     # -- diagnostics (ssecfs check, rekey) ------------------------------------------------------
     def ssec_blocked(self) -> bool:

@@ -23,10 +23,8 @@ import botocore.session
 import botocore.utils
 from botocore.config import Config
 
-from ..errors import UserError
+from ..errors import SecurityRefusal, StoreSetupError, UserError
 
-EXIT_STORE = 4
-EXIT_SECURITY = 5
 AWS_DEFAULT = "the AWS default endpoint"
 
 
@@ -54,11 +52,11 @@ def check_endpoint(url: str | None,
         host = None
     if parts.scheme not in ("http", "https") or not host:
         raise UserError(f"bad endpoint URL {url!r} (from {source}): expected "
-                        "http(s)://host[:port]", 2)
+                        "http(s)://host[:port]")
     if parts.scheme == "http" and not is_loopback(host):
-        raise UserError(
+        raise SecurityRefusal(
             f"refusing plain http:// to {host} (from {source}): SSE-C keys would cross the "
-            "network unencrypted; use https://", EXIT_SECURITY)
+            "network unencrypted; use https://")
     return parts
 
 
@@ -108,13 +106,13 @@ def _config_errors(fn, *args, **kw):
     try:
         return fn(*args, **kw)
     except botocore.exceptions.ProfileNotFound as e:
-        raise UserError(f"AWS profile {e.kwargs.get('profile')!r} not found", EXIT_STORE) from None
+        raise StoreSetupError(f"AWS profile {e.kwargs.get('profile')!r} not found") from None
     except (botocore.exceptions.InvalidConfigError, botocore.exceptions.ConfigParseError,
             botocore.exceptions.CredentialRetrievalError,
             botocore.exceptions.PartialCredentialsError) as e:
-        raise UserError(f"AWS configuration: {e}", EXIT_STORE) from None
+        raise StoreSetupError(f"AWS configuration: {e}") from None
     except botocore.exceptions.InvalidRegionError as e:
-        raise UserError(str(e), 2) from None
+        raise UserError(str(e)) from None
 
 
 def _profile_name(bs) -> str:
@@ -184,16 +182,16 @@ def _addressing(bs, custom: bool, scheme: str, host: str, source: str) -> str:
     s3 = bs.get_scoped_config().get("s3")
     style = (s3.get("addressing_style") if isinstance(s3, dict) else None) or "auto"
     if style not in ("auto", "path", "virtual"):
-        raise UserError(f"AWS configuration: s3 addressing_style {style!r} of profile "
-                        f"{_profile_name(bs)!r}: expected auto, path or virtual", EXIT_STORE)
+        raise StoreSetupError(f"AWS configuration: s3 addressing_style {style!r} of profile "
+                        f"{_profile_name(bs)!r}: expected auto, path or virtual")
     if style == "auto":
         style = "path" if custom else "virtual"
     if style == "virtual" and scheme == "http":
         # bucket.localhost is a name the rule cannot vouch for: it resolves as the hosts
         # file says, not necessarily to loopback.
-        raise UserError(f"refusing virtual-hosted addressing over plain http:// to {host} "
+        raise SecurityRefusal(f"refusing virtual-hosted addressing over plain http:// to {host} "
                         f"(from {source}): requests would go to BUCKET.{host}, not a loopback "
-                        "address; use https:// or addressing_style = path", EXIT_SECURITY)
+                        "address; use https:// or addressing_style = path")
     return style
 
 
@@ -209,17 +207,16 @@ def _ca_bundle(bs, flag: str | None) -> str | None:
     if value is None:
         return None
     if not str(value).strip():
-        raise UserError(f"{source} is set but empty: name a PEM file of trusted CA "
-                        "certificates, or unset it", EXIT_STORE)
+        raise StoreSetupError(f"{source} is set but empty: name a PEM file of trusted CA "
+                        "certificates, or unset it")
     path = os.path.expanduser(str(value))
     try:
         with open(path, "rb") as f:
             pem = f.read()
     except OSError as e:
-        raise UserError(f"CA bundle {path} (from {source}): {e.strerror}", EXIT_STORE) from None
+        raise StoreSetupError(f"CA bundle {path} (from {source}): {e.strerror}") from None
     if b"-----BEGIN CERTIFICATE-----" not in pem:
-        raise UserError(f"CA bundle {path} (from {source}): no PEM certificate in it",
-                        EXIT_STORE)
+        raise StoreSetupError(f"CA bundle {path} (from {source}): no PEM certificate in it")
     return path
 
 
@@ -230,7 +227,7 @@ def resolve_transport(endpoint_url: str | None = None, *, profile: str | None = 
     botocore reads (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's `services` section,
     the profile's endpoint_url; AWS_IGNORE_CONFIGURED_ENDPOINT_URLS turns those off), and how
     (region, addressing style, credentials, CA bundle, proxy). Refuses plain http to anything
-    but loopback (UserError, EXIT_SECURITY) before anything else is looked up."""
+    but loopback (SecurityRefusal) before anything else is looked up."""
     bs = session or _session(profile)
     return _config_errors(_resolve, bs, endpoint_url, region, ca_bundle)
 
