@@ -39,7 +39,7 @@ class FsConfig:
     fsync_timeout: float = 0.0       # 0: wait until durable, however long
     dir_index: bool = True           # read and write per-directory attribute indexes
     cache_every_read: bool = False   # cache a big file's units the first time they are read
-    defer_deletes: bool = True       # journaled deletes sent in batches (deletes.py)
+    defer_deletes: bool = True       # journaled deletes sent in batches (store.deferred)
     # Owner and permission bits of what carries no attributes we can trust: objects without
     # ssecfs metadata or that no key of the ring opens, the root, directories without a
     # marker (attrs.AttrOps._meta_of). None: the mounting process's uid / gid.

@@ -1,4 +1,4 @@
-"""Deferred deletes (ssecfs/deletes.py) under the filesystem, over the SSE-C-enforcing
+"""Deferred deletes (ssecfs/store/deferred.py) under the filesystem, over the SSE-C-enforcing
 in-memory store: unlink returns once journaled, names vanish at once, keys go out in
 batches, writes to a key wait for its delete, and the journal survives a crash."""
 

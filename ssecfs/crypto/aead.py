@@ -23,7 +23,7 @@ are sealed with GCM: the forms WHOLE_GCM and SPLIT_GCM of the same format; slots
 OCB3 cannot be read there.
 
 A cache chunk (up to 128 KiB) is sealed as one blob (a "whole" form), or (a chunk read at
-random, see cache.py) as consecutive sub-blocks of SUB (4 KiB) bytes, each its own blob (a
+random, see ssecfs.cache) as consecutive sub-blocks of SUB (4 KiB) bytes, each its own blob (a
 "split" form), so that a 4 KiB read decrypts 4 KiB, not 128. A sub-block's associated data
 also names its number and a random id of the write that sealed the chunk (kept in the slot's
 header): sub-blocks cannot be swapped, moved or dropped, nor sub-blocks of two writes of the

@@ -330,7 +330,7 @@ class Namespace:
                 implied.add("/".join(parts[:n]) + "/")
         implied = {d for d in implied if d.startswith(root)}     # never above the moved tree
         todo = set(keys) | implied
-        # the files first, then the directory keys level by level, deepest first (deletes.py
+        # the files first, then the directory keys level by level, deepest first (store.delqueue
         # sends a group as a few DeleteObjects requests at once)
         files = sorted(k for k in todo if not k.endswith("/"))
         levels: dict[int, list[str]] = {}

@@ -1,4 +1,4 @@
-"""The delete journal of deferred deletes (deletes.py): one file in the cache directory,
+"""The delete journal of deferred deletes (store.deferred): one file in the cache directory,
 `deletes`, of sealed records. docs/CACHE.md describes the file."""
 
 from __future__ import annotations
