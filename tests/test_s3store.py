@@ -573,6 +573,21 @@ def test_store_contract_delete_many(contract, k1):
     assert [o for p in st.list_page_iter("dm/", delimiter=None) for o in p.objects] == []
 
 
+def test_store_contract_delete_tree(contract):
+    """delete_tree, the deletes of a moved directory: its files, markers and the directories
+    they imply below the root go, none above it, and nothing of the tree is listed after
+    (SeaweedFS lists an emptied implicit directory until its "d/" key is deleted)."""
+    st, _, _ = contract
+    keys = ["dt/t/a", "dt/t/s/", "dt/t/s/b", "dt/t/s/u/c"]
+    for k in keys + ["dt/keep"]:
+        st.put(k, b"" if k.endswith("/") else k.encode(), {})
+    st.delete_tree(keys, "dt/t/")
+    assert [o.key for p in st.list_page_iter("dt/t/", delimiter=None) for o in p.objects] == []
+    top = list(st.list_page_iter("dt/", delimiter="/"))
+    assert [o.key for p in top for o in p.objects] == ["dt/keep"]
+    assert [q for p in top for q in p.prefixes] == []
+
+
 # ------------------------------------------------------------------------- request shapes
 def test_list_pagination_and_delete_batches(make_store, k1, s3, bucket):
     """Listings follow continuation tokens (1,000 keys a page), start_after is honoured,

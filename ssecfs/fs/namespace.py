@@ -19,7 +19,7 @@ import posixpath
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..cache import Cache
 from ..errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
@@ -50,21 +50,20 @@ class Caller:
         return self.uid == 0 or gid == self.gid or gid in self.groups
 
 
+@dataclass(eq=False, repr=False)
 class Namespace:
-    def __init__(self, store: Store, cache: Cache, names: Names, meta: Metadata,
-                 files: OpenFiles, attrs: AttrCache, uploads: Uploader, writer: Writer,
-                 config):
-        self.store = store
-        self.cache = cache
-        self.names = names
-        self.meta = meta
-        self.files = files
-        self.attrs = attrs
-        self.uploads = uploads
-        self.writer = writer
-        self.cfg = config
-        self.lock = threading.RLock()
-        self._copy_pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="copy")
+    store: Store
+    cache: Cache
+    names: Names
+    meta: Metadata
+    files: OpenFiles
+    attrs: AttrCache
+    uploads: Uploader
+    writer: Writer
+    cfg: object                               # FsConfig
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False)
+    _copy_pool: ThreadPoolExecutor = field(init=False, default_factory=lambda: ThreadPoolExecutor(
+        max_workers=COPY_WORKERS, thread_name_prefix="copy"))
 
     def check_writable(self) -> None:
         if self.cfg.read_only:
@@ -101,14 +100,22 @@ class Namespace:
                 meta["mode"] |= stat.S_ISGID
         return meta
 
+    def _put_new(self, path: str, key: str, body: bytes, mode: int, uid: int | None,
+                 gid: int | None) -> dict:
+        """Caller holds lock. Store a new directory marker or symlink for path, which must
+        not exist; its metadata."""
+        if self._exists(path):
+            raise Exists(path)
+        self.check_parent(path)
+        meta = self.new_meta(path, mode, uid, gid)
+        self.store.put(key, body, meta_headers(meta))
+        return meta
+
     def mkdir(self, path: str, mode: int, uid: int | None = None, gid: int | None = None) -> None:
         self.check_writable()
         with self.lock:
-            if self._exists(path):
-                raise Exists(path)
-            self.check_parent(path)
-            meta = self.new_meta(path, stat.S_IFDIR | (mode & 0o7777), uid, gid)
-            self.store.put(self.names.dir_key(path), b"", meta_headers(meta))
+            meta = self._put_new(path, self.names.dir_key(path), b"",
+                                 stat.S_IFDIR | (mode & 0o7777), uid, gid)
             self.attrs.remember_dir_meta(path, meta)
             self.attrs.invalidate(path)
             self.attrs.note_child(path, True)
@@ -311,35 +318,12 @@ class Namespace:
             made = [info.key for info in copied.values() if info is not None]
             log.warning("moving %r failed; removing the %d copies already made", okey, len(made))
             try:
-                self._delete_tree(made, nkey)
+                self.store.delete_tree(made, nkey)
             except Exception:  # noqa: BLE001 - the original error is what matters
                 log.error("could not remove partial copies under %r", nkey)
             raise
-        self._delete_tree(objs, okey)
+        self.store.delete_tree(objs, okey)
         return copied
-
-    def _delete_tree(self, keys: list[str], root: str) -> None:
-        """Delete a set of keys deepest first, then the directory keys they imply. SeaweedFS
-        keeps a "dir/" key that still has children (and an emptied implicit directory) listed;
-        deleting children before parents, then each implied "dir/", leaves nothing behind.
-        On AWS deleting a key that does not exist is harmless."""
-        implied = set()
-        for k in keys:
-            parts = k.rstrip("/").split("/")[:-1]
-            for n in range(1, len(parts) + 1):
-                implied.add("/".join(parts[:n]) + "/")
-        implied = {d for d in implied if d.startswith(root)}     # never above the moved tree
-        todo = set(keys) | implied
-        # the files first, then the directory keys level by level, deepest first (store.delqueue
-        # sends a group as a few DeleteObjects requests at once)
-        files = sorted(k for k in todo if not k.endswith("/"))
-        levels: dict[int, list[str]] = {}
-        for k in todo:
-            if k.endswith("/"):
-                levels.setdefault(k.count("/"), []).append(k)
-        for group in [files] + [sorted(levels[n]) for n in sorted(levels, reverse=True)]:
-            if group:
-                self.store.delete_many(group)
 
     def _move_state(self, st, opfx: str, npfx: str, okey: str, nkey: str, copied: dict) -> None:
         with st.lock:
@@ -476,12 +460,9 @@ class Namespace:
     def symlink(self, path: str, target: str, uid: int | None = None, gid: int | None = None) -> None:
         self.check_writable()
         with self.lock:
-            if self._exists(path):
-                raise Exists(path)
-            self.check_parent(path)
-            meta = self.new_meta(path, stat.S_IFLNK | 0o777, uid, gid)
-            self.store.put(self.names.key_of(path), target.encode("utf-8", "surrogateescape"),
-                           meta_headers(meta))
+            self._put_new(path, self.names.key_of(path),
+                          target.encode("utf-8", "surrogateescape"), stat.S_IFLNK | 0o777,
+                          uid, gid)
             self.attrs.invalidate(path)
             self.attrs.note_child(path, True)
 

@@ -11,7 +11,7 @@ so namespace operations may wait for an upload in flight (WriteBack.quiesce) whi
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass, field
 
 from ..cache import Cache
 from ..errors import TimedOut
@@ -26,19 +26,20 @@ from .writeback import WriteBack
 log = logging.getLogger("ssecfs.fs")
 
 
+@dataclass(eq=False, repr=False)
 class Uploader:
-    def __init__(self, store: Store, cache: Cache, files: OpenFiles, reader: Reader,
-                 attrs: AttrCache, config):
-        self.store = store
-        self.cache = cache
-        self.files = files
-        self.reader = reader
-        self.attrs = attrs
-        self.cfg = config
-        self.streams = Streams(store, reader, config.upload_workers)
-        self.wb = WriteBack(self._upload, delay=config.writeback_delay,
-                            workers=config.upload_workers)
-        self.bad_entries: list = []
+    store: Store
+    cache: Cache
+    files: OpenFiles
+    reader: Reader
+    attrs: AttrCache
+    cfg: object                               # FsConfig
+    bad_entries: list = field(default_factory=list, init=False)   # cache.recover()'s
+
+    def __post_init__(self):
+        self.streams = Streams(self.store, self.reader, self.cfg.upload_workers)
+        self.wb = WriteBack(self._upload, delay=self.cfg.writeback_delay,
+                            workers=self.cfg.upload_workers)
 
     def persist_and_schedule(self, st: FileState, delay: float | None = None) -> None:
         """Journal st's state with its data (once per generation) and queue its upload

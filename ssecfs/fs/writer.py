@@ -6,6 +6,8 @@ hold the namespace lock; each method takes st.lock itself (begin_change: the cal
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..cache import CHUNK, Cache
 from .attrs import AttrCache
 from .files import FileState, OpenFiles
@@ -15,15 +17,14 @@ from .stream import Streams
 from .writeback import WriteBack
 
 
+@dataclass(eq=False, repr=False)
 class Writer:
-    def __init__(self, cache: Cache, files: OpenFiles, reader: Reader, attrs: AttrCache,
-                 streams: Streams, wb: WriteBack):
-        self.cache = cache
-        self.files = files
-        self.reader = reader
-        self.attrs = attrs
-        self.streams = streams
-        self.wb = wb
+    cache: Cache
+    files: OpenFiles
+    reader: Reader
+    attrs: AttrCache
+    streams: Streams
+    wb: WriteBack
 
     def begin_change(self, st: FileState, data: bool) -> None:
         """Caller holds st.lock. Marks the file dirty (its cache entry too)."""

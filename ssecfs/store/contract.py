@@ -91,6 +91,28 @@ class Store(Protocol):
     def copy_as_is(self, src: str, dst: str, size: int) -> ObjectInfo: ...
     def delete(self, key: str) -> None: ...
     def delete_many(self, keys: list[str]) -> None: ...
+    def delete_tree(self, keys: list[str], root: str) -> None: ...
     def list_page_iter(self, prefix: str, delimiter: str | None = "/",
                        max_keys: int = 1000,
                        start_after: str | None = None) -> Iterator[ListPage]: ...
+
+
+def tree_groups(keys: list[str], root: str) -> list[list[str]]:
+    """The deletes of a tree of keys under root, as groups each sent after the one before:
+    the files, then the directory keys ("d/") they imply below root, level by level, deepest
+    first. SeaweedFS keeps listing a "d/" key that still has children, and an emptied
+    implicit directory until its "d/" is deleted; in this order nothing is left behind. (On
+    AWS deleting a key that does not exist is harmless.)"""
+    implied = set()
+    for k in keys:
+        parts = k.rstrip("/").split("/")[:-1]
+        for n in range(1, len(parts) + 1):
+            implied.add("/".join(parts[:n]) + "/")
+    todo = set(keys) | {d for d in implied if d.startswith(root)}   # never above the tree
+    levels: dict[int, list[str]] = {}
+    for k in todo:
+        if k.endswith("/"):
+            levels.setdefault(k.count("/"), []).append(k)
+    groups = [sorted(k for k in todo if not k.endswith("/"))] + \
+        [sorted(levels[n]) for n in sorted(levels, reverse=True)]
+    return [g for g in groups if g]

@@ -7,6 +7,7 @@ the server refuses that with SSE-C.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import s3xml
@@ -24,18 +25,17 @@ MiB = 1024 * 1024
 COPY_PART_MIN = 512 * MiB     # parts of an UploadPartCopy: few requests for a big object
 
 
+@dataclass(eq=False, repr=False)
 class Copies:
     """Copies within one bucket. get_range and upload: the store's, for the streamed copy."""
 
-    def __init__(self, wire: Client, requests: Requests, sse: SseC, multipart: Multipart,
-                 get_range: Callable, upload: Callable):
-        self.wire = wire
-        self.requests = requests
-        self.sse = sse
-        self.multipart = multipart
-        self.get_range = get_range
-        self.upload = upload
-        self._upc_unsupported = False
+    wire: Client
+    requests: Requests
+    sse: SseC
+    multipart: Multipart
+    get_range: Callable
+    upload: Callable
+    _upc_unsupported: bool = field(default=False, init=False)
 
     def _headers(self, src: str, sk: Key, dk: Key, meta: dict | None, dst: str) -> dict:
         """CopyObject's headers: meta given, REPLACE the metadata, else COPY it."""
