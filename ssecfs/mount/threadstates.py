@@ -4,9 +4,9 @@ libfuse calls the FUSE adapter from its own worker threads, through ctypes. For 
 Python did not start, each ctypes callback creates a thread state on entry and deletes it on
 return (PyGILState_Ensure/Release with a count back at zero). In CPython 3.11 a new thread
 state maps a 16 KiB frame stack and its deletion unmaps it, and every munmap in a
-multi-threaded process makes the kernel flush the TLB of the other CPUs (an IPI): under
-`fio` 4 KiB random reads this was 17% of the daemon's CPU, plus the page faults of the new
-mapping. A null fusepy filesystem does 13.9k random reads/s without the pin, 23.6k with it.
+multi-threaded process makes the kernel flush the TLB of the other CPUs (an IPI), and the
+new mapping page-faults again: a cost paid on every FUSE request, large next to a small
+read's own work.
 
 `pin()`, called at the start of every FUSE operation, takes one extra PyGILState_Ensure the
 first time it runs in a worker thread and never releases it: the count then never returns
