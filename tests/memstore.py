@@ -275,6 +275,15 @@ class MemStore:
             data = obj.data
         return self._store(dst, data, metadata)
 
+    def copy_as_is_many(self, items: list[tuple[str, str, int]]) -> list:
+        out = []
+        for src, dst, size in items:
+            try:
+                out.append(self.copy_as_is(src, dst, size))
+            except Exception as e:  # noqa: BLE001 - handed back, as S3Store does
+                out.append(e)
+        return out
+
     def copy_as_is(self, src: str, dst: str, size: int) -> ObjectInfo:
         """Like S3Store.copy_as_is: one copy keeping the metadata, only for objects under the
         ring's current key (PermissionDenied otherwise; NotSupported never: no size limit)."""

@@ -573,6 +573,25 @@ def test_store_contract_delete_many(contract, k1):
     assert [o for p in st.list_page_iter("dm/", delimiter=None) for o in p.objects] == []
 
 
+def test_store_contract_copy_as_is_many(contract, k1):
+    """copy_as_is_many, the copies of a moved directory: each is made as copy_as_is makes it
+    (the metadata kept, under the current key) or comes back as the error copy_as_is raises,
+    in the order asked; one failing leaves the others made."""
+    st = contract[0]
+    st.put("cm/a", b"aa", {"mode": "33188"})
+    st.put("cm/b", b"bbb", {})
+    out = st.copy_as_is_many([("cm/a", "cm/x/a", 2), ("cm/missing", "cm/x/m", 1),
+                              ("cm/b", "cm/x/b", 3)])
+    assert [type(r).__name__ for r in out] == ["ObjectInfo", "NotFound", "ObjectInfo"], out
+    assert (out[0].key, out[0].key_fp, out[2].key) == ("cm/x/a", k1.fingerprint, "cm/x/b")
+    assert st.get_range("cm/x/a", 0, 2, k1.fingerprint) == b"aa"
+    assert st.get_range("cm/x/b", 0, 3, k1.fingerprint) == b"bbb"
+    assert st.head("cm/x/a").metadata.get("mode") == "33188"
+    with pytest.raises(NotFound):
+        st.head("cm/x/m")
+    assert st.copy_as_is_many([]) == []
+
+
 def test_store_contract_delete_tree(contract):
     """delete_tree, the deletes of a moved directory: its files, markers and the directories
     they imply below the root go, none above it, and nothing of the tree is listed after

@@ -35,7 +35,8 @@ from .writer import Writer
 
 log = logging.getLogger("ssecfs.fs")
 
-COPY_WORKERS = 16                    # copies in flight when a directory is renamed
+COPY_WORKERS = 16                    # copies after a HEAD in flight when a directory is renamed
+COPY_BATCH = 1000                    # copies of a renamed directory sent at once
 NO_ID = (-1, 0xFFFFFFFF)  # chown(2): leave the owner (group) as it is
 
 
@@ -297,7 +298,7 @@ class Namespace:
         Returns {old key: ObjectInfo of the copy}. If any copy fails, the copies already made
         are deleted again (the source tree is untouched) and the error is raised."""
         objs: list[str] = []
-        futs: dict = {}
+        batch: list = []
         copied: dict = {}
         try:
             for page in self.store.list_page_iter(okey, delimiter=None):
@@ -305,11 +306,11 @@ class Namespace:
                     objs.append(o.key)
                     if o.key.endswith("/" + INDEX_NAME):
                         continue          # indexes are not carried over (copies are new versions)
-                    futs[o.key] = self._copy_pool.submit(self._move_copy, o.key,
-                                                         nkey + o.key[len(okey):], o.size)
-                    if len(futs) >= 1000:
-                        self._drain(futs, copied)
-            self._drain(futs, copied)
+                    batch.append((o.key, nkey + o.key[len(okey):], o.size))
+                    if len(batch) >= COPY_BATCH:
+                        self._copy_batch(batch, copied)
+                        batch = []
+            self._copy_batch(batch, copied)
             if okey not in copied:
                 # no marker: make one so an empty directory survives the move; without
                 # metadata, like the directory it replaces (the mount's defaults)
@@ -357,12 +358,29 @@ class Namespace:
         if first is not None:
             raise first
 
-    def _move_copy(self, src: str, dst: str, size: int):
-        if not src.endswith("/"):
-            try:        # one request: most objects are under the current key
-                return self.store.copy_as_is(src, dst, size)
-            except (KeyMismatch, PermissionDenied, NotSupported):
-                pass    # under an older key (or big): HEAD to learn which, then copy
+    def _copy_batch(self, items: list, copied: dict) -> None:
+        """Copy items (src, dst, size) into copied {src: ObjectInfo}: the files in one go, one
+        request each and all at once (most are under the current key: Store.copy_as_is_many),
+        directory markers and the files that turn out to be under an older key (or too big)
+        after a HEAD each (_move_copy), in parallel. Every copy made is in copied before the
+        first error is raised (the caller's rollback removes them)."""
+        files = [i for i in items if not i[0].endswith("/")]
+        slow = [i for i in items if i[0].endswith("/")]
+        first = None
+        for item, r in zip(files, self.store.copy_as_is_many(files)):
+            if isinstance(r, (KeyMismatch, PermissionDenied, NotSupported)):
+                slow.append(item)
+            elif isinstance(r, Exception):
+                first = first or r
+            else:
+                copied[item[0]] = r
+        self._drain({src: self._copy_pool.submit(self._move_copy, src, dst)
+                     for src, dst, _size in slow}, copied)
+        if first is not None:
+            raise first
+
+    def _move_copy(self, src: str, dst: str):
+        """Copy one object, with the key and metadata a HEAD of it shows."""
         info = self.store.head(src)
         if src.endswith("/") and info.size == 0:
             # a directory marker, made anew under our key: it must not make metadata that

@@ -13,7 +13,7 @@ from typing import Callable
 from . import s3xml
 from ..errors import NotSupported, PermissionDenied, StoreError
 from ..crypto.keys import Key
-from .client import Answer, Client
+from .client import Answer, Client, TransportFailure
 from .contract import COPY_MAX, ObjectInfo, OPEN
 from .multipart import Multipart, part_size_for
 from .s3requests import AUTH_CODES, Requests
@@ -70,6 +70,38 @@ class Copies:
         return self._copied(a, dst, size, metadata, dk)
 
     def copy_as_is(self, src: str, dst: str, size: int) -> ObjectInfo:
+        k = self._as_is_key(src, size)
+        a = self.requests.try_("CopyObject", "PUT", dst,
+                               headers=self._headers(src, k, k, None, dst))
+        return self._as_is_copied(a, src, dst, size, k)
+
+    def copy_as_is_many(self, items: list[tuple[str, str, int]]) -> list:
+        """copy_as_is of each (src, dst, size), all the requests in flight at once, without a
+        thread each: in order, the ObjectInfo of each copy or the error its copy_as_is would
+        raise."""
+        out: list = [None] * len(items)
+        sent = []
+        for n, (src, dst, size) in enumerate(items):
+            try:
+                k = self._as_is_key(src, size)
+                fut = self.wire.submit("CopyObject", "PUT", dst,
+                                       headers=self._headers(src, k, k, None, dst))
+                sent.append((n, k, fut))
+            except Exception as e:  # noqa: BLE001 - handed back, as copy_as_is would raise it
+                out[n] = e
+        for n, k, fut in sent:
+            src, dst, size = items[n]
+            try:
+                out[n] = self._as_is_copied(self.wire.wait(fut), src, dst, size, k)
+            except TransportFailure as e:
+                out[n] = self.requests.failure(e, "CopyObject", dst)
+            except Exception as e:  # noqa: BLE001 - handed back
+                out[n] = e
+        return out
+
+    def _as_is_key(self, src: str, size: int) -> Key:
+        """The key a copy of src keeping its metadata is made with: the current one, when it
+        is known (or the only one) to be src's."""
         if size > COPY_MAX:
             raise NotSupported("copy_as_is: object over 5 GiB")
         k = self.sse.ring.current
@@ -78,8 +110,9 @@ class Copies:
             # with several keys, guessing wrong costs more than a HEAD (SeaweedFS answers a
             # copy with the wrong source key with 500, which is retried)
             raise PermissionDenied(f"{src!r}: key not known")
-        a = self.requests.try_("CopyObject", "PUT", dst,
-                               headers=self._headers(src, k, k, None, dst))
+        return k
+
+    def _as_is_copied(self, a: Answer, src: str, dst: str, size: int, k: Key) -> ObjectInfo:
         if a.status in (400, 403) and s3xml.error_code(a.body)[0] not in AUTH_CODES:
             raise PermissionDenied(f"CopyObject {src!r}: not under the current key")
         if not a.ok:

@@ -178,6 +178,19 @@ class DeferredDeletes:
         self.queue.wait_gone(dst)
         return self._written(self._store.copy(src, dst, *a, **kw))
 
+    def copy_as_is_many(self, items: list[tuple[str, str, int]]) -> list:
+        out: list = [None] * len(items)
+        todo = []
+        for n, (src, dst, _size) in enumerate(items):
+            if self.queue.gone(src):
+                out[n] = NotFound(src)
+            else:
+                self.queue.wait_gone(dst)
+                todo.append(n)
+        for n, r in zip(todo, self._store.copy_as_is_many([items[n] for n in todo])):
+            out[n] = r if isinstance(r, Exception) else self._written(r)
+        return out
+
     def copy_as_is(self, src: str, dst: str, *a, **kw):
         if self.queue.gone(src):
             raise NotFound(src)

@@ -242,6 +242,10 @@ class S3Store:
         request, no HEAD first). PermissionDenied if it is not; NotSupported above COPY_MAX."""
         return self.copies.copy_as_is(src, dst, size)
 
+    def copy_as_is_many(self, items: list[tuple[str, str, int]]) -> list:
+        """copy_as_is of each (src, dst, size), all at once: each one's ObjectInfo or error."""
+        return self.copies.copy_as_is_many(items)
+
     # -- deletes and listings -------------------------------------------------------------------
     def delete(self, key: str) -> None:
         self.requests.send("DeleteObject", "DELETE", key)     # S3: 204 whether or not it existed
