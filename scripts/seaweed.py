@@ -9,6 +9,8 @@ for awscrt) and a self-signed certificate for its https port. As a command:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import shutil
 import signal
@@ -62,6 +64,18 @@ def s3_client(endpoint: str, config=None, verify=None):
     return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
                         aws_secret_access_key=SECRET_KEY, region_name="us-east-1", config=cfg,
                         verify=verify)
+
+
+def sse_params(raw: bytes) -> dict:
+    """boto3's SSE-C parameters for a raw 32-byte key."""
+    return {"SSECustomerAlgorithm": "AES256",
+            "SSECustomerKey": base64.b64encode(raw).decode(),
+            "SSECustomerKeyMD5": base64.b64encode(hashlib.md5(raw).digest()).decode()}
+
+
+def copy_source_sse(raw: bytes) -> dict:
+    """The same parameters for the source of a CopyObject."""
+    return {"CopySource" + k: v for k, v in sse_params(raw).items()}
 
 
 def crt_client(endpoint: str, ca_file: str | None = None, **options):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import subprocess
 import sys
 import time
+
+import pytest
+from botocore.exceptions import ClientError
+
+from seaweed import sse_params as sse  # scripts/: on the path by tests/conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,14 +31,23 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02, what: s
                          + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
-def sse(raw: bytes) -> dict:
-    return {"SSECustomerAlgorithm": "AES256",
-            "SSECustomerKey": base64.b64encode(raw).decode(),
-            "SSECustomerKeyMD5": base64.b64encode(hashlib.md5(raw).digest()).decode()}
+def bucket_etags(s3, bucket: str) -> dict[str, str]:
+    """Every key of the bucket with its ETag."""
+    out = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents") or []:
+            out[o["Key"]] = o["ETag"]
+    return out
 
 
-def copy_source_sse(raw: bytes) -> dict:
-    return {"CopySource" + k: v for k, v in sse(raw).items()}
+def assert_sse_c_only(s3, bucket: str, key: str) -> None:
+    """The server refuses the object without its key (400) and with another key (403)."""
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket=bucket, Key=key)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket=bucket, Key=key, **sse(os.urandom(32)))
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
 
 
 def ssecfs_cmd() -> list[str]:

@@ -164,6 +164,19 @@ class MemStore:
             data = obj.data[:nbytes] if obj is not None and obj.etag == info.etag else None
         return replace(info, start=data) if data is not None else info
 
+    def _sse_c_object(self, key: str, op: str, k, etag: str | None, changed: str,
+                      plaintext: Exception):
+        """The object an SSE-C read or copy under key k may use (self._lock held): Stale if
+        it is no longer `etag`, `plaintext` if it is not SSE-C, 403 under another key."""
+        obj = self._get(key, op)
+        if etag is not None and etag != obj.etag:
+            raise Stale(f"{op} {key!r}: {changed}")
+        if obj.key_fp is None:
+            raise plaintext
+        if obj.key_fp != k.fingerprint:
+            raise PermissionDenied(f"{op} {key!r}: access denied (403)")
+        return obj
+
     def get_range(self, key: str, start: int, length: int, key_fp: str | None,
                   etag: str | None = None, shared: bool = False) -> bytes:
         self._enter("get_range", key, start, length)
@@ -171,13 +184,8 @@ class MemStore:
             return b""
         k = self._key_for(key_fp)
         with self._lock:
-            obj = self._get(key, "GetObject")
-            if etag is not None and etag != obj.etag:
-                raise Stale(f"GetObject {key!r}: object changed while reading")
-            if obj.key_fp is None:
-                raise KeyMismatch(f"{key!r} is not encrypted with SSE-C: refused")
-            if obj.key_fp != k.fingerprint:
-                raise PermissionDenied(f"GetObject {key!r}: access denied (403)")
+            obj = self._sse_c_object(key, "GetObject", k, etag, "object changed while reading",
+                                     KeyMismatch(f"{key!r} is not encrypted with SSE-C: refused"))
             if start >= len(obj.data):
                 raise StoreError(f"GetObject {key!r}: InvalidRange")
             return obj.data[start:start + length]
@@ -264,14 +272,10 @@ class MemStore:
         self._enter("copy", dst, src)
         sk = self._key_for(src_key_fp)
         with self._lock:
-            obj = self._get(src, "CopyObject")
-            if src_etag is not None and src_etag != obj.etag:
-                raise Stale(f"CopyObject {src!r}: source changed (CopySourceIfMatch)")
-            if obj.key_fp is None:
-                # AWS answers 400 to copy-source SSE-C headers on a plaintext source.
-                raise StoreError(f"CopyObject {src!r}: 400 (source is not SSE-C)")
-            if obj.key_fp != sk.fingerprint:
-                raise PermissionDenied(f"CopyObject {src!r}: access denied (403)")
+            # AWS answers 400 to copy-source SSE-C headers on a plaintext source.
+            obj = self._sse_c_object(src, "CopyObject", sk, src_etag,
+                                     "source changed (CopySourceIfMatch)",
+                                     StoreError(f"CopyObject {src!r}: 400 (source is not SSE-C)"))
             data = obj.data
         return self._store(dst, data, metadata)
 

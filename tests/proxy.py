@@ -318,19 +318,19 @@ class _Handler(BaseHTTPRequestHandler):
                     yield b"".join(out)
                     return
                 yield line
-                left = size + 2           # data + CRLF
-                while left:
-                    b = self.rfile.read(min(left, PIECE))
-                    if not b:
-                        raise ConnectionError("client closed in the middle of a chunk")
-                    left -= len(b)
-                    yield b
+                yield from self._read_exactly(size + 2,          # data + CRLF
+                                              "client closed in the middle of a chunk")
             return
-        left = int(self.headers.get("Content-Length") or 0)
+        yield from self._read_exactly(int(self.headers.get("Content-Length") or 0),
+                                      "client closed before the end of the body")
+
+    def _read_exactly(self, left: int, short: str):
+        """Yield the next `left` bytes of the request in pieces; ConnectionError(short) if
+        the client closes first."""
         while left:
             b = self.rfile.read(min(left, PIECE))
             if not b:
-                raise ConnectionError("client closed before the end of the body")
+                raise ConnectionError(short)
             left -= len(b)
             yield b
 

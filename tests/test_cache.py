@@ -3,6 +3,7 @@ crash recovery, and the eviction bound."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -57,11 +58,40 @@ def make_cache(directory, keys: Keys, ring=(0,), current=0, max_bytes=64 * COST)
     return c
 
 
+@contextlib.contextmanager
+def open_cache(directory, keys: Keys, **kw):
+    """make_cache(...), closed when the block ends."""
+    c = make_cache(directory, keys, **kw)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
 @pytest.fixture
 def cache(cache_dir, keys):
     c = make_cache(cache_dir, keys)
     yield c
     c.close()
+
+
+@pytest.fixture
+def bounded_cache(cache_dir, keys):
+    """bounded_cache(n): a cache that holds n full chunks, closed after the test."""
+    made = []
+
+    def make(chunks: int) -> Cache:
+        made.append(make_cache(cache_dir, keys, max_bytes=chunks * COST))
+        return made[-1]
+    yield make
+    for c in made:
+        c.close()
+
+
+def fill_clean(e, n: int) -> None:
+    """Chunks 0..n-1 of e: random full chunks, clean (fetched from the bucket)."""
+    for i in range(n):
+        e.write_chunk(i, os.urandom(CHUNK), dirty=False)
 
 
 def slot_offset(index: int, pos: int = 0) -> int:
@@ -460,8 +490,7 @@ def test_where_openssl_lacks_ocb_chunks_are_sealed_with_gcm(cache_dir, keys, mon
         e.save_state({"dirty": True, "path": "/f", "size": CHUNK + 5000})
         e.close_fd()
         c.close()
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (e, state), = c.recover()[0]
         assert state["dirty"] and e.present == {0: CHUNK, 1: 5000}
         for i, d in data.items():
@@ -474,13 +503,10 @@ def test_where_openssl_lacks_ocb_chunks_are_sealed_with_gcm(cache_dir, keys, mon
         e.save_state({"dirty": True, "path": "/f", "size": 2 * CHUNK + 3})   # confirms it
         assert slot_magic(e, 2) == MAGIC_WHOLE and e.read_chunk(2) == b"new"
         e.close_fd()
-    finally:
-        c.close()
     for trusted in (True, False):
         with monkeypatch.context() as mp:
             mp.setattr(crypto_mod, "AESOCB3", without_ocb)
-            c = make_cache(cache_dir, keys)
-            try:
+            with open_cache(cache_dir, keys) as c:
                 (e, _), = c.recover()[0]
                 if not trusted:
                     rescan(e, trusted=False)       # verified at first use: not taken as torn
@@ -488,8 +514,6 @@ def test_where_openssl_lacks_ocb_chunks_are_sealed_with_gcm(cache_dir, keys, mon
                 with pytest.raises(IntegrityError, match="OCB3"):
                     e.read_chunk(2)
                 assert e.has(2)
-            finally:
-                c.close()
 
 
 def test_a_cache_of_another_format_is_refused_with_how_to_drain_it(cache_dir, keys):
@@ -569,8 +593,7 @@ def test_records_alternate_and_a_torn_newest_falls_back_to_the_previous(cache_di
     c.close()
     newest = (seq % 2) * RSLOT
     corrupt(e.data_path, newest + RHEADER.size + 3)          # generation 3's record torn
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, state), = c.recover()[0]
         assert state["generation"] == 2 and r.read_chunk(0) == b"data"
         r.save_state({"dirty": True, "generation": 4}, sync=False)
@@ -579,8 +602,6 @@ def test_records_alternate_and_a_torn_newest_falls_back_to_the_previous(cache_di
         corrupt(r.data_path, newest + RHEADER.size + 3)
         assert r.load_state()["generation"] == 2             # the one kept whole
         r.close_fd()
-    finally:
-        c.close()
 
 
 def test_a_record_never_goes_over_the_newest_flushed_one(cache_dir, keys, monkeypatch):
@@ -619,12 +640,9 @@ def test_a_record_never_goes_over_the_newest_flushed_one(cache_dir, keys, monkey
     monkeypatch.undo()
     e.close_fd()
     c.close()
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, state), = c.recover()[0]
         assert state["v"] == 2
-    finally:
-        c.close()
 
 
 def slot_record(e, slot: int) -> bytes:
@@ -635,8 +653,7 @@ def slot_record(e, slot: int) -> bytes:
 
 # ------------------------------------------------------------------------- directory, lock
 def test_cache_dir_created_0700(cache_dir, keys):
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         for d in (cache_dir, os.path.join(cache_dir, "entries")):
             assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
         e = c.new_entry()
@@ -644,29 +661,21 @@ def test_cache_dir_created_0700(cache_dir, keys):
         e.save_state({"dirty": True})
         assert os.listdir(c.entries_dir) == [e.id + ".data"]      # one file per entry
         assert stat.S_IMODE(os.stat(e.data_path).st_mode) & 0o077 == 0
-    finally:
-        c.close()
 
 
 def test_existing_permissive_dir_tightened(tmp_path, keys):
     d = tmp_path / "loose"
     d.mkdir(mode=0o755)
     os.chmod(d, 0o755)
-    c = make_cache(str(d), keys)
-    try:
+    with open_cache(str(d), keys):
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
-    finally:
-        c.close()
 
 
 def test_second_open_refused_until_closed(cache_dir, keys):
-    first = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys):
         with pytest.raises(UserError) as e:
             make_cache(cache_dir, keys)
         assert "in use" in str(e.value)
-    finally:
-        first.close()
     again = make_cache(cache_dir, keys)          # the lock is released by close()
     again.close()
 
@@ -755,74 +764,58 @@ def test_recover_torn_record_kept_and_reported(cache_dir, keys):
         for slot in (0, 1):
             f.seek(slot * RSLOT + RHEADER.size)
             f.write(bytes(10))
-    c2 = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c2:
         entries, bad = c2.recover()
         assert entries == [] and bad == [e.id]
         assert os.path.exists(e.data_path)
-    finally:
-        c2.close()
 
 
 def test_recover_evicted_hole_is_absent(cache_dir, keys):
     """A punched (evicted) slot reads back as absent after a restart, not as garbage."""
     c = make_cache(cache_dir, keys, max_bytes=2 * COST)
     e = c.new_entry()
-    for i in range(4):
-        e.write_chunk(i, os.urandom(CHUNK), dirty=False)
+    fill_clean(e, 4)
     assert not e.has(0) and e.has(3)
     e.save_state({"dirty": True})
     e.sync()
     c.close()
-    c2 = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c2:
         (r, _), = c2.recover()[0]
         assert 0 not in r.present and 1 not in r.present
         assert sorted(r.present) == [2, 3]
         assert r.read_chunk(0) is None
-    finally:
-        c2.close()
 
 
 # ------------------------------------------------------------------------- eviction
-def test_eviction_bounds_clean_chunks(cache_dir, keys):
-    c = make_cache(cache_dir, keys, max_bytes=4 * COST)
-    try:
-        e = c.new_entry()
-        for i in range(10):
-            e.write_chunk(i, os.urandom(CHUNK), dirty=False)
-            assert c.stats()["cache_used_bytes"] <= 4 * COST
-        present = [i for i in range(10) if e.read_chunk(i) is not None]
-        assert present == [6, 7, 8, 9]                # least recently used went first
-    finally:
-        c.close()
+def test_eviction_bounds_clean_chunks(bounded_cache):
+    c = bounded_cache(4)
+    e = c.new_entry()
+    for i in range(10):
+        e.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        assert c.stats()["cache_used_bytes"] <= 4 * COST
+    present = [i for i in range(10) if e.read_chunk(i) is not None]
+    assert present == [6, 7, 8, 9]                # least recently used went first
 
 
-def test_eviction_is_lru_by_reads(cache_dir, keys):
-    c = make_cache(cache_dir, keys, max_bytes=3 * COST)
-    try:
-        e = c.new_entry()
-        for i in range(3):
-            e.write_chunk(i, os.urandom(CHUNK), dirty=False)
-        assert e.read_chunk(0) is not None             # 0 becomes most recently used
-        e.write_chunk(3, os.urandom(CHUNK), dirty=False)
-        assert e.has(0) and not e.has(1) and e.has(2) and e.has(3)
-    finally:
-        c.close()
+def test_eviction_is_lru_by_reads(bounded_cache):
+    e = bounded_cache(3).new_entry()
+    fill_clean(e, 3)
+    assert e.read_chunk(0) is not None             # 0 becomes most recently used
+    e.write_chunk(3, os.urandom(CHUNK), dirty=False)
+    assert e.has(0) and not e.has(1) and e.has(2) and e.has(3)
 
 
 @pytest.mark.parametrize("how", ["read_chunk", "read_range"])
-def test_a_read_before_sealing_also_counts_for_lru(cache_dir, keys, how):
+def test_a_read_before_sealing_also_counts_for_lru(bounded_cache, how):
     # the chunks are still waiting for a sealer when chunk 0 is read (what a loaded machine
     # does at random): that read must make it recently used all the same
-    c = make_cache(cache_dir, keys, max_bytes=3 * COST)
+    c = bounded_cache(3)
     held = []
     submit = c._sealers.submit
     c._sealers.submit = held.append
     try:
         e = c.new_entry()
-        for i in range(3):
-            e.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        fill_clean(e, 3)
         assert sorted(e.pending) == [0, 1, 2]
         got = e.read_chunk(0) if how == "read_chunk" else e.read_range(0, 0, 10)
         assert got is not None
@@ -832,7 +825,6 @@ def test_a_read_before_sealing_also_counts_for_lru(cache_dir, keys, how):
         c._sealers.submit = submit
         for job in held:
             job()
-        c.close()
 
 
 def test_write_chunks_seals_a_batch_in_one_job(cache):
@@ -921,47 +913,37 @@ def test_a_fetcher_short_of_room_hands_over_batches_not_single_chunks(cache, mon
     assert all(e.read_chunk(i) == d for i, d in unit.items())
 
 
-def test_dirty_chunks_never_evicted(cache_dir, keys):
-    c = make_cache(cache_dir, keys, max_bytes=3 * COST)
-    try:
-        d = c.new_entry()
-        c.set_dirty(d, True)
-        data = {i: os.urandom(CHUNK) for i in range(8)}
-        for i, x in data.items():
-            d.write_chunk(i, x)
-        clean = c.new_entry()
-        for i in range(5):
-            clean.write_chunk(i, os.urandom(CHUNK), dirty=False)
-        assert all(d.read_chunk(i) == x for i, x in data.items())
-        assert not any(clean.has(i) for i in range(5)), "clean chunks go when over the bound"
-        s = c.stats()
-        assert s["cache_dirty_bytes"] == 8 * COST and s["cache_used_bytes"] == 8 * COST
-        # once uploaded (clean), the entry becomes evictable and the bound holds again
-        c.set_dirty(d, False)
-        s = c.stats()
-        assert s["cache_dirty_bytes"] == 0 and s["cache_used_bytes"] <= 3 * COST
-    finally:
-        c.close()
+def test_dirty_chunks_never_evicted(bounded_cache):
+    c = bounded_cache(3)
+    d = c.new_entry()
+    c.set_dirty(d, True)
+    data = {i: os.urandom(CHUNK) for i in range(8)}
+    for i, x in data.items():
+        d.write_chunk(i, x)
+    clean = c.new_entry()
+    fill_clean(clean, 5)
+    assert all(d.read_chunk(i) == x for i, x in data.items())
+    assert not any(clean.has(i) for i in range(5)), "clean chunks go when over the bound"
+    s = c.stats()
+    assert s["cache_dirty_bytes"] == 8 * COST and s["cache_used_bytes"] == 8 * COST
+    # once uploaded (clean), the entry becomes evictable and the bound holds again
+    c.set_dirty(d, False)
+    s = c.stats()
+    assert s["cache_dirty_bytes"] == 0 and s["cache_used_bytes"] <= 3 * COST
 
 
-def test_set_dirty_protects_previously_clean_chunks(cache_dir, keys):
-    c = make_cache(cache_dir, keys, max_bytes=2 * COST)
-    try:
-        e = c.new_entry()
-        e.write_chunk(0, b"a" * CHUNK, dirty=False)
-        e.write_chunk(1, b"b" * CHUNK, dirty=False)
-        c.set_dirty(e, True)                           # a write began on this file
-        other = c.new_entry()
-        for i in range(4):
-            other.write_chunk(i, os.urandom(CHUNK), dirty=False)
-        assert e.read_chunk(0) == b"a" * CHUNK and e.read_chunk(1) == b"b" * CHUNK
-    finally:
-        c.close()
+def test_set_dirty_protects_previously_clean_chunks(bounded_cache):
+    c = bounded_cache(2)
+    e = c.new_entry()
+    e.write_chunk(0, b"a" * CHUNK, dirty=False)
+    e.write_chunk(1, b"b" * CHUNK, dirty=False)
+    c.set_dirty(e, True)                           # a write began on this file
+    fill_clean(c.new_entry(), 4)
+    assert e.read_chunk(0) == b"a" * CHUNK and e.read_chunk(1) == b"b" * CHUNK
 
 
 def test_drop_chunks_from_frees_accounting(cache_dir, keys):
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         e = c.new_entry()
         c.set_dirty(e, True)
         for i in range(4):
@@ -979,8 +961,7 @@ def test_drop_chunks_from_frees_accounting(cache_dir, keys):
         assert c.stats()["cache_used_bytes"] == 0 and c.stats()["cache_dirty_bytes"] == 0
         # a clean entry: dropped chunks leave the LRU too (no double free on eviction)
         f = c.new_entry()
-        for i in range(3):
-            f.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        fill_clean(f, 3)
         f.drop_chunks_from(1)
         assert c.stats()["cache_used_bytes"] == COST
         c.max_bytes = 0
@@ -988,8 +969,6 @@ def test_drop_chunks_from_frees_accounting(cache_dir, keys):
         g.write_chunk(0, b"x", dirty=False)            # triggers eviction of everything
         assert c.stats()["cache_used_bytes"] >= 0
         assert c.stats()["cache_used_bytes"] == 0
-    finally:
-        c.close()
 
 
 def test_discard_removes_files_and_accounting(cache):
@@ -1032,13 +1011,10 @@ def test_an_empty_entry_leaves_no_file_once_clean(cache_dir, keys):
     e.save_state({"dirty": True, "size": 5})
     e.close_fd()
     c.close()
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, state), = c.recover()[0]
         assert state["size"] == 5 and r.read_chunk(0) == b"later"
         r.close_fd()
-    finally:
-        c.close()
 
 
 def test_discard_key_removes_every_clean_version_of_a_deleted_object(cache):
@@ -1065,8 +1041,7 @@ def test_eviction_racing_a_write_keeps_the_dirty_chunk(cache_dir, keys):
     """Interleaving: the evictor has picked a clean chunk (and seen its entry clean), then a
     writer makes the entry dirty and rewrites that chunk before the hole is punched. The
     freshly written dirty data must survive (dirty data is never evicted)."""
-    c = make_cache(cache_dir, keys, max_bytes=2 * COST)
-    try:
+    with open_cache(cache_dir, keys, max_bytes=2 * COST) as c:
         e = c.new_entry()
         e.write_chunk(0, b"o" * CHUNK, dirty=False)
         e.write_chunk(1, b"o" * CHUNK, dirty=False)
@@ -1085,8 +1060,6 @@ def test_eviction_racing_a_write_keeps_the_dirty_chunk(cache_dir, keys):
         assert e.read_chunk(0) == new, "dirty data was evicted"
         s = c.stats()
         assert s["cache_dirty_bytes"] == 2 * COST           # e's two chunks, now dirty
-    finally:
-        c.close()
 
 
 # ------------------------------------------------------------------------- disk full
@@ -1140,12 +1113,10 @@ def test_dirty_entry_starts_disk_writes_early_clean_one_does_not(cache_dir, keys
     calls = []
     real = oscalls.start_writeout
     monkeypatch.setattr(oscalls, "start_writeout", lambda fd: (calls.append(fd), real(fd)))
-    c = make_cache(cache_dir, keys, max_bytes=1024 * COST)
-    try:
+    with open_cache(cache_dir, keys, max_bytes=1024 * COST) as c:
         per = -(-entry_mod.WRITEOUT_EVERY // SLOT)        # slots per early write-out
         clean = c.new_entry()
-        for i in range(3 * per):
-            clean.write_chunk(i, os.urandom(CHUNK), dirty=False)
+        fill_clean(clean, 3 * per)
         clean.sync()
         assert calls == []
         dirty = c.new_entry()
@@ -1155,8 +1126,6 @@ def test_dirty_entry_starts_disk_writes_early_clean_one_does_not(cache_dir, keys
         dirty.sync()
         assert len(calls) == 3
         assert dirty.read_chunk(3 * per) is not None
-    finally:
-        c.close()
 
 
 def test_sync_does_not_block_readers_of_the_entry(cache, monkeypatch):
@@ -1284,8 +1253,7 @@ def test_a_rewrite_torn_by_a_crash_leaves_the_acknowledged_chunk_readable(cache_
     assert len(torn) == 1
     e.close_fd()
     c.close()                                      # (a crash also drops the lock)
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, state), = c.recover()[0]
         assert state["dirty"]
         for i, d in chunks.items():
@@ -1299,14 +1267,9 @@ def test_a_rewrite_torn_by_a_crash_leaves_the_acknowledged_chunk_readable(cache_
         r.save_state({"dirty": True, "path": "/f", "size": 3 * CHUNK})
         assert r.read_chunk(1) == bytes(changed)
         r.close_fd()
-    finally:
-        c.close()
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, _), = c.recover()[0]
         assert r.read_chunk(1) == bytes(changed) and r.read_chunk(0) == chunks[0]
-    finally:
-        c.close()
 
 
 def test_a_complete_rewrite_wins_over_the_acknowledged_version_after_a_crash(cache_dir, keys):
@@ -1321,8 +1284,7 @@ def test_a_complete_rewrite_wins_over_the_acknowledged_version_after_a_crash(cac
     e.drain()
     e.close_fd()
     c.close()
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, _), = c.recover()[0]
         assert r.read_chunk(0) == new and r.read_chunk(1) == b"shorter"
         assert r.present == {0: CHUNK, 1: 7}
@@ -1330,14 +1292,9 @@ def test_a_complete_rewrite_wins_over_the_acknowledged_version_after_a_crash(cac
         r.write_chunk(0, newer)
         r.drain()
         r.close_fd()
-    finally:
-        c.close()
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, _), = c.recover()[0]
         assert r.read_chunk(0) == newer and r.read_chunk(1) == b"shorter"
-    finally:
-        c.close()
 
 
 def test_a_first_write_torn_by_a_crash_reads_as_before_it(cache_dir, keys, monkeypatch):
@@ -1355,15 +1312,12 @@ def test_a_first_write_torn_by_a_crash_reads_as_before_it(cache_dir, keys, monke
     assert len(torn) == 1
     e.close_fd()
     c.close()
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, _), = c.recover()[0]
         assert r.read_chunk(3) is None and r.read_range(3, 0, 100) is None
         assert not r.has(3)
         assert r.read_chunk(0) == chunks[0] and r.read_chunk(1) == chunks[1]
         assert c.stats()["cache_used_bytes"] == 2 * COST
-    finally:
-        c.close()
 
 
 def test_close_cut_by_a_power_cut_after_its_record_reached_the_disk(cache_dir, keys,
@@ -1389,13 +1343,10 @@ def test_close_cut_by_a_power_cut_after_its_record_reached_the_disk(cache_dir, k
     assert len(torn) == 1
     e.close_fd()
     c.close()
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, state), = c.recover()[0]
         assert state["close"] == 2
         assert r.read_chunk(0) == chunks[0] and r.read_chunk(1) == chunks[1]
-    finally:
-        c.close()
 
 
 @pytest.mark.parametrize("closed", [False, True])
@@ -1406,8 +1357,7 @@ def test_an_uploaded_file_is_evicted_only_once_its_clean_record_is_flushed(cache
     punched before that would, after a power cut, leave the upload that recovery runs
     reading zeros (or the older object's bytes) in its place, over the uploaded object.
     Eviction waits for the clean record, and flushes it before the first hole."""
-    c = make_cache(cache_dir, keys, max_bytes=2 * COST)
-    try:
+    with open_cache(cache_dir, keys, max_bytes=2 * COST) as c:
         e = c.new_entry()
         c.set_dirty(e, True)
         data = {i: os.urandom(CHUNK) for i in range(3)}
@@ -1433,8 +1383,6 @@ def test_an_uploaded_file_is_evicted_only_once_its_clean_record_is_flushed(cache
         assert "hole" in events and "flush" in events[:events.index("hole")], events
         assert c.stats()["cache_used_bytes"] <= 2 * COST
         assert [e.read_chunk(i) for i in range(3)][-2:] == [data[1], data[2]]
-    finally:
-        c.close()
 
 
 def test_a_slot_of_one_entry_copied_into_another_fails(cache):
@@ -1566,16 +1514,13 @@ def test_a_confirmed_version_that_fails_is_an_error_never_an_older_one(cache_dir
     e.close_fd()
     c.close()
     corrupt(e.data_path, slot_offset(0, 1) + HEADER.size + 5000)
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, _), = c.recover()[0]
         with pytest.raises(IntegrityError):
             r.read_chunk(0)
         with pytest.raises(IntegrityError):
             r.read_range(0, 4096, 8192)
         assert r.has(0)
-    finally:
-        c.close()
 
 
 def test_an_uploaded_chunk_read_at_random_is_resealed_once_its_clean_record_is_flushed(
@@ -1610,8 +1555,7 @@ def test_the_last_chunk_of_an_uploaded_file_goes_with_its_file_without_a_flush(
         cache_dir, keys, monkeypatch):
     """Evicting an entry's last chunk removes its data file, dirty record included: a crash
     leaves the file whole or no file, so no flush is needed first (small files)."""
-    c = make_cache(cache_dir, keys, max_bytes=8 * COST)
-    try:
+    with open_cache(cache_dir, keys, max_bytes=8 * COST) as c:
         e = c.new_entry()
         c.set_dirty(e, True)
         e.write_chunk(0, os.urandom(1000))
@@ -1627,8 +1571,6 @@ def test_the_last_chunk_of_an_uploaded_file_goes_with_its_file_without_a_flush(
         assert c.stats()["cache_used_bytes"] == 0
         e.drop_state()                                  # nothing left to supersede
         assert not os.path.exists(e.data_path)
-    finally:
-        c.close()
 
 
 def test_a_torn_rewrite_right_after_recovery_still_leaves_the_acknowledged_version(
@@ -1653,13 +1595,10 @@ def test_a_torn_rewrite_right_after_recovery_still_leaves_the_acknowledged_versi
         c.close()
     monkeypatch.setattr(datafile_mod.os, "pwritev", real)
     assert len(torn) == 3
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, _), = c.recover()[0]
         assert r.read_chunk(1) == chunks[1] and r.read_chunk(0) == chunks[0]
         assert sorted(r.present) == [0, 1] and r.stale == {}
-    finally:
-        c.close()
 
 
 def test_chunks_of_a_file_closed_once_are_confirmed_after_the_flush(cache_dir, keys):
@@ -1671,15 +1610,12 @@ def test_chunks_of_a_file_closed_once_are_confirmed_after_the_flush(cache_dir, k
     e.close_fd()
     c.close()
     corrupt(e.data_path, slot_offset(1) + HEADER.size + 100)
-    c = make_cache(cache_dir, keys)
-    try:
+    with open_cache(cache_dir, keys) as c:
         (r, _), = c.recover()[0]
         assert r.unverified.chunks == {}
         with pytest.raises(IntegrityError):
             r.read_chunk(1)
         assert r.has(1) and r.read_chunk(0) is not None
-    finally:
-        c.close()
 
 
 def test_a_discarded_dirty_entry_is_gone_from_disk_when_discard_returns(cache):

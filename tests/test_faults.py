@@ -22,7 +22,7 @@ import types
 
 import pytest
 
-from helpers import read_cold, run_ssecfs, sse, wait_until
+from helpers import bucket_etags, read_cold, run_ssecfs, sse, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -87,14 +87,6 @@ def wait_durable(s3, bucket, key, raw, data, timeout=90):
                what=f"{key} durable in the bucket with the exact bytes")
 
 
-def keys_in(s3, bucket) -> dict[str, str]:
-    out = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for o in page.get("Contents") or []:
-            out[o["Key"]] = o["ETag"]
-    return out
-
-
 def status(m) -> dict:
     from ssecfs.mount.registry import query_control, read_registry
     return query_control(read_registry(m.path)["control"])
@@ -149,7 +141,7 @@ def test_uploads_complete_through_503_500_and_dropped_connections(proxy, mounter
     # no half-finished multipart upload is left behind
     ups = s3.list_multipart_uploads(Bucket=bucket).get("Uploads") or []
     assert ups == [], [u["Key"] for u in ups]
-    assert set(keys_in(s3, bucket)) == set(files) | {"d/"}
+    assert set(bucket_etags(s3, bucket)) == set(files) | {"d/"}
     m.umount()
     m.mount()
     for name, data in files.items():
@@ -179,7 +171,7 @@ def test_cold_read_retries_through_transient_503_and_drops(proxy, mounter, bucke
         os.close(fd)
     assert r500.hits == 2
     assert proxy.count(since=mark, op="GetObject", bucket=bucket, status=2) >= 1
-    assert keys_in(s3, bucket).keys() == {"cold.bin", "small.bin"}
+    assert bucket_etags(s3, bucket).keys() == {"cold.bin", "small.bin"}
 
 
 def test_slow_responses_do_not_corrupt(proxy, mounter, bucket, key, s3):
@@ -252,7 +244,7 @@ def test_copy_object_200_with_error_body_is_not_success(proxy, mounter, bucket, 
     for n, d in data.items():
         wait_durable(s3, bucket, n, raw, d)
     wait_idle(m)
-    before = keys_in(s3, bucket)
+    before = bucket_etags(s3, bucket)
 
     # one transient 200-error: the copy is retried, the rename succeeds, nothing is lost
     once = proxy.fail(200, code="InternalError", times=1, op="CopyObject", bucket=bucket,
@@ -262,7 +254,7 @@ def test_copy_object_200_with_error_body_is_not_success(proxy, mounter, bucket, 
     assert read_cold(p("one-renamed.bin")) == data["one.bin"]
     assert not os.path.lexists(p("one.bin"))
     assert obj(s3, bucket, "one-renamed.bin", raw) == data["one.bin"]
-    assert "one.bin" not in keys_in(s3, bucket)
+    assert "one.bin" not in bucket_etags(s3, bucket)
 
     # every CopyObject answered 200 + <Error>: rename and chmod fail, nothing moves or is lost
     always = proxy.fail(200, code="InternalError", op="CopyObject", bucket=bucket,
@@ -273,7 +265,7 @@ def test_copy_object_200_with_error_body_is_not_success(proxy, mounter, bucket, 
     assert errno_of(os.chmod, p("two.bin"), 0o600) == errno.EIO
     assert always.hits >= 3
     always.remove()
-    after = keys_in(s3, bucket)
+    after = bucket_etags(s3, bucket)
     for n in ("two.bin", "t/a.bin", "t/b.bin"):
         assert after.get(n) == before[n], f"{n} changed or lost"
         assert obj(s3, bucket, n, raw) == data[n]
@@ -410,7 +402,7 @@ def test_cache_disk_full_gives_enospc_and_keeps_closed_files(small_tmpfs, proxy,
     write_file(p("after.bin"), after)
     assert read_cold(p("after.bin")) == after
     wait_durable(s3, bucket, "after.bin", raw, after)
-    assert set(keys_in(s3, bucket)) == {*before, "after.bin"}
+    assert set(bucket_etags(s3, bucket)) == {*before, "after.bin"}
     assert os.path.ismount(m.path)
     m.umount()
 
@@ -451,11 +443,11 @@ def test_umount_after_enospc_still_uploads_the_other_pending_files(small_tmpfs, 
         write_file(os.path.join(m.path, n), d)
     errors, _ = fill_until_error(fd)
     assert errors and set(errors) == {errno.ENOSPC}, errors
-    assert not set(pending) & set(keys_in(s3, bucket))       # nothing uploaded yet
+    assert not set(pending) & set(bucket_etags(s3, bucket))       # nothing uploaded yet
     r = run_ssecfs("umount", m.path, timeout=90)              # bounded: it used to hang here
     assert r.returncode == 0, f"umount failed: {r.stderr}\n{m.log[-3000:]}"
     assert not os.path.ismount(m.path)
     for n, d in pending.items():
-        assert n in keys_in(s3, bucket), \
+        assert n in bucket_etags(s3, bucket), \
             f"{n} not uploaded by umount\n--- daemon log ---\n{m.log[-3000:]}"
         assert obj(s3, bucket, n, raw) == d

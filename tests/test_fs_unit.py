@@ -143,6 +143,20 @@ def in_thread(fn, *args):
     return t, result
 
 
+def during_upload(fs, store, name: str, fn, *args) -> None:
+    """Write b"racing" to /name, call fn(*args) while its upload is held, then let the
+    upload finish: fn must return without an error and everything settle."""
+    gate = Gate(store, "upload", name)
+    write_file(fs, "/" + name, b"racing")
+    assert gate.started.wait(10)
+    t, res = in_thread(fn, *args)
+    t.join(0.2)
+    gate.release.set()
+    t.join(10)
+    assert not t.is_alive() and "error" not in res, res
+    settle(fs)
+
+
 # ------------------------------------------------------------------------- write / read
 def test_create_write_read_upload(fs, store, ring):
     data = os.urandom(3 * CHUNK + 12345)
@@ -443,15 +457,7 @@ def test_rename_closed_dirty_file_not_yet_uploaded(make_fs, store):
 
 def test_rename_during_upload_does_not_resurrect_old_name(make_fs, store):
     fs = make_fs(writeback_delay=0)
-    gate = Gate(store, "upload", "n")
-    write_file(fs, "/n", b"racing")
-    assert gate.started.wait(10)
-    t, res = in_thread(fs.rename, "/n", "/m")
-    t.join(0.2)
-    gate.release.set()
-    t.join(10)
-    assert not t.is_alive() and "error" not in res, res
-    settle(fs)
+    during_upload(fs, store, "n", fs.rename, "/n", "/m")
     assert store.data("m") == b"racing"
     assert not store.exists("n")
 
@@ -585,15 +591,7 @@ def test_unlink_open_file_before_close(fs, store):
 
 def test_unlink_during_upload_leaves_nothing(make_fs, store):
     fs = make_fs(writeback_delay=0)
-    gate = Gate(store, "upload", "u")
-    write_file(fs, "/u", b"racing")
-    assert gate.started.wait(10)
-    t, res = in_thread(fs.unlink, "/u")
-    t.join(0.2)
-    gate.release.set()
-    t.join(10)
-    assert not t.is_alive() and "error" not in res, res
-    settle(fs)
+    during_upload(fs, store, "u", fs.unlink, "/u")
     assert not store.exists("u")
 
 

@@ -117,6 +117,23 @@ def outcome(fn):
         return ("err", errno.errorcode.get(e.errno, e.errno))
 
 
+def opened(path: str, flags: int, fn, mode: int = 0o777):
+    """fn(fd) on path opened with flags; the fd is closed whatever fn does."""
+    fd = os.open(path, flags, mode)
+    try:
+        return fn(fd)
+    finally:
+        os.close(fd)
+
+
+def regular_size(fd: int) -> int:
+    """The size of the open file; EISDIR unless it is a regular file."""
+    s = os.fstat(fd)
+    if not stat.S_ISREG(s.st_mode):
+        raise OSError(errno.EISDIR, "not a file")
+    return s.st_size
+
+
 def first_difference(a: bytes, b: bytes) -> str:
     n = min(len(a), len(b))
     for i in range(0, n, 4096):
@@ -350,26 +367,19 @@ class FuzzMachine(RuleBasedStateMachine):
         p = self.draw_path(pick_)
         self._step()
 
-        def op(root):
-            fd = os.open(os.path.join(root, p), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            try:
-                return os.write(fd, data.data)
-            finally:
-                os.close(fd)
-        self.both(f"create_and_write {p}", op)
+        self.both(f"create_and_write {p}",
+                  lambda root: opened(os.path.join(root, p),
+                                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                      lambda fd: os.write(fd, data.data), mode))
 
     @rule(pick_=st.data(), data=blobs)
     def append(self, pick_, data):
         p = self.draw_path(pick_)
         self._step()
 
-        def op(root):
-            fd = os.open(os.path.join(root, p), os.O_WRONLY | os.O_APPEND)
-            try:
-                return os.write(fd, data.data)
-            finally:
-                os.close(fd)
-        self.both(f"append {p}", op)
+        self.both(f"append {p}",
+                  lambda root: opened(os.path.join(root, p), os.O_WRONLY | os.O_APPEND,
+                                      lambda fd: os.write(fd, data.data)))
 
     @rule(pick_=st.data(), length=offsets)
     def truncate(self, pick_, length):
@@ -384,13 +394,9 @@ class FuzzMachine(RuleBasedStateMachine):
         p = self.draw_path(pick_)
         self._step()
 
-        def op(root):
-            fd = os.open(os.path.join(root, p), os.O_RDONLY)
-            try:
-                return os.pread(fd, n, off)
-            finally:
-                os.close(fd)
-        self.both(f"read_file {p} @{off}+{n}", op)
+        self.both(f"read_file {p} @{off}+{n}",
+                  lambda root: opened(os.path.join(root, p), os.O_RDONLY,
+                                      lambda fd: os.pread(fd, n, off)))
 
     # -- open handles -------------------------------------------------------------------------
     @precondition(lambda self: len(self.handles) < MAX_HANDLES)
@@ -479,19 +485,13 @@ class FuzzMachine(RuleBasedStateMachine):
         p = self.draw_path(pick_)
         self._step()
 
-        def op(root):
-            fd = os.open(os.path.join(root, p), os.O_RDONLY)
-            try:
-                s = os.fstat(fd)
-                if not stat.S_ISREG(s.st_mode):
-                    raise OSError(errno.EISDIR, "not a file")
-                if s.st_size == 0:
-                    return b""
-                with mmap.mmap(fd, s.st_size, prot=mmap.PROT_READ) as mm:
-                    return mm[:]
-            finally:
-                os.close(fd)
-        self.both(f"mmap_read {p}", op)
+        def op(fd):
+            size = regular_size(fd)
+            if size == 0:
+                return b""
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+                return mm[:]
+        self.both(f"mmap_read {p}", lambda root: opened(os.path.join(root, p), os.O_RDONLY, op))
 
     @rule(pick_=st.data(), off=offsets, data=blobs)
     def mmap_write(self, pick_, off, data):
@@ -499,23 +499,18 @@ class FuzzMachine(RuleBasedStateMachine):
         p = self.draw_path(pick_)
         self._step()
 
-        def op(root):
-            fd = os.open(os.path.join(root, p), os.O_RDWR)
-            try:
-                s = os.fstat(fd)
-                if not stat.S_ISREG(s.st_mode):
-                    raise OSError(errno.EISDIR, "not a file")
-                if s.st_size == 0:
-                    return 0
-                o = off % s.st_size
-                piece = data.data[:s.st_size - o]
-                with mmap.mmap(fd, s.st_size) as mm:
-                    mm[o:o + len(piece)] = piece
-                    mm.flush()
-                return len(piece)
-            finally:
-                os.close(fd)
-        self.both(f"mmap_write {p} @{off}", op)
+        def op(fd):
+            size = regular_size(fd)
+            if size == 0:
+                return 0
+            o = off % size
+            piece = data.data[:size - o]
+            with mmap.mmap(fd, size) as mm:
+                mm[o:o + len(piece)] = piece
+                mm.flush()
+            return len(piece)
+        self.both(f"mmap_write {p} @{off}",
+                  lambda root: opened(os.path.join(root, p), os.O_RDWR, op))
 
     # -- namespace ----------------------------------------------------------------------------
     @rule(pick_=st.data())
@@ -583,28 +578,26 @@ class FuzzMachine(RuleBasedStateMachine):
                 if not os.path.islink(p):
                     os.chmod(p, 0o755)
 
-    @precondition(lambda self: self.lifecycle < LIFECYCLE)
-    @rule()
-    def remount(self):
+    def _restart(self, counter: str, stop) -> None:
+        """Close every file, stop the daemon with stop(mount), mount again."""
         self._step()
         self.lifecycle += 1
-        STATS["remounts"] += 1
+        STATS[counter] += 1
         self._close_all()
-        self.m.umount()
+        stop(self.m)
         self.m.mount()
         self._after_remount()
 
     @precondition(lambda self: self.lifecycle < LIFECYCLE)
     @rule()
+    def remount(self):
+        self._restart("remounts", lambda m: m.umount())
+
+    @precondition(lambda self: self.lifecycle < LIFECYCLE)
+    @rule()
     def crash(self):
         """kill -9 of the daemon with every file closed, then mount on the same cache dir."""
-        self._step()
-        self.lifecycle += 1
-        STATS["crashes"] += 1
-        self._close_all()
-        self.m.kill9()
-        self.m.mount()
-        self._after_remount()
+        self._restart("crashes", lambda m: m.kill9())
 
     # -- the invariant ------------------------------------------------------------------------
     @invariant()

@@ -22,31 +22,27 @@ pytestmark = pytest.mark.mount
 MiB = 1024 * 1024
 
 # The seed's commands, verbatim but for the variables (bash, base64, openssl, aws).
-SEED_PUT = r'''
+_SEED_KEY = r'''
 set -euo pipefail
 SSE_KEY=$(base64 < "$KEYFILE" | tr -d '\n')
 SSE_KEY_MD5=$(openssl md5 -binary "$KEYFILE" | base64 | tr -d '\n')
-"$AWS" --region "$REGION" --endpoint-url "$ENDPOINT" s3api put-object \
-  --bucket "$BUCKET" \
-  --key "$OBJECT" \
-  --body "$BODY" \
-  --sse-customer-algorithm AES256 \
+'''
+_SEED_SSE = r'''  --sse-customer-algorithm AES256 \
   --sse-customer-key "$SSE_KEY" \
   --sse-customer-key-md5 "$SSE_KEY_MD5"
 '''
 
-SEED_GET = r'''
-set -euo pipefail
-SSE_KEY=$(base64 < "$KEYFILE" | tr -d '\n')
-SSE_KEY_MD5=$(openssl md5 -binary "$KEYFILE" | base64 | tr -d '\n')
-"$AWS" --region "$REGION" --endpoint-url "$ENDPOINT" s3api get-object \
+SEED_PUT = _SEED_KEY + r'''"$AWS" --region "$REGION" --endpoint-url "$ENDPOINT" s3api put-object \
+  --bucket "$BUCKET" \
+  --key "$OBJECT" \
+  --body "$BODY" \
+''' + _SEED_SSE
+
+SEED_GET = _SEED_KEY + r'''"$AWS" --region "$REGION" --endpoint-url "$ENDPOINT" s3api get-object \
   --bucket "$BUCKET" \
   --key "$OBJECT" \
   "$OUT" \
-  --sse-customer-algorithm AES256 \
-  --sse-customer-key "$SSE_KEY" \
-  --sse-customer-key-md5 "$SSE_KEY_MD5"
-'''
+''' + _SEED_SSE
 
 
 def aws_binary() -> str:

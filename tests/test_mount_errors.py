@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from helpers import sse, wait_until
+from helpers import bucket_etags, sse, wait_until
 from ssecfs import errors
 from ssecfs.commands import cli, spawn
 
@@ -82,14 +82,6 @@ def put_sse(s3, bucket, key, data, raw, mode=0o100644):
     s3.put_object(Bucket=bucket, Key=key, Body=data, **sse(raw),
                   Metadata={"mode": str(mode), "uid": str(os.getuid()),
                             "gid": str(os.getgid()), "mtime": "1700000000"})
-
-
-def bucket_state(s3, bucket) -> dict[str, str]:
-    out = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for o in page.get("Contents") or []:
-            out[o["Key"]] = o["ETag"]
-    return out
 
 
 # ---------------------------------------------------------------------------- exit codes
@@ -238,7 +230,7 @@ def test_read_only_mount(mounter, bucket, key, s3):
     put_sse(s3, bucket, "dir/", b"", raw, mode=0o040755)
     put_sse(s3, bucket, "dir/file.bin", data, raw)
     put_sse(s3, bucket, "top.txt", b"top\n", raw)
-    before = bucket_state(s3, bucket)
+    before = bucket_etags(s3, bucket)
     m = mounter(bucket, keyfile, "--read-only")
 
     with open(os.path.join(m.path, "dir/file.bin"), "rb") as f:
@@ -258,7 +250,7 @@ def test_read_only_mount(mounter, bucket, key, s3):
     assert errno_of(os.truncate, p("top.txt"), 0) == errno.EROFS
     assert errno_of(os.chmod, p("top.txt"), 0o600) == errno.EROFS
     assert errno_of(os.symlink, "top.txt", p("link")) == errno.EROFS
-    assert bucket_state(s3, bucket) == before
+    assert bucket_etags(s3, bucket) == before
 
 
 # ---------------------------------------------------------------------------- wrong key
@@ -330,5 +322,5 @@ def test_errno_of_failing_operations(mnt, s3):
         assert f.read() == b"content\n"
     wait_until(lambda: s3.get_object(Bucket=bucket, Key="full/f.txt", **sse(raw))["Body"].read()
                == b"content\n", 30, what="full/f.txt uploaded")
-    keys = set(bucket_state(s3, bucket))
+    keys = set(bucket_etags(s3, bucket))
     assert {k for k in keys if "inside" in k or "hard" in k} == set()

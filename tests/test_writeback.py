@@ -146,16 +146,28 @@ def test_failure_of_any_exception_is_retried(make_wb, rec):
         wb.stop()
 
 
+def hold_upload(wb, rec, item: str) -> threading.Event:
+    """Schedule item and wait for its upload to start; it stays blocked until the returned
+    event is set."""
+    gate = threading.Event()
+    rec.block[item] = gate
+    wb.schedule(item)
+    assert rec.started_event(item).wait(10)
+    return gate
+
+
+def quiesce_in_thread(wb, item: str):
+    result = []
+    t = threading.Thread(target=lambda: result.append(wb.quiesce(item)))
+    t.start()
+    return t, result
+
+
 def test_quiesce_waits_for_in_flight_upload(make_wb, rec):
     wb = make_wb(delay=0, workers=2)
-    gate = threading.Event()
-    rec.block["a"] = gate
-    wb.schedule("a")
-    assert rec.started_event("a").wait(10)
+    gate = hold_upload(wb, rec, "a")
     assert wb.in_flight() == 1
-    result = []
-    t = threading.Thread(target=lambda: result.append(wb.quiesce("a")))
-    t.start()
+    t, result = quiesce_in_thread(wb, "a")
     t.join(0.3)
     assert t.is_alive(), "quiesce returned while an upload of the item was in flight"
     assert "a" not in rec.ok
@@ -183,14 +195,9 @@ def test_quiesce_removes_queued_item(make_wb, rec):
 def test_quiesce_of_item_rescheduled_during_upload(make_wb, rec):
     """Re-scheduled while in flight: quiesce reports it was queued and no second upload runs."""
     wb = make_wb(delay=0, workers=2)
-    gate = threading.Event()
-    rec.block["a"] = gate
-    wb.schedule("a")
-    assert rec.started_event("a").wait(10)
+    gate = hold_upload(wb, rec, "a")
     wb.schedule("a")                        # the file changed again during the upload
-    result = []
-    t = threading.Thread(target=lambda: result.append(wb.quiesce("a")))
-    t.start()
+    t, result = quiesce_in_thread(wb, "a")
     gate.set()
     t.join(10)
     assert result == [True]
@@ -201,14 +208,9 @@ def test_quiesce_of_item_rescheduled_during_upload(make_wb, rec):
 
 def test_quiesce_of_failing_upload_drops_the_retry(make_wb, rec):
     wb = make_wb(delay=0, workers=1)
-    gate = threading.Event()
-    rec.block["a"] = gate
     rec.fail_next["a"] = 1
-    wb.schedule("a")
-    assert rec.started_event("a").wait(10)
-    result = []
-    t = threading.Thread(target=lambda: result.append(wb.quiesce("a")))
-    t.start()
+    gate = hold_upload(wb, rec, "a")
+    t, result = quiesce_in_thread(wb, "a")
     gate.set()
     t.join(10)
     assert result == [True], "the failed attempt re-queued the item: quiesce reports it"

@@ -3,13 +3,12 @@ SSE-C parameters, processes, and file I/O with checks."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import subprocess
 import sys
 import time
 
+from seaweed import copy_source_sse, sse_params  # noqa: F401  (re-exported)
 from ssecfs.commands.cli import pid_alive  # noqa: F401  (re-exported for the mounts)
 
 MiB = 1024 * 1024
@@ -46,17 +45,6 @@ def fmt(v: float) -> str:
     if v >= 10:
         return f"{v:.1f}"
     return f"{v:.2f}"
-
-
-def sse_params(raw: bytes) -> dict:
-    """boto3's SSE-C parameters for a raw 32-byte key."""
-    return {"SSECustomerAlgorithm": "AES256",
-            "SSECustomerKey": base64.b64encode(raw).decode(),
-            "SSECustomerKeyMD5": base64.b64encode(hashlib.md5(raw).digest()).decode()}
-
-
-def copy_source_sse(raw: bytes) -> dict:
-    return {"CopySource" + k: v for k, v in sse_params(raw).items()}
 
 
 def echoed(md5_header: str | None) -> set:
