@@ -30,7 +30,7 @@ from ssecfs.errors import (KeyMismatch, NotFound, PermissionDenied, Stale, Store
                            StoreUnavailable)
 from ssecfs.crypto.keys import Key, KeyRing
 from ssecfs.store.ssec import KEY_FP_META
-from ssecfs.store.contract import (tree_groups, DELETE_MAX, LIST_PAGE_MAX, LOCKED, OPEN, PLAINTEXT, ListedObject,
+from ssecfs.store.contract import (DELETE_MAX, LIST_PAGE_MAX, LOCKED, OPEN, PLAINTEXT, ListedObject,
                                    ListPage, ObjectInfo)
 
 PART = 8 * 1024 * 1024
@@ -305,11 +305,6 @@ class MemStore:
         self._enter("delete", key)
         with self._lock:
             self._objects.pop(key, None)      # S3: deleting a missing key succeeds
-
-    def delete_tree(self, keys: list[str], root: str) -> None:
-        """delete_many of keys and the directory keys they imply below root (tree_groups)."""
-        for group in tree_groups(keys, root):
-            self.delete_many(group)
 
     def delete_many(self, keys: list[str]) -> None:
         for i in range(0, len(keys), DELETE_MAX):

@@ -26,7 +26,7 @@ from ssecfs.crypto.keys import Key, KeyRing
 from ssecfs.store.probe import PROBE_DATA
 from ssecfs.store.s3 import S3Store
 from ssecfs.store.ssec import KEY_FP_META
-from ssecfs.store.contract import LOCKED, MULTIPART_MIN_PART, OPEN, PLAINTEXT, pieces
+from ssecfs.store.contract import LOCKED, MULTIPART_MIN_PART, OPEN, PLAINTEXT, delete_tree, pieces
 from ssecfs.buffers import Segments
 from ssecfs.store.transport import check_endpoint
 from wire import TamperProxy, Wire
@@ -585,7 +585,7 @@ def test_store_contract_delete_tree(contract):
     keys = ["dt/t/a", "dt/t/s/", "dt/t/s/b", "dt/t/s/u/c"]
     for k in keys + ["dt/keep"]:
         st.put(k, b"" if k.endswith("/") else k.encode(), {})
-    st.delete_tree(keys, "dt/t/")
+    delete_tree(st, keys, "dt/t/")
     assert [o.key for p in st.list_page_iter("dt/t/", delimiter=None) for o in p.objects] == []
     top = list(st.list_page_iter("dt/", delimiter="/"))
     assert [o.key for p in top for o in p.objects] == ["dt/keep"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..cache import Cache, CacheEntry
 from ..errors import NotFound
@@ -89,16 +89,16 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
+@dataclass(eq=False)
 class OpenFiles:
     """The table path -> FileState of the files open or dirty, and the open handles."""
 
-    def __init__(self, cache: Cache):
-        self.cache = cache
-        self.lock = threading.Lock()
-        self._files: dict[str, FileState] = {}
-        self._handles: dict[int, FileState] = {}
-        self._writer_fhs: set[int] = set()      # handles opened for writing
-        self._fh = itertools.count(1)
+    cache: Cache
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _files: dict = field(default_factory=dict)          # path -> FileState
+    _handles: dict = field(default_factory=dict)        # fh -> FileState
+    _writer_fhs: set = field(default_factory=set)       # handles opened for writing
+    _fh: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     # -- the table --------------------------------------------------------------------------
     def get(self, path: str) -> FileState | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from ..cache import Cache
 from ..errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
                       NotFound, NotPermitted, NotSupported, PermissionDenied, ReadOnly)
-from ..store.contract import OPEN, Store
+from ..store.contract import OPEN, Store, delete_tree
 from .attrs import AttrCache
 from .dirindex import INDEX_NAME
 from .files import OpenFiles
@@ -319,11 +319,11 @@ class Namespace:
             made = [info.key for info in copied.values() if info is not None]
             log.warning("moving %r failed; removing the %d copies already made", okey, len(made))
             try:
-                self.store.delete_tree(made, nkey)
+                delete_tree(self.store, made, nkey)
             except Exception:  # noqa: BLE001 - the original error is what matters
                 log.error("could not remove partial copies under %r", nkey)
             raise
-        self.store.delete_tree(objs, okey)
+        delete_tree(self.store, objs, okey)
         return copied
 
     def _move_state(self, st, opfx: str, npfx: str, okey: str, nkey: str, copied: dict) -> None:

@@ -92,10 +92,16 @@ class Store(Protocol):
     def copy_as_is_many(self, items: list[tuple[str, str, int]]) -> list: ...
     def delete(self, key: str) -> None: ...
     def delete_many(self, keys: list[str]) -> None: ...
-    def delete_tree(self, keys: list[str], root: str) -> None: ...
     def list_page_iter(self, prefix: str, delimiter: str | None = "/",
                        max_keys: int = 1000,
                        start_after: str | None = None) -> Iterator[ListPage]: ...
+
+
+def delete_tree(store: Store, keys: list[str], root: str) -> None:
+    """Delete a tree of keys under root and the directory keys ("d/") they imply below it,
+    with store.delete_many, a group after the other (tree_groups)."""
+    for group in tree_groups(keys, root):
+        store.delete_many(group)
 
 
 def tree_groups(keys: list[str], root: str) -> list[list[str]]:

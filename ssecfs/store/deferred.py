@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 
 from ..errors import NotFound
-from .contract import LIST_PAGE_MAX, ListPage, tree_groups
+from .contract import LIST_PAGE_MAX, ListPage
 from .delqueue import DELETE_DELAY, DeleteQueue
 from .deljournal import DeleteJournal
 
@@ -70,11 +70,6 @@ class DeferredDeletes:
     # -- deletes -------------------------------------------------------------------------------
     def delete(self, key: str) -> None:
         self.delete_many([key])
-
-    def delete_tree(self, keys: list[str], root: str) -> None:
-        """delete_many of keys and the directory keys they imply below root (tree_groups)."""
-        for group in tree_groups(keys, root):
-            self.delete_many(group)
 
     def delete_many(self, keys: list[str]) -> None:
         if not self.queue.add(keys):

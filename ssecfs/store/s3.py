@@ -25,7 +25,6 @@ from ..crypto.keys import Key, KeyRing
 from ..errors import KeyMismatch, NotFound, PermissionDenied, StoreError
 from .client import Answer, Client, TransportFailure
 from .contract import (DELETE_MAX, LIST_PAGE_MAX, LOCKED, OPEN, PLAINTEXT, Body, ObjectInfo,
-                       tree_groups,
                        Reader)
 from .copies import Copies
 from .listing import Listing
@@ -250,11 +249,6 @@ class S3Store:
     def delete(self, key: str) -> None:
         self.requests.send("DeleteObject", "DELETE", key)     # S3: 204 whether or not it existed
         self.sse.remember(key, None)
-
-    def delete_tree(self, keys: list[str], root: str) -> None:
-        """delete_many of keys and the directory keys they imply below root (tree_groups)."""
-        for group in tree_groups(keys, root):
-            self.delete_many(group)
 
     def delete_many(self, keys: list[str]) -> None:
         for i in range(0, len(keys), DELETE_MAX):
