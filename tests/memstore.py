@@ -280,6 +280,7 @@ class MemStore:
         return self._store(dst, data, metadata)
 
     def copy_as_is_many(self, items: list[tuple[str, str, int]]) -> list:
+        self._enter("copy_as_is_many", items[0][1] if items else "", len(items))
         out = []
         for src, dst, size in items:
             try:

@@ -495,8 +495,12 @@ def test_rename_directory_moves_all_objects(fs, store, ring):
     fs.mkdir("/d/sub", 0o755)
     write_file(fs, "/d/sub/y", b"y data")
     settle(fs)
+    heads = store.calls["head"]
     fs.rename("/d", "/e")
     assert set(store.keys()) == {"e/", "e/x", "e/sub/", "e/sub/y"}
+    # the files' copies in one go, without a HEAD each (the two markers get one)
+    assert store.calls["copy_as_is_many"] == 1 and store.calls["copy_as_is"] == 2
+    assert store.calls["head"] - heads <= 2 + 2     # + the lookups of /d and /e
     assert store.data("e/x") == b"x data" and store.data("e/sub/y") == b"y data"
     assert all(store.key_fp_of(k) == ring.current.fingerprint for k in store.keys())
     assert stat.S_IMODE(fs.getattr("/e").mode) == 0o750
