@@ -28,7 +28,13 @@ class Remote:
 
 
 class FileState:
-    """A file open or dirty in this mount. Lock: self.lock (see module docstring)."""
+    """A file open or dirty in this mount. Lock: self.lock (see module docstring).
+
+    Its generations and its remote change through its methods, which keep them consistent:
+    dirty is generation > uploaded_gen; data_generation is the generation of the last change
+    of its bytes; remote_valid never exceeds what the remote holds of the current bytes; a
+    chunk fetched earlier (hot, readahead) is never served once the remote or the bytes
+    changed."""
 
     _ids = itertools.count(1)
 
@@ -75,6 +81,35 @@ class FileState:
     @property
     def dirty(self) -> bool:
         return self.generation > self.uploaded_gen
+
+    # -- changes: the caller holds self.lock --------------------------------------------------
+    def changed(self, data: bool) -> None:
+        """A change of the file; data: of its bytes, not only of its metadata."""
+        self.generation += 1
+        if data:
+            self.data_generation = self.generation
+            self.hot.clear()            # void anyway (tagged with the old generation)
+
+    def set_remote(self, remote: Remote | None) -> None:
+        """Its absent chunks now come from remote (a copy, an upload; None: from nowhere):
+        nothing fetched from the previous one is served any more."""
+        self.remote = remote
+        if remote is None:
+            self.remote_valid = 0
+        self.readahead.clear()
+        self.hot.clear()
+
+    def uploaded(self, gen: int, remote: Remote) -> None:
+        """Generation gen of the file is stored, as remote."""
+        self.remote_valid = remote.size if self.generation == gen else \
+            min(self.remote_valid, remote.size)
+        self.set_remote(remote)
+        self.uploaded_gen = max(self.uploaded_gen, gen)
+
+    def dropped(self) -> None:
+        """Unlinked or replaced: nothing of it is uploaded any more."""
+        self.deleted = True
+        self.uploaded_gen = self.generation
 
     def journal(self) -> dict:
         r = self.remote

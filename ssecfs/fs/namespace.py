@@ -193,9 +193,8 @@ class Namespace:
             return
         self.uploads.wb.quiesce(st)
         with st.lock:
-            st.deleted = True
+            st.dropped()
             self.uploads.streams.drop(st, "unlinked", for_good=True)
-            st.uploaded_gen = st.generation
             if st.entry is not None:
                 self.cache.discard(st.entry)
                 st.entry = None
@@ -258,9 +257,7 @@ class Namespace:
                 if remote is not None and remote.key == okey:
                     meta = meta_headers(st.meta)
                     info = self.store.copy(okey, nkey, remote.size, meta, remote.key_fp)
-                    st.remote = replace(remote, key=nkey, etag=info.etag, key_fp=info.key_fp)
-                    st.readahead.clear()
-                    st.hot.clear()
+                    st.set_remote(replace(remote, key=nkey, etag=info.etag, key_fp=info.key_fp))
                     self.store.delete(okey)
                 self.files.move(st, old, new)
                 st.path, st.key = new, nkey
@@ -335,12 +332,9 @@ class Namespace:
             r = st.remote
             if r is not None and r.key.startswith(okey):
                 info = copied.get(r.key)
-                if info is not None:
-                    st.remote = replace(r, key=info.key, etag=info.etag, key_fp=info.key_fp)
-                else:          # its object was not there any more: nothing to fetch from
-                    st.remote, st.remote_valid = None, 0
-                st.readahead.clear()
-                st.hot.clear()
+                # (None: its object was not there any more: nothing to fetch from)
+                st.set_remote(replace(r, key=info.key, etag=info.etag, key_fp=info.key_fp)
+                              if info is not None else None)
             if st.dirty and st.entry is not None:
                 st.entry.save_state(st.journal())
 

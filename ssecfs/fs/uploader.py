@@ -134,14 +134,7 @@ class Uploader:
         with st.lock:
             if st.deleted or st.key != key:
                 return      # unlinked/renamed meanwhile: the namespace op fixed the object
-            if st.generation == gen:
-                st.remote_valid = size
-            else:
-                st.remote_valid = min(st.remote_valid, size)
-            st.remote = Remote(key, info.etag, size, info.key_fp)
-            st.uploaded_gen = max(st.uploaded_gen, gen)
-            st.readahead.clear()
-            st.hot.clear()
+            st.uploaded(gen, Remote(key, info.etag, size, info.key_fp))
             if st.entry is not None:
                 if not st.dirty:
                     self.cache.set_dirty(st.entry, False)

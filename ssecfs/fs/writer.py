@@ -28,11 +28,8 @@ class Writer:
 
     def begin_change(self, st: FileState, data: bool) -> None:
         """Caller holds st.lock. Marks the file dirty (its cache entry too)."""
-        st.generation += 1
+        st.changed(data)
         if data:
-            st.data_generation = st.generation
-            if st.hot:
-                st.hot.clear()            # void anyway (tagged with the old generation)
             entry = self.files.entry_of(st)
             if not entry.dirty:
                 self.cache.unindex(entry)
