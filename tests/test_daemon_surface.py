@@ -3,7 +3,6 @@ user can plant, a log file opened through no link, and no file names in the cach
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess

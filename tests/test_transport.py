@@ -30,7 +30,7 @@ from botocore.config import Config
 from helpers import REPO, run_ssecfs, sse
 from seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
 from ssecfs import buffers
-from ssecfs.store import client, copies, ssec, transport
+from ssecfs.store import client, copies, ssec
 from ssecfs.errors import (EXIT_SECURITY, NotFound, PermissionDenied, StoreError, StoreUnavailable,
                            UserError)
 from ssecfs.crypto.keys import Key, KeyRing
