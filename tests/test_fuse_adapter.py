@@ -80,7 +80,7 @@ class Recorder:
 
 
 def test_new_entries_and_changes_of_owner_carry_the_callers_identity(monkeypatch):
-    from ssecfs.fs.namespace import Caller
+    from ssecfs.fs.setattrs import Caller
     monkeypatch.setattr(fuse_adapter, "fuse_get_context", lambda: (1001, 1002, os.getpid()))
     fs = Recorder()
     a = FuseAdapter(fs)

@@ -20,7 +20,7 @@ from helpers import wait_until
 from memstore import MemStore
 from ssecfs.commands import cli
 from ssecfs import errors
-from ssecfs.fs import namespace
+from ssecfs.fs import setattrs
 from ssecfs.fs.dirindex import INDEX_NAME, MIN_FILES, decode
 from ssecfs.errors import UserError
 from ssecfs.crypto.keys import Key
@@ -180,7 +180,7 @@ OTHER = dict(uid=1002, gid=1002, groups=frozenset({1002}))
 
 
 def test_chown_follows_the_posix_rules(fs, store):
-    owner, other = namespace.Caller(**OWNER), namespace.Caller(**OTHER)
+    owner, other = setattrs.Caller(**OWNER), setattrs.Caller(**OTHER)
     fs.release(fs.create("/f", 0o644, 1001, 1001))
     settle(fs)
     refused = [(1002, -1, other), (1002, -1, owner),        # only root gives a file away
@@ -193,7 +193,7 @@ def test_chown_follows_the_posix_rules(fs, store):
     fs.chown("/f", 1001, 3000, owner)                          # its own uid: no change
     assert ids(fs.getattr("/f"))[1:] == (1001, 3000)
     fs.chown("/f", 0xFFFFFFFF, 1001, owner)                   # (uid_t) -1: leave it
-    fs.chown("/f", 1002, 1002, namespace.Caller(0, 0))         # root
+    fs.chown("/f", 1002, 1002, setattrs.Caller(0, 0))         # root
     settle(fs)
     assert ids(fs.getattr("/f"))[1:] == (1002, 1002)
     md = store.meta("f")
@@ -201,7 +201,7 @@ def test_chown_follows_the_posix_rules(fs, store):
 
 
 def test_chown_clears_the_set_id_bits_of_files(fs, store):
-    owner = namespace.Caller(**OWNER)
+    owner = setattrs.Caller(**OWNER)
     fs.release(fs.create("/f", 0o644, 1001, 1001))
     fs.mkdir("/d", 0o755, 1001, 1001)
     fs.chmod("/f", 0o6755)
@@ -218,7 +218,7 @@ def test_chown_clears_the_set_id_bits_of_files(fs, store):
 
 
 def test_chmod_only_by_the_owner_and_set_group_id_only_to_a_group_of_its_own(fs, store):
-    owner, other = namespace.Caller(**OWNER), namespace.Caller(**OTHER)
+    owner, other = setattrs.Caller(**OWNER), setattrs.Caller(**OTHER)
     fs.release(fs.create("/f", 0o644, 1001, 1001))
     with pytest.raises(errors.NotPermitted):
         fs.chmod("/f", 0o777, other)

@@ -10,7 +10,9 @@ its state:
   writer.Writer        writes and truncates into the cache
   uploader.Uploader    dirty files to the store (write-back, multipart streams), fsync,
                        recovery after a crash
-  namespace.Namespace  mkdir, rmdir, unlink, rename, symlinks, chmod, chown, utimens
+  namespace.Namespace  mkdir, rmdir, unlink, rename; the namespace lock
+  nodes.Nodes          symlinks
+  setattrs.SetAttrs    chmod, chown, utimens
 
 The lock order is in files.py. This class only opens, creates and closes files (the file
 table's life cycle) and hands every other operation to its part.
@@ -34,7 +36,9 @@ from .files import FileState, OpenFiles, Remote
 from .meta import Attr, Metadata, attr_from_meta
 from .names import NAME_MAX, Names
 from .namespace import Namespace
+from .nodes import Nodes
 from .reader import Reader
+from .setattrs import SetAttrs
 from .uploader import Uploader
 from .writer import Writer
 
@@ -62,6 +66,8 @@ class Filesystem:
                              self.uploads.wb)
         self.ns = Namespace(self.store, cache, self.names, self.meta, self.files, self.attrs,
                             self.uploads, self.writer, config)
+        self.nodes = Nodes(self.ns)
+        self.setattrs = SetAttrs(self.ns)
 
     # -- attributes and listings ------------------------------------------------------------
     def getattr(self, path: str) -> Attr:
@@ -193,19 +199,19 @@ class Filesystem:
 
     def symlink(self, path: str, target: str, uid: int | None = None,
                 gid: int | None = None) -> None:
-        self.ns.symlink(path, target, uid, gid)
+        self.nodes.symlink(path, target, uid, gid)
 
     def readlink(self, path: str) -> str:
-        return self.ns.readlink(path)
+        return self.nodes.readlink(path)
 
     def chmod(self, path: str, mode: int, caller=None) -> None:
-        self.ns.chmod(path, mode, caller)
+        self.setattrs.chmod(path, mode, caller)
 
     def chown(self, path: str, uid: int, gid: int, caller=None) -> None:
-        self.ns.chown(path, uid, gid, caller)
+        self.setattrs.chown(path, uid, gid, caller)
 
     def utimens(self, path: str, atime: float, mtime: float) -> None:
-        self.ns.utimens(path, atime, mtime)
+        self.setattrs.utimens(path, atime, mtime)
 
     def fsyncdir(self, path: str) -> None:
         """fsync() of a directory: the deletes under it are done when it returns."""

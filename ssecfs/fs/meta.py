@@ -121,6 +121,11 @@ class Metadata:
                     e.mtime, e.ctime, e.uid if e.uid != -1 else self.uid,
                     e.gid if e.gid != -1 else self.gid)
 
+    @staticmethod
+    def meta_of_attr(a: Attr) -> dict:
+        """The metadata that stores attributes a (the inverse of attr_from_meta)."""
+        return {"mode": a.mode, "uid": a.uid, "gid": a.gid, "mtime": a.mtime, "ctime": a.ctime}
+
     def default_dir(self, t: float | None = None) -> Attr:
         """A directory that carries no attributes we trust (the root, one without a marker)."""
         t = self.mount_time if t is None else t

@@ -1,5 +1,6 @@
-"""The namespace: names and directories (mkdir, rmdir, unlink, rename, symlinks) and changes
-of a name's metadata (chmod, chown, utimens).
+"""The namespace: names and directories (mkdir, rmdir, unlink, rename), and what every new
+entry shares (new_meta, put_new; nodes.Nodes makes symlinks, setattrs.SetAttrs changes
+attributes, both under this lock).
 
 `lock` (the namespace lock, first in the lock order of files.py) serialises namespace changes
 and the opens and creates of the Filesystem, so that they see a stable table of open files.
@@ -7,9 +8,7 @@ A namespace change of a file first holds its uploads and waits for one in flight
 lock (`_idle_uploads`): a stuck upload delays only the operation on its own file.
 
 Ownership: a new file, directory or symlink belongs to the process that makes it (the FUSE
-adapter passes its uid and gid), with the group of a set-group-ID parent. chown and chmod
-follow the POSIX rules for the Caller that asks (the kernel checks them too, the mount uses
-default_permissions; this keeps the filesystem right on its own).
+adapter passes its uid and gid), with the group of a set-group-ID parent.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from ..cache import Cache
 from ..errors import (Exists, InvalidName, IsADirectory, KeyMismatch, NotADirectory, NotEmpty,
-                      NotFound, NotPermitted, NotSupported, PermissionDenied, ReadOnly)
+                      NotFound, NotSupported, PermissionDenied, ReadOnly)
 from ..store.contract import OPEN, Store, delete_tree
 from .attrs import AttrCache
 from .dirindex import INDEX_NAME
@@ -37,18 +36,6 @@ log = logging.getLogger("ssecfs.fs")
 
 COPY_WORKERS = 16                    # copies after a HEAD in flight when a directory is renamed
 COPY_BATCH = 1000                    # copies of a renamed directory sent at once
-NO_ID = (-1, 0xFFFFFFFF)  # chown(2): leave the owner (group) as it is
-
-
-@dataclass(frozen=True)
-class Caller:
-    """The process asking for a change of owner or mode (from the FUSE request)."""
-    uid: int
-    gid: int
-    groups: frozenset = frozenset()      # supplementary groups
-
-    def may_use_group(self, gid: int) -> bool:
-        return self.uid == 0 or gid == self.gid or gid in self.groups
 
 
 @dataclass(eq=False, repr=False)
@@ -101,7 +88,7 @@ class Namespace:
                 meta["mode"] |= stat.S_ISGID
         return meta
 
-    def _put_new(self, path: str, key: str, body: bytes, mode: int, uid: int | None,
+    def put_new(self, path: str, key: str, body: bytes, mode: int, uid: int | None,
                  gid: int | None) -> dict:
         """Caller holds lock. Store a new directory marker or symlink for path, which must
         not exist; its metadata."""
@@ -115,7 +102,7 @@ class Namespace:
     def mkdir(self, path: str, mode: int, uid: int | None = None, gid: int | None = None) -> None:
         self.check_writable()
         with self.lock:
-            meta = self._put_new(path, self.names.dir_key(path), b"",
+            meta = self.put_new(path, self.names.dir_key(path), b"",
                                  stat.S_IFDIR | (mode & 0o7777), uid, gid)
             self.attrs.remember_dir_meta(path, meta)
             self.attrs.invalidate(path)
@@ -383,110 +370,6 @@ class Namespace:
         if info.access != OPEN:
             raise KeyMismatch(src)
         return self.store.copy(src, dst, info.size, info.metadata, info.key_fp)
-
-    # ===================================================================== metadata changes
-    def _change_meta(self, path: str, **changes) -> None:
-        self.check_writable()
-        if path == "/":
-            raise NotPermitted("/: the owner, group and mode of the mount's root are mount "
-                               "options (--uid, --gid, --dir-mode)")
-        with self.lock:
-            st = self.files.get(path)
-            if st is not None:
-                with st.lock:
-                    # an upload that just ended may have dropped it from the table (clean):
-                    # then the object is up to date and is changed instead (below)
-                    live = self.files.get(path) is st
-                    if live:
-                        st.meta.update(changes)
-                        if set(changes) - {"ctime"}:  # fixed when a multipart upload begins
-                            self.uploads.streams.drop(st, "metadata changed", for_good=True)
-                        self.writer.begin_change(st, data=False)
-                if live:
-                    self.uploads.persist_and_schedule(st)
-                    return
-            attr = self.attrs.getattr(path)
-            if stat.S_ISDIR(attr.mode):
-                meta = {"mode": attr.mode, "uid": attr.uid, "gid": attr.gid,
-                        "mtime": attr.mtime, "ctime": now(), **changes}
-                self.store.put(self.names.dir_key(path), b"", meta_headers(meta))
-                self.attrs.remember_dir_meta(path, meta)
-            else:
-                key = self.names.key_of(path)
-                info = self.store.head(key)
-                if info.access != OPEN:
-                    raise KeyMismatch(path)
-                meta = self.meta.of(info, stat.S_IFREG)
-                meta.update(changes)
-                meta.setdefault("ctime", now())
-                self.store.copy(key, key, info.size, meta_headers(meta), info.key_fp)
-            self.attrs.invalidate(path)
-
-    def chmod(self, path: str, mode: int, caller: Caller | None = None) -> None:
-        """Only the owner (or root) changes the mode, and sets set-group-ID only with a group
-        it belongs to. A change that only clears set-id bits is allowed to anyone: the kernel
-        asks for it, on behalf of the writer, when someone else writes to or truncates such a
-        file. caller None: no check."""
-        attr = self.attrs.getattr(path)
-        mode &= 0o7777
-        old = stat.S_IMODE(attr.mode)
-        if caller is not None and caller.uid != 0:
-            if caller.uid != attr.uid:
-                if mode == old or mode != old & ~(stat.S_ISUID | stat.S_ISGID):
-                    raise NotPermitted(f"chmod {path}: not the owner")
-            elif not caller.may_use_group(attr.gid):
-                mode &= ~stat.S_ISGID
-        self._change_meta(path, mode=stat.S_IFMT(attr.mode) | mode, ctime=now())
-
-    def chown(self, path: str, uid: int, gid: int, caller: Caller | None = None) -> None:
-        """POSIX with _POSIX_CHOWN_RESTRICTED, as Linux: only root changes the owner; the
-        owner may change the group to one it belongs to. A change of a file's owner or group
-        clears its set-user-ID bit, and its set-group-ID bit if group-execute is set (without
-        it the bit marks mandatory locking, not a privilege). caller None: no check."""
-        attr = self.attrs.getattr(path)
-        new_uid = None if uid in NO_ID else uid
-        new_gid = None if gid in NO_ID else gid
-        if caller is not None and caller.uid != 0:
-            if new_uid is not None and (caller.uid != attr.uid or new_uid != attr.uid):
-                raise NotPermitted(f"chown {path}: only root may change the owner")
-            if new_gid is not None and (caller.uid != attr.uid or not (
-                    new_gid == attr.gid or caller.may_use_group(new_gid))):
-                raise NotPermitted(f"chown {path}: only the owner may change the group, to "
-                                   "one it belongs to")
-        if new_uid is None and new_gid is None:
-            return
-        ch = {"uid": attr.uid if new_uid is None else new_uid,
-              "gid": attr.gid if new_gid is None else new_gid}
-        mode = attr.mode
-        if not stat.S_ISDIR(mode):
-            mode &= ~stat.S_ISUID
-            if mode & stat.S_IXGRP:
-                mode &= ~stat.S_ISGID
-        if (ch["uid"], ch["gid"], mode) != (attr.uid, attr.gid, attr.mode):
-            self._change_meta(path, **ch, mode=mode, ctime=now())
-
-    def utimens(self, path: str, atime: float, mtime: float) -> None:
-        self._change_meta(path, mtime=mtime, ctime=now())
-
-    # ===================================================================== symlinks
-    def symlink(self, path: str, target: str, uid: int | None = None, gid: int | None = None) -> None:
-        self.check_writable()
-        with self.lock:
-            self._put_new(path, self.names.key_of(path),
-                          target.encode("utf-8", "surrogateescape"), stat.S_IFLNK | 0o777,
-                          uid, gid)
-            self.attrs.invalidate(path)
-            self.attrs.note_child(path, True)
-
-    def readlink(self, path: str) -> str:
-        attr = self.attrs.getattr(path)
-        if not stat.S_ISLNK(attr.mode):
-            raise InvalidName(f"{path} is not a symlink")
-        key = self.names.key_of(path)
-        info = self.store.head(key)
-        if info.access != OPEN:
-            raise KeyMismatch(path)
-        return self.store.get_range(key, 0, info.size, info.key_fp).decode("utf-8", "surrogateescape")
 
     def stop(self) -> None:
         self._copy_pool.shutdown(wait=False, cancel_futures=True)

@@ -24,7 +24,7 @@ from fuse import FuseOSError, Operations, fuse_get_context
 from .. import errors as E
 from ..fs.attrs import Attr
 from ..fs.filesystem import Filesystem
-from ..fs.namespace import Caller
+from ..fs.setattrs import Caller
 from .threadstates import ThreadStatePins
 
 log = logging.getLogger("ssecfs.fuse")
