@@ -27,6 +27,7 @@ class StoreConfig:
 
 
 ID_MAX = 0xFFFFFFFE          # (uid_t) -1 means "no change" to chown(2): never an owner
+RDEV_MAX = (1 << 64) - 1      # dev_t
 
 
 @dataclass(frozen=True)

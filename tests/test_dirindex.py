@@ -6,6 +6,7 @@ real mount against SeaweedFS behind the counting proxy."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import subprocess
@@ -104,19 +105,24 @@ def same(a, b) -> bool:
 
 # ------------------------------------------------------------------------------ the format
 def test_encode_decode_round_trip_and_malformed_input_is_refused():
-    e = Entry("abc", 1700000000, 5, stat.S_IFREG | 0o600, 1, 2, 1.5, 2.0, 1700000003)
-    assert decode(encode({"x y": e})) == {"x y": e}
-    for bad in (b"", b"\xff\xfe", b"[]", b'{"ssecfs-index": 2, "entries": {}}',
-                b'{"ssecfs-index": 1, "entries": {"a/b": ["e",1,1,1,1,1,1,1,1]}}',
-                b'{"ssecfs-index": 1, "entries": {"a": ["e",1,1,1,1,1,1,1]}}',
-                b'{"ssecfs-index": 1, "entries": {"a": ["e","1",1,1,1,1,1,1,1]}}',
-                b'{"ssecfs-index": 1, "entries": {"a": ["e",true,1,1,1,1,1,1,1]}}'):
+    e = Entry("abc", 1700000000, 5, stat.S_IFREG | 0o600, 1, 2, 1.5, 2.0, 1700000003, None, 0)
+    dev = Entry("d", 1700000000, 0, stat.S_IFCHR | 0o600, 1, 2, 1.5, 2.0, 1700000003, 9.25,
+                os.makedev(4, 64))
+    assert decode(encode({"x y": e, "tty": dev})) == {"x y": e, "tty": dev}
+    for bad in (b"", b"\xff\xfe", b"[]", b'{"ssecfs-index": 3, "entries": {}}',
+                b'{"ssecfs-index": 1, "entries": {"a": ["e",1,1,1,1,1,1,1,1]}}',  # format 1
+                b'{"ssecfs-index": 2, "entries": {"a/b": ["e",1,1,1,1,1,1,1,1,null,0]}}',
+                b'{"ssecfs-index": 2, "entries": {"a": ["e",1,1,1,1,1,1,1,1,null]}}',
+                b'{"ssecfs-index": 2, "entries": {"a": ["e","1",1,1,1,1,1,1,1,null,0]}}',
+                b'{"ssecfs-index": 2, "entries": {"a": ["e",true,1,1,1,1,1,1,1,null,0]}}',
+                b'{"ssecfs-index": 2, "entries": {"a": ["e",1,1,1,1,1,1,1,1,"1",0]}}',
+                b'{"ssecfs-index": 2, "entries": {"a": ["e",1,1,1,1,1,1,1,1,null,-1]}}'):
         with pytest.raises(ValueError):
             decode(bad)
 
 
 def test_an_entry_matches_only_its_version_and_only_when_seen_later():
-    e = Entry("etag", 1000, 7, 0o100644, 0, 0, 1.0, 1.0, 1002)
+    e = Entry("etag", 1000, 7, 0o100644, 0, 0, 1.0, 1.0, 1002, None, 0)
     assert e.matches(ListedObject("k", 7, "etag", 1000.0))
     assert e.matches(ListedObject("k", 7, "etag", 1000.9))           # same second
     assert not e.matches(ListedObject("k", 7, "other", 1000.0))       # content changed
@@ -124,7 +130,7 @@ def test_an_entry_matches_only_its_version_and_only_when_seen_later():
     assert not e.matches(ListedObject("k", 7, "etag", 1001.0))        # rewritten later
     # seen less than MATURE seconds after Last-Modified: another version with the same ETag
     # and Last-Modified could still follow (same-second metadata change) -> never used
-    young = Entry("etag", 1000, 7, 0o100644, 0, 0, 1.0, 1.0, 1001)
+    young = Entry("etag", 1000, 7, 0o100644, 0, 0, 1.0, 1.0, 1001, None, 0)
     assert not young.matches(ListedObject("k", 7, "etag", 1000.0))
 
 
@@ -210,8 +216,7 @@ def test_an_entry_seen_too_soon_is_not_used(make_fs, store, monkeypatch):
     entries = decode(data)
     # rewrite f06's entry as if seen in its own second, with a mode the object does not have
     e = entries["f06"]
-    entries["f06"] = Entry(e.etag, e.lm, e.size, stat.S_IFREG | 0o777, e.uid, e.gid,
-                           e.mtime, e.ctime, e.lm)
+    entries["f06"] = dataclasses.replace(e, mode=stat.S_IFREG | 0o777, seen=e.lm)
     store.put("d/" + INDEX_NAME, encode(entries), {})
     fs2 = make_fs(attr_timeout=LONG)
     mark = len(store.log)

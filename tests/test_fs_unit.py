@@ -1048,7 +1048,7 @@ def test_recover_after_crash_uploads_dirty_file(tmp_path, make_fs, store):
     st2 = MemStore(ring)
     fs = make_fs(cache_dir=cache_dir, st=st2)            # Cache.open succeeds: lock died
     assert fs.recover() == 1
-    assert fs.bad_entries == []
+    assert fs.uploads.bad_entries == []
     settle(fs)
     assert st2.data("crash.bin") == data
     assert int(st2.meta("crash.bin")["mode"]) == REG | 0o640
@@ -1068,8 +1068,8 @@ def test_recover_with_other_key_reports_entry(tmp_path, make_fs, ring):
     c.close()
     fs = make_fs(cache_dir=cache_dir)
     assert fs.recover() == 0
-    assert len(fs.bad_entries) == 1
-    assert any(n.startswith(fs.bad_entries[0]) for n in os.listdir(fs.cache.entries_dir))
+    assert len(fs.uploads.bad_entries) == 1
+    assert any(n.startswith(fs.uploads.bad_entries[0]) for n in os.listdir(fs.cache.entries_dir))
 
 
 # ------------------------------------------------------------------------- misc

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,14 +41,14 @@ from typing import Callable
 
 from cachetools import LRUCache
 
-from ..config import ID_MAX
+from ..config import ID_MAX, RDEV_MAX
 from ..errors import KeyMismatch, NotFound, PermissionDenied
 from ..store.contract import OPEN, ListedObject, ObjectInfo, Store
 
 log = logging.getLogger("ssecfs.dirindex")
 
 INDEX_NAME = ".ssecfs-index"
-FORMAT = 1
+FORMAT = 2
 MATURE = 2.0             # seconds between a version's Last-Modified and an answer we index
 QUIET = 2.5              # build once the directory had no change of ours for this long
 MAX_DELAY = 60.0         # ... or at the latest this long after the first change
@@ -71,6 +72,8 @@ class Entry:
     mtime: float
     ctime: float
     seen: int            # server date of the answer the attributes come from, whole seconds
+    atime: float | None  # None: not set explicitly
+    rdev: int            # a device node's number, else 0
 
     def matches(self, o: ListedObject) -> bool:
         return (self.seen >= self.lm + MATURE and self.etag == o.etag and self.size == o.size
@@ -82,14 +85,23 @@ def entry_of(info: ObjectInfo, attr) -> Entry | None:
     if info.access != OPEN or not info.etag or info.observed is None or not info.mtime:
         return None
     return Entry(info.etag, int(info.mtime), info.size, attr.mode, attr.uid, attr.gid,
-                 attr.mtime, attr.ctime, int(info.observed))
+                 attr.mtime, attr.ctime, int(info.observed), attr.atime, attr.rdev)
 
 
 def encode(entries: dict[str, Entry]) -> bytes:
-    rows = {n: [e.etag, e.lm, e.size, e.mode, e.uid, e.gid, e.mtime, e.ctime, e.seen]
+    rows = {n: [e.etag, e.lm, e.size, e.mode, e.uid, e.gid, e.mtime, e.ctime, e.seen, e.atime,
+                e.rdev]
             for n, e in sorted(entries.items())}
     return json.dumps({"ssecfs-index": FORMAT, "entries": rows},
                       separators=(",", ":")).encode()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_time(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def decode(data: bytes) -> dict[str, Entry]:
@@ -100,20 +112,21 @@ def decode(data: bytes) -> dict[str, Entry]:
         raise ValueError(f"not JSON ({e.__class__.__name__})") from None
     if not isinstance(doc, dict) or doc.get("ssecfs-index") != FORMAT \
             or not isinstance(doc.get("entries"), dict):
-        raise ValueError("not an index of format 1")
+        raise ValueError(f"not an index of format {FORMAT}")
     out = {}
     for name, row in doc["entries"].items():
         if not (isinstance(name, str) and name and "/" not in name and isinstance(row, list)
-                and len(row) == 9 and isinstance(row[0], str)
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in
-                        (row[1], row[2], row[3], row[4], row[5], row[8]))
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                        for v in (row[6], row[7]))
+                and len(row) == 11 and isinstance(row[0], str)
+                and all(_is_int(v) for v in (row[1], row[2], row[3], row[4], row[5], row[8],
+                                             row[10]))
+                and all(_is_time(v) for v in (row[6], row[7]))
+                and (row[9] is None or _is_time(row[9]))
                 and -1 <= row[3] <= 0o177777 and -1 <= row[4] <= ID_MAX
-                and -1 <= row[5] <= ID_MAX):
+                and -1 <= row[5] <= ID_MAX and 0 <= row[10] <= RDEV_MAX):
             raise ValueError(f"bad entry for {name!r}")
         out[name] = Entry(row[0], row[1], row[2], row[3], row[4], row[5], float(row[6]),
-                          float(row[7]), row[8])
+                          float(row[7]), row[8], None if row[9] is None else float(row[9]),
+                          row[10])
     return out
 
 

@@ -11,7 +11,7 @@ its state:
   uploader.Uploader    dirty files to the store (write-back, multipart streams), fsync,
                        recovery after a crash
   namespace.Namespace  mkdir, rmdir, unlink, rename; the namespace lock
-  nodes.Nodes          symlinks
+  nodes.Nodes          symlinks, special files
   setattrs.SetAttrs    chmod, chown, utimens
 
 The lock order is in files.py. This class only opens, creates and closes files (the file
@@ -201,6 +201,14 @@ class Filesystem:
                 gid: int | None = None) -> None:
         self.nodes.symlink(path, target, uid, gid)
 
+    def mknod(self, path: str, mode: int, rdev: int, uid: int | None = None,
+              gid: int | None = None) -> None:
+        """A regular file (made as by create, closed at once) or a special file."""
+        if stat.S_ISREG(mode):
+            self.release(self.create(path, mode, uid, gid))
+        else:
+            self.nodes.mknod(path, mode, rdev, uid, gid)
+
     def readlink(self, path: str) -> str:
         return self.nodes.readlink(path)
 
@@ -210,7 +218,7 @@ class Filesystem:
     def chown(self, path: str, uid: int, gid: int, caller=None) -> None:
         self.setattrs.chown(path, uid, gid, caller)
 
-    def utimens(self, path: str, atime: float, mtime: float) -> None:
+    def utimens(self, path: str, atime: float | None, mtime: float | None) -> None:
         self.setattrs.utimens(path, atime, mtime)
 
     def fsyncdir(self, path: str) -> None:
@@ -230,10 +238,6 @@ class Filesystem:
 
     def dirty_files(self) -> list[FileState]:
         return self.files.dirty()
-
-    @property
-    def bad_entries(self) -> list:
-        return self.uploads.bad_entries
 
     def recover(self) -> int:
         """Re-adopt dirty files from the cache journal after a crash and queue their uploads;

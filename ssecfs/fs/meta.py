@@ -1,6 +1,8 @@
 """Attributes and the object metadata that carries them.
 
-Metadata (s3fs-compatible): mode, uid, gid, mtime, ctime as decimal strings. It is believed
+Metadata (s3fs-compatible): mode (with the file type bits), uid, gid, mtime, ctime, and atime
+where one was set explicitly, as decimal strings; rdev, a device node's number (dev_t), which
+s3fs-fuse does not keep. It is believed
 only of objects a key of the ring opens (`Metadata.own`): anyone who may write to the bucket
 can store an object without SSE-C, or under another key, with any metadata. What an object
 lacks, or may not claim, is the mount's default (FsConfig uid, gid, file_mode, dir_mode) and
@@ -9,12 +11,13 @@ its Last-Modified; the root and directories without a marker get the defaults to
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import time
 from dataclasses import dataclass
 
-from ..config import ID_MAX
+from ..config import ID_MAX, RDEV_MAX
 from ..store.contract import OPEN, ObjectInfo
 
 
@@ -27,6 +30,8 @@ class Attr:
     uid: int
     gid: int
     nlink: int = 1
+    atime: float | None = None      # None: never set explicitly (reads as mtime)
+    rdev: int = 0                   # a device node's number
 
 
 def now() -> float:
@@ -39,15 +44,22 @@ def _fmt_time(t: float) -> str:
 
 
 def meta_headers(meta: dict) -> dict:
-    """The object metadata that stores meta (mode, uid, gid, mtime, ctime)."""
-    return {"mode": str(int(meta["mode"])), "uid": str(int(meta["uid"])),
-            "gid": str(int(meta["gid"])), "mtime": _fmt_time(meta["mtime"]),
-            "ctime": _fmt_time(meta["ctime"])}
+    """The object metadata that stores meta (mode, uid, gid, mtime, ctime; atime and rdev
+    where meta has them)."""
+    h = {"mode": str(int(meta["mode"])), "uid": str(int(meta["uid"])),
+         "gid": str(int(meta["gid"])), "mtime": _fmt_time(meta["mtime"]),
+         "ctime": _fmt_time(meta["ctime"])}
+    if meta.get("atime") is not None:
+        h["atime"] = _fmt_time(meta["atime"])
+    if meta.get("rdev"):
+        h["rdev"] = str(int(meta["rdev"]))
+    return h
 
 
 def attr_from_meta(m: dict, size: int = 0, nlink: int = 1) -> Attr:
     return Attr(mode=m["mode"], size=size, mtime=m["mtime"], ctime=m["ctime"],
-                uid=m["uid"], gid=m["gid"], nlink=nlink)
+                uid=m["uid"], gid=m["gid"], nlink=nlink, atime=m.get("atime"),
+                rdev=m.get("rdev", 0))
 
 
 def own_meta(info: ObjectInfo, kind: int) -> dict:
@@ -61,7 +73,7 @@ def own_meta(info: ObjectInfo, kind: int) -> dict:
     md = info.metadata
     own = {}
     for name, conv in (("mode", int), ("uid", int), ("gid", int), ("mtime", float),
-                       ("ctime", float)):
+                       ("ctime", float), ("atime", float), ("rdev", int)):
         try:
             own[name] = conv(md[name])
         except (KeyError, ValueError, TypeError):
@@ -73,6 +85,11 @@ def own_meta(info: ObjectInfo, kind: int) -> dict:
     for name in ("uid", "gid"):
         if not 0 <= own.get(name, 0) <= ID_MAX:
             del own[name]
+    if not 0 <= own.get("rdev", 0) <= RDEV_MAX:
+        del own["rdev"]
+    for name in ("mtime", "ctime", "atime"):
+        if not math.isfinite(own.get(name, 0.0)):
+            del own[name]
     return own
 
 
@@ -82,7 +99,8 @@ def index_attr_of(info: ObjectInfo) -> Attr:
     own = own_meta(info, stat.S_IFREG)
     mtime = own.get("mtime", info.mtime)
     return Attr(mode=own.get("mode", -1), size=info.size, mtime=mtime,
-                ctime=own.get("ctime", mtime), uid=own.get("uid", -1), gid=own.get("gid", -1))
+                ctime=own.get("ctime", mtime), uid=own.get("uid", -1), gid=own.get("gid", -1),
+                atime=own.get("atime"), rdev=own.get("rdev", 0))
 
 
 class Metadata:
@@ -108,9 +126,13 @@ class Metadata:
         the rest the mount's defaults and the object's Last-Modified (set by the server)."""
         own = own_meta(info, kind)
         mtime = own.get("mtime", info.mtime)
-        return {"mode": own.get("mode", self.default_mode(kind)),
-                "uid": own.get("uid", self.uid), "gid": own.get("gid", self.gid),
-                "mtime": mtime, "ctime": own.get("ctime", mtime)}
+        m = {"mode": own.get("mode", self.default_mode(kind)),
+             "uid": own.get("uid", self.uid), "gid": own.get("gid", self.gid),
+             "mtime": mtime, "ctime": own.get("ctime", mtime)}
+        for name in ("atime", "rdev"):
+            if name in own:
+                m[name] = own[name]
+        return m
 
     def attr_of_info(self, info: ObjectInfo) -> Attr:
         return attr_from_meta(self.of(info, stat.S_IFREG), info.size)
@@ -119,12 +141,17 @@ class Metadata:
         """The attributes of a file from an index entry (dirindex.Entry; -1: our default)."""
         return Attr(e.mode if e.mode != -1 else self.default_mode(stat.S_IFREG), e.size,
                     e.mtime, e.ctime, e.uid if e.uid != -1 else self.uid,
-                    e.gid if e.gid != -1 else self.gid)
+                    e.gid if e.gid != -1 else self.gid, atime=e.atime, rdev=e.rdev)
 
     @staticmethod
     def meta_of_attr(a: Attr) -> dict:
         """The metadata that stores attributes a (the inverse of attr_from_meta)."""
-        return {"mode": a.mode, "uid": a.uid, "gid": a.gid, "mtime": a.mtime, "ctime": a.ctime}
+        m = {"mode": a.mode, "uid": a.uid, "gid": a.gid, "mtime": a.mtime, "ctime": a.ctime}
+        if a.atime is not None:
+            m["atime"] = a.atime
+        if a.rdev:
+            m["rdev"] = a.rdev
+        return m
 
     def default_dir(self, t: float | None = None) -> Attr:
         """A directory that carries no attributes we trust (the root, one without a marker)."""

@@ -89,13 +89,15 @@ class Namespace:
         return meta
 
     def put_new(self, path: str, key: str, body: bytes, mode: int, uid: int | None,
-                 gid: int | None) -> dict:
-        """Caller holds lock. Store a new directory marker or symlink for path, which must
-        not exist; its metadata."""
+                 gid: int | None, rdev: int = 0) -> dict:
+        """Caller holds lock. Store a new directory marker, symlink or special file for path,
+        which must not exist; its metadata."""
         if self._exists(path):
             raise Exists(path)
         self.check_parent(path)
         meta = self.new_meta(path, mode, uid, gid)
+        if rdev:
+            meta["rdev"] = rdev
         self.store.put(key, body, meta_headers(meta))
         return meta
 

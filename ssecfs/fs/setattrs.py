@@ -114,5 +114,18 @@ class SetAttrs:
         if (ch["uid"], ch["gid"], mode) != (attr.uid, attr.gid, attr.mode):
             self._change_meta(path, **ch, mode=mode, ctime=now())
 
-    def utimens(self, path: str, atime: float, mtime: float) -> None:
-        self._change_meta(path, mtime=mtime, ctime=now())
+    def utimens(self, path: str, atime: float | None, mtime: float | None) -> None:
+        """None: that time stays. atime is stored once set; until then it reads as the
+        mtime, so a change of the mtime alone first pins the atime where it read."""
+        if atime is None and mtime is None:
+            return
+        ch = {"ctime": now()}
+        if mtime is not None:
+            ch["mtime"] = mtime
+            if atime is None:
+                a = self.ns.attrs.getattr(path)
+                if a.atime is None:
+                    atime = a.mtime
+        if atime is not None:
+            ch["atime"] = atime
+        self._change_meta(path, **ch)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import math
 import os
 import posixpath
-import stat
 import time
 
 import fuse
@@ -83,12 +83,19 @@ def fuse_error(op: str, path, e: Exception) -> FuseOSError:
     return FuseOSError(errno.EIO)
 
 
+def _ns(t: float) -> int:
+    """Seconds as nanoseconds, the whole seconds apart: t * 1e9 in one product would be off
+    by up to 128 ns even where t is exact (1500000000.25)."""
+    whole = math.floor(t)
+    return whole * 1_000_000_000 + round((t - whole) * 1e9)
+
+
 def stat_of(a: Attr) -> dict:
-    ns = lambda t: int(t * 1e9)  # noqa: E731
+    ns = _ns
     return {"st_mode": a.mode, "st_size": a.size, "st_nlink": a.nlink,
             "st_uid": a.uid, "st_gid": a.gid, "st_mtime": ns(a.mtime),
-            "st_atime": ns(a.mtime), "st_ctime": ns(a.ctime),
-            "st_blocks": (a.size + 511) // 512, "st_blksize": 131072}
+            "st_atime": ns(a.mtime if a.atime is None else a.atime), "st_ctime": ns(a.ctime),
+            "st_blocks": (a.size + 511) // 512, "st_blksize": 131072, "st_rdev": a.rdev}
 
 
 def groups_of(pid: int) -> frozenset:
@@ -170,10 +177,9 @@ class FuseAdapter(Operations):
                 return None
             if ns == UTIME_NOW:
                 return now
-            return ns / 1e9
-        atime, mtime = conv(times[0]), conv(times[1])
-        if mtime is not None:       # atime is not stored (SEMANTICS.md)
-            self.fs.utimens(path, atime, mtime)
+            sec, nsec = divmod(ns, 1_000_000_000)   # ns / 1e9 would round ns to a float first
+            return sec + nsec / 1e9
+        self.fs.utimens(path, conv(times[0]), conv(times[1]))
         return 0
 
     def statfs(self, path):
@@ -260,16 +266,14 @@ class FuseAdapter(Operations):
     def readlink(self, path):
         return self.fs.readlink(path)
 
+    def mknod(self, path, mode, dev):
+        uid, gid, _ = fuse_get_context()
+        self.fs.mknod(path, mode, dev, uid, gid)
+        return 0
+
     # -- unsupported, loudly ------------------------------------------------------------------
     def link(self, target, source):
         raise E.NotPermitted(f"hard links are not supported: {target}")
-
-    def mknod(self, path, mode, dev):
-        if stat.S_ISREG(mode):
-            uid, gid, _ = fuse_get_context()
-            self.fs.release(self.fs.create(path, mode, uid, gid))
-            return 0
-        raise E.NotPermitted(f"only regular files can be made by mknod: {path}")
 
     def getxattr(self, path, name, position=0):
         # ENOSYS: the kernel remembers that this filesystem has no xattrs and answers every

@@ -292,9 +292,9 @@ class Mount:
         """Re-adopt the journal of a previous run, then make the mount findable."""
         cfg, fs = self.cfg, self.fs
         self.recovered = fs.recover()
-        if fs.bad_entries:
+        if fs.uploads.bad_entries:
             log.error("%d cache entries could not be opened with this key ring; they are kept "
-                      "in %s", len(fs.bad_entries), cfg.cache_dir)
+                      "in %s", len(fs.uploads.bad_entries), cfg.cache_dir)
         self.control = ControlServer(control_path(cfg.mountpoint), self.status)
         self.registry = write_registry(cfg.mountpoint, {
             "pid": os.getpid(), "mountpoint": os.path.realpath(cfg.mountpoint),
