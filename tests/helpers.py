@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -111,3 +112,24 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_UTIME_OMIT = (1 << 30) - 2
+_AT_FDCWD = -100
+
+
+def utimens(target, atime: int | None, mtime: int) -> None:
+    """utimensat(path) or futimens(fd) with {atime, mtime} in whole seconds; atime None is
+    UTIME_OMIT (what GNU tar and `touch -m` send). Symlinks are followed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    times = (_Timespec * 2)(_Timespec(0, _UTIME_OMIT) if atime is None else _Timespec(atime, 0),
+                            _Timespec(mtime, 0))
+    rc = libc.futimens(target, times) if isinstance(target, int) else \
+        libc.utimensat(_AT_FDCWD, os.fsencode(target), times, 0)
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), None if isinstance(target, int) else target)

@@ -3,12 +3,18 @@ plain local directory (the model); after every step both must agree.
 
 Compared after every step (tree walk of both sides, symlinks not followed):
   * sorted listing of every directory;
-  * kind of every entry (file, directory, symlink) and each symlink's target;
-  * size and content of every file, its permission bits, and its mtime (within a second:
-    both sides are changed within milliseconds of each other; utime sets whole seconds);
-  * permission bits of directories. SEMANTICS: SeaweedFS drops the metadata of `dir/`
-    markers, so directory modes hold for the life of a mount and read back as 0755 after a
-    remount -- the model sets its directories to 0755 at every remount/crash.
+  * kind of every entry (file, directory, symlink, FIFO, device, socket), each symlink's
+    target, each device's number;
+  * size and content of every file;
+  * permission bits and owner of every entry; mtime and atime of all but directories (within
+    a second: both sides are changed within milliseconds of each other). The model lives on
+    a tmpfs mounted noatime,nodev: ssecfs keeps atime as a noatime mount does, and opens no
+    device (FUSE mounts are nodev).
+  * SEMANTICS: SeaweedFS drops the metadata of `dir/` markers, so directory modes and owners
+    hold for the life of a mount and read back as 0755 root:root after a remount -- the model
+    resets its directories so at every remount/crash.
+Every open adds O_NONBLOCK: a FIFO then opens (or fails) at once on both sides instead of
+waiting for a peer.
 Compared per operation: the return value (bytes read, readlink target...) or the errno.
 
 Remount (`ssecfs umount` + mount) and crash (kill -9 + mount on the same cache dir) are done
@@ -33,10 +39,12 @@ import os
 import random
 import shutil
 import stat
+import subprocess
 import sys
 import time
 
 import pytest
+from helpers import utimens
 from hypothesis import HealthCheck, settings
 from hypothesis.errors import FlakyStrategyDefinition
 from hypothesis import strategies as st
@@ -71,11 +79,17 @@ offsets = st.one_of(st.sampled_from([0, 1, 4095, 4096, CHUNK - 1, CHUNK, CHUNK +
 lengths = st.one_of(st.integers(0, 64),
                     st.sampled_from([4095, 4096, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 7]),
                     st.integers(0, 2 * CHUNK + 100))
-file_modes = st.sampled_from([0o644, 0o600, 0o755, 0o400, 0o000, 0o777, 0o640, 0o711])
+file_modes = st.sampled_from([0o644, 0o600, 0o755, 0o400, 0o000, 0o777, 0o640, 0o711,
+                              0o4755, 0o2755, 0o6711, 0o2644])
+node_kinds = st.sampled_from([("fifo", stat.S_IFIFO, 0), ("chr", stat.S_IFCHR, os.makedev(1, 3)),
+                              ("blk", stat.S_IFBLK, os.makedev(7, 9)),
+                              ("sock", stat.S_IFSOCK, 0)])
+owners = st.sampled_from([-1, 0, 1, 1000, 4242, 65534])
 dir_modes = st.sampled_from([0o755, 0o700, 0o777, 0o750, 0o711])
 link_targets = st.sampled_from(["a", "b", "d", "e", "d/a", "c/x", "zz"])
 mtimes = st.one_of(st.sampled_from([0, 1, 1_000_000_000, 1_700_000_000, 2_000_000_000]),
                    st.integers(1, 2_100_000_000))
+atimes = st.one_of(st.none(), mtimes)              # None: UTIME_OMIT
 OPEN_FLAGS = {
     "RDWR": os.O_RDWR,
     "RDWR|CREAT": os.O_RDWR | os.O_CREAT,
@@ -119,7 +133,7 @@ def outcome(fn):
 
 def opened(path: str, flags: int, fn, mode: int = 0o777):
     """fn(fd) on path opened with flags; the fd is closed whatever fn does."""
-    fd = os.open(path, flags, mode)
+    fd = os.open(path, flags | os.O_NONBLOCK, mode)
     try:
         return fn(fd)
     finally:
@@ -157,17 +171,19 @@ def snapshot(root: str) -> dict:
             r = f"{rel}/{n}" if rel else n
             p = os.path.join(root, r)
             s = os.lstat(p)
+            ids = (s.st_uid, s.st_gid)
+            times = (s.st_mtime, s.st_atime)
             if stat.S_ISDIR(s.st_mode):
-                out[r] = ("dir", oct(stat.S_IMODE(s.st_mode)))
+                out[r] = ("dir", oct(stat.S_IMODE(s.st_mode)), ids)
                 walk(r)
             elif stat.S_ISLNK(s.st_mode):
-                out[r] = ("symlink", os.readlink(p))
+                out[r] = ("symlink", os.readlink(p), ids, times)
             elif stat.S_ISREG(s.st_mode):
                 with open(p, "rb") as f:
                     data = f.read()
-                out[r] = ("file", oct(stat.S_IMODE(s.st_mode)), s.st_size, data, s.st_mtime)
+                out[r] = ("file", oct(stat.S_IMODE(s.st_mode)), ids, times, s.st_size, data)
             else:
-                out[r] = ("other", oct(s.st_mode))
+                out[r] = ("other", oct(s.st_mode), ids, times, s.st_rdev)
     walk("")
     return out
 
@@ -184,18 +200,21 @@ def diff_snapshots(model: dict, mount: dict) -> list[str]:
             continue
         if a[0] != b[0]:
             problems.append(f"{path}: kind {a[0]} on the model, {b[0]} on the mount")
-        elif a[0] == "file":
-            _, mode_a, size_a, data_a, mt_a = a
-            _, mode_b, size_b, data_b, mt_b = b
-            if mode_a != mode_b:
-                problems.append(f"{path}: mode {mode_a} on the model, {mode_b} on the mount")
+            continue
+        if a[0] == "file":
+            size_a, data_a, size_b, data_b = a[4], a[5], b[4], b[5]
             if size_a != size_b:
                 problems.append(f"{path}: size {size_a} on the model, {size_b} on the mount")
             if data_a != data_b:
                 problems.append(f"{path}: content differs: {first_difference(data_a, data_b)}")
-            if abs(mt_a - mt_b) > MTIME_SLACK:
-                problems.append(f"{path}: mtime {mt_a:.3f} on the model, {mt_b:.3f} on the mount")
-        elif a != b:
+            a, b = a[:4], b[:4]
+        if a[0] in ("file", "symlink", "other"):
+            for what, ta, tb in zip(("mtime", "atime"), a[3], b[3]):
+                if abs(ta - tb) > MTIME_SLACK:
+                    problems.append(f"{path}: {what} {ta:.3f} on the model, {tb:.3f} on the "
+                                    "mount")
+            a, b = a[:3] + a[4:], b[:3] + b[4:]
+        if a != b:
             problems.append(f"{path}: model {a!r}, mount {b!r}")
     return problems
 
@@ -405,8 +424,8 @@ class FuzzMachine(RuleBasedStateMachine):
         p = self.draw_path(pick_)
         self._step()
         fl = OPEN_FLAGS[flags]
-        lo = outcome(lambda: os.open(os.path.join(self.local, p), fl, mode))
-        mo = outcome(lambda: os.open(os.path.join(self.mnt, p), fl, mode))
+        lo = outcome(lambda: os.open(os.path.join(self.local, p), fl | os.O_NONBLOCK, mode))
+        mo = outcome(lambda: os.open(os.path.join(self.mnt, p), fl | os.O_NONBLOCK, mode))
         if lo[0] == "ok" and mo[0] == "ok":
             self.handles.append(Handle(flags, lo[1], mo[1]))
             return
@@ -469,8 +488,8 @@ class FuzzMachine(RuleBasedStateMachine):
         if rel is None:
             return
         fl = OPEN_FLAGS[h.flags] & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
-        lo = outcome(lambda: os.open(os.path.join(self.local, rel), fl))
-        mo = outcome(lambda: os.open(os.path.join(self.mnt, rel), fl))
+        lo = outcome(lambda: os.open(os.path.join(self.local, rel), fl | os.O_NONBLOCK))
+        mo = outcome(lambda: os.open(os.path.join(self.mnt, rel), fl | os.O_NONBLOCK))
         if lo[0] == "ok" and mo[0] == "ok":
             self.handles.append(Handle(h.flags, lo[1], mo[1]))
             return
@@ -549,12 +568,29 @@ class FuzzMachine(RuleBasedStateMachine):
         self._step()
         self.both(f"chmod {p} {oct(mode)}", lambda root: os.chmod(os.path.join(root, p), mode))
 
-    @rule(pick_=st.data(), mtime=mtimes)
-    def utime(self, pick_, mtime):
+    @rule(pick_=st.data(), atime=atimes, mtime=mtimes)
+    def utime(self, pick_, atime, mtime):
+        """utimensat with an atime of its own, or UTIME_OMIT for it (touch -m)."""
         p = self.draw_path(pick_)
         self._step()
-        self.both(f"utime {p} {mtime}",
-                  lambda root: os.utime(os.path.join(root, p), (mtime, mtime)))
+        self.both(f"utime {p} {atime} {mtime}",
+                  lambda root: utimens(os.path.join(root, p), atime, mtime))
+
+    @rule(pick_=st.data(), uid=owners, gid=owners)
+    def chown(self, pick_, uid, gid):
+        """To another owner and group (-1: unchanged); clears set-ID bits as Linux does."""
+        p = self.draw_path(pick_)
+        self._step()
+        self.both(f"chown {p} {uid}:{gid}",
+                  lambda root: os.chown(os.path.join(root, p), uid, gid))
+
+    @rule(pick_=st.data(), kind=node_kinds, mode=file_modes)
+    def mknod(self, pick_, kind, mode):
+        p = self.draw_path(pick_)
+        self._step()
+        name, fmt, dev = kind
+        self.both(f"mknod {p} {name} {oct(mode)}",
+                  lambda root: os.mknod(os.path.join(root, p), fmt | mode, dev))
 
     @rule(pick_=st.data(), dest=link_targets)
     def symlink(self, pick_, dest):
@@ -571,12 +607,14 @@ class FuzzMachine(RuleBasedStateMachine):
 
     # -- mount lifecycle ----------------------------------------------------------------------
     def _after_remount(self) -> None:
-        # SEMANTICS: on SeaweedFS directory attributes read back as 0755 after a remount.
+        # SEMANTICS: on SeaweedFS directory attributes read back as 0755, owned by the
+        # mounting user (root), after a remount.
         for dirpath, dirs, _files in os.walk(self.local):
             for d in dirs:
                 p = os.path.join(dirpath, d)
                 if not os.path.islink(p):
                     os.chmod(p, 0o755)
+                    os.chown(p, 0, 0)
 
     def _restart(self, counter: str, stop) -> None:
         """Close every file, stop the daemon with stop(mount), mount again."""
@@ -630,6 +668,8 @@ def test_fuzz_against_local_model(mounter, bucket, key, tmp_path):
     m = mounter(bucket, key[0], name="fuzz")
     model = tmp_path / "model"
     model.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noatime,nodev,size=512m", "fuzz-model",
+                    str(model)], check=True)
     FuzzMachine.m = m
     FuzzMachine.local_base = str(model)
     for k in STATS:
@@ -651,6 +691,7 @@ def test_fuzz_against_local_model(mounter, bucket, key, tmp_path):
         result = "passed (time box reached)"
     finally:
         os.umask(old_umask)
+        subprocess.run(["umount", "-l", str(model)], check=False)
         print("\n" + report(time.monotonic() - t0, result))
         if os.environ.get("SSECFS_FUZZ_VERBOSE"):
             print(sorted(ERRNOS.items(), key=lambda kv: -kv[1]))

@@ -9,7 +9,6 @@ returns the exact bytes, and the object carries s3fs-style metadata (mode, uid, 
 from __future__ import annotations
 
 import base64
-import ctypes
 import hashlib
 import os
 import shutil
@@ -20,7 +19,7 @@ import subprocess
 import pytest
 from botocore.exceptions import ClientError
 
-from helpers import fsync_dir, marker_blob, scan_dir_for, sse, wait_until
+from helpers import fsync_dir, marker_blob, scan_dir_for, sse, utimens, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -90,18 +89,6 @@ def make_tree(root, big: int = 3 * MiB, extra: dict[str, bytes] | None = None) -
             f.write(data)
     os.makedirs(os.path.join(str(root), "emptydir"), exist_ok=True)
     return files
-
-
-def futimens_mtime_only(fd: int, mtime: int) -> None:
-    """futimens(fd, {UTIME_OMIT, mtime}) -- what GNU tar and `touch -m` do."""
-    class Timespec(ctypes.Structure):
-        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-    utime_omit = (1 << 30) - 2
-    libc = ctypes.CDLL(None, use_errno=True)
-    times = (Timespec * 2)(Timespec(0, utime_omit), Timespec(mtime, 0))
-    if libc.futimens(fd, times) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def get_bytes(s3, bucket, key, raw) -> bytes:
@@ -276,7 +263,7 @@ def test_touch_m_sets_only_mtime(mnt, s3):
     with open(path, "ab") as f:
         f.write(b"more\n")
         f.flush()
-        futimens_mtime_only(f.fileno(), 1_400_000_000)
+        utimens(f.fileno(), None, 1_400_000_000)
     assert os.stat(path).st_mtime == 1_400_000_000
     md = assert_sse_c_object(s3, bucket, "f.txt", raw, b"data\nmore\n", path)
     assert float(md["mtime"]) == 1_400_000_000

@@ -64,11 +64,19 @@ def test_a_device_node_keeps_its_type_and_number_through_every_change(make_fs, s
         make_fs().getattr("/tty")
 
 
-def test_atime_is_kept_once_set_and_reads_as_the_mtime_until_then(make_fs, store):
+def test_atime_is_the_creation_time_until_set_and_reads_leave_it(make_fs, store):
     fs = make_fs()
-    write_file(fs, "/f", b"data")
+    fh = fs.create("/f", 0o644)
+    born = fs.getattr("/f").atime
+    fs.write(fh, b"data", 0)
+    fs.release(fh)
     settle(fs)
-    assert fs.getattr("/f").atime is None and "atime" not in store.meta("f")
+    assert fs.getattr("/f").mtime > born and float(store.meta("f")["atime"]) == born
+    fh = fs.open("/f", os.O_RDONLY)
+    assert fs.read(fh, 10, 0) == b"data"
+    fs.release(fh)
+    assert make_fs().getattr("/f").atime == born, "a read does not move it (noatime)"
+
     fs.utimens("/f", 1_400_000_000.125, 1_600_000_000)
     assert store.meta("f")["atime"] == "1400000000.125", "s3fs-fuse's name and format"
     fs.utimens("/f", None, 1_700_000_000)            # touch -m: the atime stays
@@ -79,11 +87,13 @@ def test_atime_is_kept_once_set_and_reads_as_the_mtime_until_then(make_fs, store
     cold.utimens("/f", 1_450_000_000, None)          # touch -a: the mtime stays
     assert make_fs().getattr("/f").mtime == 1_700_000_000
 
-    write_file(fs, "/h", b"x")
-    settle(fs)
-    mtime = fs.getattr("/h").mtime
-    fs.utimens("/h", None, 1_000_000_000)            # before any atime: it stays where it read
-    assert make_fs().getattr("/h").atime == mtime
+
+def test_an_object_without_atime_reads_it_as_its_mtime_until_one_is_set(make_fs, store):
+    store.put("aws", b"x", {"mtime": "1500000000"})   # as another tool writes it
+    fs = make_fs()
+    assert fs.getattr("/aws").atime is None
+    fs.utimens("/aws", None, 1_000_000_000)          # touch -m: atime pinned where it read
+    assert make_fs().getattr("/aws").atime == 1_500_000_000
 
 
 def test_atime_of_an_open_dirty_file_and_of_a_directory(make_fs, store):
@@ -128,4 +138,5 @@ def test_the_directory_index_carries_atime_and_device_numbers(make_fs, store):
     assert heads_of_files(store, mark) == [], "attributes from the index, no HEAD per file"
     assert (got["tty"].mode, got["tty"].rdev) == (stat.S_IFCHR | 0o620, TTY)
     assert got["fifo"].mode == stat.S_IFIFO | 0o600
-    assert got["f01"].atime == 1_400_000_000.5 and got["f02"].atime is None
+    assert got["f01"].atime == 1_400_000_000.5
+    assert got["f02"].atime == float(store.meta("d/f02")["atime"])

@@ -1,7 +1,8 @@
 """Attributes and the object metadata that carries them.
 
-Metadata (s3fs-compatible): mode (with the file type bits), uid, gid, mtime, ctime, and atime
-where one was set explicitly, as decimal strings; rdev, a device node's number (dev_t), which
+Metadata (s3fs-compatible): mode (with the file type bits), uid, gid, mtime, ctime, atime
+(an object without one, written by another tool, reads its atime as its mtime), as decimal
+strings; rdev, a device node's number (dev_t), which
 s3fs-fuse does not keep. It is believed
 only of objects a key of the ring opens (`Metadata.own`): anyone who may write to the bucket
 can store an object without SSE-C, or under another key, with any metadata. What an object
@@ -30,7 +31,7 @@ class Attr:
     uid: int
     gid: int
     nlink: int = 1
-    atime: float | None = None      # None: never set explicitly (reads as mtime)
+    atime: float | None = None      # None: the object has none (reads as mtime)
     rdev: int = 0                   # a device node's number
 
 
@@ -114,8 +115,11 @@ class Metadata:
         self.mount_time = now()
 
     def default(self, mode: int) -> dict:
+        """A new entry's metadata: its atime is its creation time, and moves only when set
+        (reads leave it: the mount behaves as a noatime mount)."""
         t = now()
-        return {"mode": mode, "uid": self.uid, "gid": self.gid, "mtime": t, "ctime": t}
+        return {"mode": mode, "uid": self.uid, "gid": self.gid, "mtime": t, "ctime": t,
+                "atime": t}
 
     def default_mode(self, kind: int) -> int:
         """The mode of what carries none we trust: kind is stat.S_IFREG or stat.S_IFDIR."""

@@ -115,8 +115,9 @@ class SetAttrs:
             self._change_meta(path, **ch, mode=mode, ctime=now())
 
     def utimens(self, path: str, atime: float | None, mtime: float | None) -> None:
-        """None: that time stays. atime is stored once set; until then it reads as the
-        mtime, so a change of the mtime alone first pins the atime where it read."""
+        """None: that time stays. An object without an atime (written by another tool)
+        reads it as its mtime: a change of the mtime alone first pins the atime where it
+        read."""
         if atime is None and mtime is None:
             return
         ch = {"ctime": now()}
