@@ -43,6 +43,12 @@ class Names:
             raise NameTooLong(path)          # the marker "dir/" is one byte longer
         return k
 
+    @staticmethod
+    def check_key(key: str) -> None:
+        """NameTooLong if key is over KEY_MAX (a key a move would make)."""
+        if _bytes(key) > KEY_MAX:
+            raise NameTooLong(key)
+
     def can_be_dir(self, path: str) -> bool:
         """Whether path's marker key is within KEY_MAX (path itself is checked)."""
         return _bytes(self.key_of(path)) < KEY_MAX

@@ -262,6 +262,8 @@ class Namespace:
         okey, nkey = self.names.dir_key(old), self.names.dir_key(new)
         opfx, npfx = old.rstrip("/") + "/", new.rstrip("/") + "/"
         local = self.files.below(old)
+        for st in local:                  # every key must fit where it goes (before a copy)
+            self.names.check(npfx + st.path[len(opfx):])
         for st in local:
             self.uploads.wb.quiesce(st)
         try:
@@ -290,6 +292,7 @@ class Namespace:
                     objs.append(o.key)
                     if o.key.endswith("/" + INDEX_NAME):
                         continue          # indexes are not carried over (copies are new versions)
+                    self.names.check_key(nkey + o.key[len(okey):])   # else: undo, refuse
                     batch.append((o.key, nkey + o.key[len(okey):], o.size))
                     if len(batch) >= COPY_BATCH:
                         self._copy_batch(batch, copied)
