@@ -23,9 +23,9 @@ class Names:
         NAME_MAX bytes, or an object key over KEY_MAX (S3's limit). A lookup checks first,
         as Linux's lookup of a name over 255 bytes answers ENAMETOOLONG whether or not the
         directory holds it: no such path can be there."""
-        rel = path.lstrip("/")
-        if any(_bytes(comp) > NAME_MAX for comp in rel.split("/")) \
-                or _bytes(self.prefix + rel) > KEY_MAX:
+        rel = path.lstrip("/").encode("utf-8", "surrogateescape")      # (once: every lookup)
+        if _bytes(self.prefix) + len(rel) > KEY_MAX or (
+                len(rel) > NAME_MAX and any(len(c) > NAME_MAX for c in rel.split(b"/"))):
             raise NameTooLong(path)
 
     def key_of(self, path: str) -> str:
