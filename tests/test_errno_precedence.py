@@ -209,9 +209,12 @@ RENAMES = {
     "key-at-1024": ([DEEP + "/", "f"], "f", AT_LIMIT),
     # a directory whose files' keys would pass 1,024 bytes where it goes
     "dir-whose-files-would-pass-the-key-limit": ([DEEP + "/", AT_LIMIT], A, A + "a"),
+    "dir-whose-files-would-pass-the-key-limit-onto-empty-dir": (
+        [DEEP + "/", AT_LIMIT, A + "a/"], A, A + "a"),
 }
 RENAME_KEY_LIMIT = {"key-over-1024": "ENAMETOOLONG",
-                    "dir-whose-files-would-pass-the-key-limit": "ENAMETOOLONG"}
+                    "dir-whose-files-would-pass-the-key-limit": "ENAMETOOLONG",
+                    "dir-whose-files-would-pass-the-key-limit-onto-empty-dir": "ENAMETOOLONG"}
 
 
 @pytest.mark.parametrize("case", RENAMES)
