@@ -7,6 +7,7 @@ killed), so no test leaves anything mounted.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -168,6 +169,29 @@ def mounter(seaweed, tmp_path, bucket):
 def mnt(mounter, bucket, key):
     """A mounted bucket: (Mount, bucket name, raw key)."""
     return mounter(bucket, key[0]), bucket, key[1]
+
+
+# ---------------------------------------------------------------------------- other users
+@pytest.fixture(scope="module")
+def users():
+    """Two throw-away system users, each with a group of its own; removed afterwards."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("setpriv"):
+        pytest.skip("needs root, useradd and setpriv")
+    made = []
+    try:
+        for _ in range(2):
+            name = f"ssecfs-test-{uuid.uuid4().hex[:6]}"
+            r = subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
+                                "--shell", "/usr/sbin/nologin", name],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot add a throw-away user: {r.stderr.strip()}")
+            made.append(name)
+        yield [pwd.getpwnam(n) for n in made]
+    finally:
+        for name in made:
+            subprocess.run(["userdel", name], capture_output=True)
+            subprocess.run(["groupdel", name], capture_output=True)   # if userdel left it
 
 
 # ---------------------------------------------------------------------------- fault proxy

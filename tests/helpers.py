@@ -13,6 +13,7 @@ from botocore.exceptions import ClientError
 
 from seaweed import sse_params as sse  # scripts/: on the path by tests/conftest.py
 
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # not root's own
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -133,3 +134,13 @@ def utimens(target, atime: int | None, mtime: int) -> None:
     if rc != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), None if isinstance(target, int) else target)
+
+
+def as_user(user, script: str, cwd, groups: tuple = ()) -> subprocess.CompletedProcess:
+    """Run `sh -c script` as user (its primary group; supplementary groups: only `groups`).
+    The working directory is entered as root first: the user needs no access to the
+    directories above the mount point."""
+    ids = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
+    return subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", *ids,
+                           "--", "sh", "-c", script], cwd=str(cwd), capture_output=True,
+                          text=True, timeout=60, env={"PATH": SYSTEM_PATH, "LC_ALL": "C"})

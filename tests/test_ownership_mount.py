@@ -10,53 +10,17 @@ tests/test_ownership.py."""
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import stat
 import subprocess
-import uuid
 
 import pytest
 
-from helpers import sse, wait_until
+from helpers import as_user, sse, wait_until
 
 pytestmark = pytest.mark.mount
 
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # not root's own
 DENIED = "Permission denied"
 NOT_PERMITTED = "Operation not permitted"
-
-
-@pytest.fixture(scope="module")
-def users():
-    """Two throw-away system users, each with a group of its own; removed afterwards."""
-    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("setpriv"):
-        pytest.skip("needs root, useradd and setpriv")
-    made = []
-    try:
-        for _ in range(2):
-            name = f"ssecfs-test-{uuid.uuid4().hex[:6]}"
-            r = subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
-                                "--shell", "/usr/sbin/nologin", name],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                pytest.skip(f"cannot add a throw-away user: {r.stderr.strip()}")
-            made.append(name)
-        yield [pwd.getpwnam(n) for n in made]
-    finally:
-        for name in made:
-            subprocess.run(["userdel", name], capture_output=True)
-            subprocess.run(["groupdel", name], capture_output=True)   # if userdel left it
-
-
-def as_user(user, script: str, cwd, groups: tuple = ()) -> subprocess.CompletedProcess:
-    """Run `sh -c script` as user (its primary group; supplementary groups: only `groups`).
-    The working directory is entered as root first: the user needs no access to the
-    directories above the mount point."""
-    ids = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
-    return subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", *ids,
-                           "--", "sh", "-c", script], cwd=str(cwd), capture_output=True,
-                          text=True, timeout=60, env={"PATH": SYSTEM_PATH, "LC_ALL": "C"})
 
 
 def ok(r: subprocess.CompletedProcess) -> str:

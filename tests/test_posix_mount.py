@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from helpers import assert_sse_c_only, sse
-from test_ownership_mount import DENIED, NOT_PERMITTED, as_user, ok, refused, shared_dir, users  # noqa: F401
+from helpers import as_user, assert_sse_c_only, sse
+from test_ownership_mount import DENIED, NOT_PERMITTED, ok, refused, shared_dir
 
 pytestmark = pytest.mark.mount
 

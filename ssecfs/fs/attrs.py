@@ -206,6 +206,7 @@ class AttrCache:
     def getattr(self, path: str) -> Attr:
         if path == "/":
             return self.meta.default_dir()
+        self.names.check(path)               # before any "absent" a cache could answer
         if path.endswith("/" + INDEX_NAME):
             raise NotFound(path)             # reserved for the directory index (hidden)
         st = self.files.get(path)
@@ -303,6 +304,8 @@ class AttrCache:
         return got[1] if got is not None and got[0] == etag else None
 
     def _dir_attr(self, path: str) -> Attr:
+        if not self.names.can_be_dir(path):
+            raise NotFound(path)             # a file's name may be that long, not a directory's
         with self.lock:
             m = self._dir_meta.get(path)
         if m is not None and self.dir_exists(path):

@@ -18,17 +18,22 @@ class Names:
     def __init__(self, prefix: str):
         self.prefix = prefix
 
-    def key_of(self, path: str) -> str:
-        rel = path.lstrip("/")
-        for comp in rel.split("/"):
-            if _bytes(comp) > NAME_MAX:
-                raise NameTooLong(path)
-            if comp == INDEX_NAME:
-                raise InvalidName(f"{path}: the name {INDEX_NAME} is reserved (directory index)")
-        key = self.prefix + rel
-        if _bytes(key) > KEY_MAX:
+    def check(self, path: str) -> None:
+        """NameTooLong if path cannot be in this filesystem for its length: a component over
+        NAME_MAX bytes, or an object key over KEY_MAX (S3's limit). A lookup checks first,
+        as Linux's lookup of a name over 255 bytes answers ENAMETOOLONG whether or not the
+        directory holds it: no such path can be there."""
+        rel = path.lstrip("/").encode("utf-8", "surrogateescape")      # (once: every lookup)
+        if _bytes(self.prefix) + len(rel) > KEY_MAX or (
+                len(rel) > NAME_MAX and any(len(c) > NAME_MAX for c in rel.split(b"/"))):
             raise NameTooLong(path)
-        return key
+
+    def key_of(self, path: str) -> str:
+        self.check(path)
+        rel = path.lstrip("/")
+        if INDEX_NAME in rel.split("/"):
+            raise InvalidName(f"{path}: the name {INDEX_NAME} is reserved (directory index)")
+        return self.prefix + rel
 
     def dir_key(self, path: str) -> str:
         """The key of directory path's marker (the prefix itself for the root)."""
@@ -37,6 +42,16 @@ class Names:
         if _bytes(k) > KEY_MAX:
             raise NameTooLong(path)          # the marker "dir/" is one byte longer
         return k
+
+    @staticmethod
+    def check_key(key: str) -> None:
+        """NameTooLong if key is over KEY_MAX (a key a move would make)."""
+        if _bytes(key) > KEY_MAX:
+            raise NameTooLong(key)
+
+    def can_be_dir(self, path: str) -> bool:
+        """Whether path's marker key is within KEY_MAX (path itself is checked)."""
+        return _bytes(self.key_of(path)) < KEY_MAX
 
     @staticmethod
     def split_key(key: str) -> tuple[str, str]:

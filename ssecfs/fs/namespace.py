@@ -210,6 +210,7 @@ class Namespace:
                 b = None
                 self.check_parent(new)
             if stat.S_ISDIR(a.mode):
+                self._check_keys_fit(old, new)
                 if b is not None:
                     if not stat.S_ISDIR(b.mode):
                         raise NotADirectory(new)
@@ -260,6 +261,21 @@ class Namespace:
             if st.dirty or requeue:
                 self.uploads.wb.schedule(st, 0 if requeue else None)
 
+    def _check_keys_fit(self, old: str, new: str) -> None:
+        """NameTooLong unless every key under directory old fits under new (S3's limit),
+        before anything changes (a target directory is removed first)."""
+        opfx, npfx = old.rstrip("/") + "/", new.rstrip("/") + "/"
+        if len(npfx.encode("utf-8", "surrogateescape")) <= \
+                len(opfx.encode("utf-8", "surrogateescape")):
+            return
+        for st in self.files.below(old):
+            self.names.check(npfx + st.path[len(opfx):])
+        okey, nkey = self.names.dir_key(old), self.names.dir_key(new)
+        for page in self.store.list_page_iter(okey, delimiter=None):
+            for o in page.objects:
+                if not o.key.endswith("/" + INDEX_NAME):
+                    self.names.check_key(nkey + o.key[len(okey):])
+
     def _rename_dir(self, old: str, new: str) -> None:
         okey, nkey = self.names.dir_key(old), self.names.dir_key(new)
         opfx, npfx = old.rstrip("/") + "/", new.rstrip("/") + "/"
@@ -292,6 +308,7 @@ class Namespace:
                     objs.append(o.key)
                     if o.key.endswith("/" + INDEX_NAME):
                         continue          # indexes are not carried over (copies are new versions)
+                    self.names.check_key(nkey + o.key[len(okey):])   # else: undo, refuse
                     batch.append((o.key, nkey + o.key[len(okey):], o.size))
                     if len(batch) >= COPY_BATCH:
                         self._copy_batch(batch, copied)
