@@ -76,3 +76,13 @@ def test_a_directory_is_not_renamed_where_its_keys_would_pass_the_limit(fs, stor
                                           if not uploaded else set())
     fs.rename(f"/{A}/{B}", f"/{A}/{B[:-1]}")       # one byte shorter: fine
     assert read_all(fs, f"/{A}/{B[:-1]}/{C}/{D}/" + "f" * 20) == b"at the limit"
+
+
+def test_keys_with_a_name_over_255_bytes_are_not_listed(fs, store):
+    """Another tool may store them; they have no POSIX spelling (no lookup could reach
+    them), like keys with an empty component."""
+    store.put("d/" + "n" * 256, b"x", {})
+    store.put("d/" + "p" * 256 + "/x", b"x", {})
+    store.put("d/ok", b"x", {})
+    assert set(fs.readdir("/d")) == {".", "..", "ok"}
+    assert store.keys() == sorted(["d/" + "n" * 256, "d/" + "p" * 256 + "/x", "d/ok"])

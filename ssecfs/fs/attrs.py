@@ -398,8 +398,8 @@ class AttrCache:
             batch = []
             for o in page.objects:
                 name = o.key[len(dkey):]
-                if not name or "/" in name or name == INDEX_NAME:
-                    continue            # the directory's own marker, its index
+                if not self.names.listable(name):
+                    continue            # the directory's own marker, its index...
                 seen.add(name)
                 if len(seen) <= LISTING_CACHE_MAX:
                     batch.append((pfx + name, o.key, o))
@@ -415,11 +415,11 @@ class AttrCache:
             self.prefetch.listed(path, batch, first=page_no == 0)
             for o in page.objects:
                 name = o.key[len(dkey):]
-                if name and "/" not in name and name != INDEX_NAME:
+                if self.names.listable(name):
                     yield name
             for p in page.prefixes:
                 name = p[len(dkey):].rstrip("/")
-                if name and "/" not in name and name not in seen:
+                if self.names.listable(name) and name not in seen:
                     seen.add(name)
                     yield name
         state["complete"] = True

@@ -28,6 +28,14 @@ class Names:
                 len(rel) > NAME_MAX and any(len(c) > NAME_MAX for c in rel.split(b"/"))):
             raise NameTooLong(path)
 
+    @staticmethod
+    def listable(name: str) -> bool:
+        """Whether a name a listing shows (the part of a key below its directory's) is an
+        entry of the mount: not the directory's own marker, not a deeper key, not the index,
+        and short enough to be looked up (another tool may store longer names: like keys
+        with an empty component, they have no POSIX spelling and are not shown)."""
+        return bool(name) and "/" not in name and name != INDEX_NAME and _bytes(name) <= NAME_MAX
+
     def key_of(self, path: str) -> str:
         self.check(path)
         rel = path.lstrip("/")
