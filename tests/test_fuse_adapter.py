@@ -194,3 +194,19 @@ def test_what_this_filesystem_lacks_is_answered_through_the_table(caplog):
             assert e.value.errno == code, op
     assert a("listxattr", "/f") == []
     assert not any("getxattr" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("t_ns", [1_500_000_000_250_000_000, 1_400_000_000_123_456_789,
+                                  999_999_999, 0, 2_100_000_000_999_999_999])
+def test_timestamps_keep_their_nanoseconds_as_far_as_a_double_holds_them(t_ns):
+    """utimens gives whole seconds * 1e9 + nanoseconds; stat answers the same way. Whole
+    seconds and binary fractions come back exactly, other nanoseconds within 0.25 us (the
+    spacing of doubles near 2**31 s)."""
+    fs = Recorder()
+    FuseAdapter(fs).utimens("/f", (t_ns, t_ns))
+    (_, (path, atime, mtime)), = fs.calls
+    a = fuse_adapter.Attr(stat.S_IFREG | 0o644, 0, mtime, mtime, 0, 0, atime=atime)
+    st = fuse_adapter.stat_of(a)
+    assert abs(st["st_mtime"] - t_ns) <= 250 and abs(st["st_atime"] - t_ns) <= 250
+    if t_ns % 250_000_000 == 0:
+        assert st["st_mtime"] == st["st_atime"] == t_ns
