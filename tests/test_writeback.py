@@ -275,3 +275,37 @@ def test_stop_ends_workers(rec):
     assert wb.wait(lambda: "a" in rec.ok, timeout=10)
     wb.stop()
     assert not any(t.is_alive() for t in wb._threads)
+
+
+# ------------------------------------------------------------------------------ bursts
+def test_in_a_burst_items_go_once_settled_not_after_the_whole_delay(make_wb, rec):
+    wb = make_wb(delay=30, workers=2, settle=0.05, burst=4)
+    t0 = time.monotonic()
+    items = [f"f{i}" for i in range(10)]
+    for item in items:
+        wb.schedule(item)
+    assert wb.wait(lambda: len(rec.ok) == 10, timeout=10), "a burst waited for the delay"
+    assert all(start - t0 >= 0.05 - 0.02 for _, start in rec.calls), "settled first"
+
+
+def test_below_a_burst_the_delay_holds(make_wb, rec):
+    wb = make_wb(delay=0.5, workers=2, settle=0.05, burst=4)
+    t0 = time.monotonic()
+    for item in ("a", "b", "c"):
+        wb.schedule(item)
+    assert wb.wait(lambda: len(rec.ok) == 3, timeout=10)
+    assert min(start for _, start in rec.calls) - t0 >= 0.5 - 0.02
+
+
+def test_in_a_burst_repeated_saves_of_one_file_still_coalesce(make_wb, rec):
+    wb = make_wb(delay=30, workers=2, settle=0.2, burst=4, max_coalesce=60)
+    for i in range(8):                       # a burst that stays: held back by a hold
+        wb.hold(f"h{i}")
+        wb.schedule(f"h{i}")
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:            # saved again well within `settle`, for a while
+        wb.schedule("doc")
+        assert rec.count("doc") == 0, "uploaded between two saves"
+        time.sleep(0.02)   # the pace of the saves (the test's input), not a wait for a result
+    assert wb.wait(lambda: rec.count("doc") == 1, timeout=10)
+    assert rec.count("doc") == 1

@@ -6,7 +6,14 @@ item's current generation and returns normally once it is durable, raises StoreU
 (or any other error) to be retried later. Transient errors are retried forever while the
 mount lives; the data stays in the encrypted cache meanwhile.
 
-Lock: _cond guards _due, _heap, _in_flight, _attempts, _last_error, _stopping.
+Bursts: the coalescing delay is there for repeated saves of one file, which come within a
+moment of each other. Once `burst` items or more wait (a `cp -r`, an untar, a build), and
+until a delay has passed since then, an item untouched for `settle` seconds goes without
+waiting out the rest of its delay: a burst of new files is then bound by the uploads, not by
+the delay, to its last file.
+
+Lock: _cond guards _due, _heap, _settled, _settle_heap, _in_flight, _attempts, _last_error,
+_stopping.
 An item is never uploaded by two workers at once; `quiesce(item)` removes it from the queue
 and waits for an upload in flight to end (callers must not hold a lock `upload` takes).
 """
@@ -28,15 +35,22 @@ log = logging.getLogger("ssecfs.writeback")
 
 class WriteBack:
     def __init__(self, upload: Callable[[Hashable], None], delay: float = 2.0, workers: int = 4,
-                 max_backoff: float = 30.0, max_coalesce: float | None = None):
+                 max_backoff: float = 30.0, max_coalesce: float | None = None,
+                 settle: float = 0.25, burst: int | None = None):
         self._upload = upload
         self.delay = delay
+        self.settle = min(settle, delay)
+        self.burst = burst if burst is not None else 2 * workers
         self.max_coalesce = max_coalesce if max_coalesce is not None else max(4 * delay, delay)
         self.max_backoff = max_backoff
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, Hashable]] = []
         self._due: dict[Hashable, float] = {}
         self._first: dict[Hashable, float] = {}
+        # items scheduled with the coalescing delay: when they may go during a burst
+        self._settled: dict[Hashable, float] = {}
+        self._settle_heap: list[tuple[float, int, Hashable]] = []
+        self._burst_until = 0.0
         self._in_flight: set[Hashable] = set()
         self._attempts: dict[Hashable, int] = {}
         self._held: dict[Hashable, int] = {}      # items no worker may start (namespace ops)
@@ -60,8 +74,15 @@ class WriteBack:
             d = self.delay if delay is None else delay
             due = min(now + d, first + self.max_coalesce) if d > 0 else now
             self._push(item, due)
+            if delay is None and due > now + self.settle:
+                self._settled[item] = at = now + self.settle
+                heapq.heappush(self._settle_heap, (at, next(self._seq), item))
+            if len(self._due) >= self.burst:
+                self._burst_until = now + self.delay
 
     def _push(self, item: Hashable, due: float) -> None:
+        """(Callers hold _cond.) Any earlier settle time of item no longer holds."""
+        self._settled.pop(item, None)
         self._due[item] = due
         heapq.heappush(self._heap, (due, next(self._seq), item))
         self._cond.notify_all()
@@ -72,6 +93,7 @@ class WriteBack:
         with self._cond:
             was = self._due.pop(item, None) is not None
             self._first.pop(item, None)
+            self._settled.pop(item, None)
             while item in self._in_flight:
                 self._cond.wait(timeout=1.0)
             was = (self._due.pop(item, None) is not None) or was   # a failed attempt re-queues
@@ -155,13 +177,39 @@ class WriteBack:
                     if due > now:
                         break
                     heapq.heappop(self._heap)
-                    del self._due[item]
-                    self._first.pop(item, None)
-                    self._in_flight.add(item)
-                    return item
+                    return self._take(item)
+                settled = self._settled_item(now)
+                if settled is not None:
+                    return self._take(settled)
                 wait = (self._heap[0][0] - now) if self._heap else 1.0
+                if self._settle_heap and now < self._burst_until:
+                    wait = min(wait, self._settle_heap[0][0] - now)
                 self._cond.wait(timeout=max(0.005, min(wait, 1.0)))
             return None
+
+    def _take(self, item: Hashable) -> Hashable:
+        del self._due[item]
+        self._first.pop(item, None)
+        self._settled.pop(item, None)
+        self._in_flight.add(item)
+        return item
+
+    def _settled_item(self, now: float) -> Hashable | None:
+        """During a burst, the item untouched the longest if it has settled (its entry in
+        _due stays: taking it is _take's)."""
+        if now >= self._burst_until:
+            return None
+        h = self._settle_heap
+        while h:
+            at, _, item = h[0]
+            if self._settled.get(item) != at or item in self._in_flight or item in self._held:
+                heapq.heappop(h)      # stale, or re-queued by the end of an upload or a hold
+                continue
+            if at > now:
+                return None
+            heapq.heappop(h)
+            return item
+        return None
 
     def _worker(self) -> None:
         while True:
