@@ -11,6 +11,8 @@ so namespace operations may wait for an upload in flight (WriteBack.quiesce) whi
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from ..cache import Cache
@@ -25,6 +27,12 @@ from .writeback import WriteBack
 
 log = logging.getLogger("ssecfs.fs")
 
+# Many uploads in flight hide the round trip of each (a burst of small files at a distance);
+# those of big files are few at once, as each holds its body (up to 16 MiB) or a window of
+# parts in memory.
+BIG_UPLOAD = 1024 * 1024
+BIG_UPLOADS = 8
+
 
 @dataclass(eq=False, repr=False)
 class Uploader:
@@ -37,7 +45,9 @@ class Uploader:
     bad_entries: list = field(default_factory=list, init=False)   # cache.recover()'s
 
     def __post_init__(self):
-        self.streams = Streams(self.store, self.reader, self.cfg.upload_workers)
+        big = min(self.cfg.upload_workers, BIG_UPLOADS)
+        self._big = threading.BoundedSemaphore(big)
+        self.streams = Streams(self.store, self.reader, big)
         self.wb = WriteBack(self._upload, delay=self.cfg.writeback_delay,
                             workers=self.cfg.upload_workers)
 
@@ -124,9 +134,9 @@ class Uploader:
         else:
             info = self.streams.finish(st, key, size)
             if info is None:
-                info = self.store.upload(key, size,
-                                         lambda off, ln: self.reader.for_upload(st, off, ln),
-                                         meta)
+                with self._big if size > BIG_UPLOAD else nullcontext():
+                    info = self.store.upload(
+                        key, size, lambda off, ln: self.reader.for_upload(st, off, ln), meta)
         self._uploaded(st, key, size, gen, info)
 
     def _uploaded(self, st: FileState, key: str, size: int, gen: int, info) -> None:

@@ -36,11 +36,11 @@ log = logging.getLogger("ssecfs.writeback")
 class WriteBack:
     def __init__(self, upload: Callable[[Hashable], None], delay: float = 2.0, workers: int = 4,
                  max_backoff: float = 30.0, max_coalesce: float | None = None,
-                 settle: float = 0.25, burst: int | None = None):
+                 settle: float = 0.25, burst: int = 16):
         self._upload = upload
         self.delay = delay
         self.settle = min(settle, delay)
-        self.burst = burst if burst is not None else 2 * workers
+        self.burst = burst
         self.max_coalesce = max_coalesce if max_coalesce is not None else max(4 * delay, delay)
         self.max_backoff = max_backoff
         self._cond = threading.Condition()
