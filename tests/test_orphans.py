@@ -4,18 +4,24 @@ and nothing of them recovered after a crash. Over the in-memory store, without a
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import fuse
 import pytest
 
 from helpers import REPO
 from memstore import MemStore
 from ssecfs.cache import CHUNK
+from ssecfs.config import FsConfig, MountConfig
 from ssecfs.crypto.keys import Key, KeyRing
 from ssecfs.errors import NotFound
 from ssecfs.fs.reader import READ_UNIT
+from ssecfs.mount.adapter import FuseAdapter
+from ssecfs.mount.daemon import fuse_mount_options
 from test_fs_unit import (WRITE_OPS, fs, make_fs, read_all, remote_file, ring,  # noqa: F401
                           scan_min, settle, store, write_file)
 
@@ -189,3 +195,33 @@ def test_nothing_of_an_orphan_is_recovered_after_a_crash(tmp_path, make_fs):
     assert fs.flush_all(timeout=10)
     assert st2.keys() == [] and writes_since(st2, 0) == []
     assert os.listdir(cache_dir / "entries") == []
+
+
+# ------------------------------------------------------------------------- the FUSE adapter
+def test_libfuse_hidden_names_are_unlinks_of_open_files_and_never_reach_the_store():
+    """Without hard_remove (with it, libfuse itself fails the fstat of an open unlinked file),
+    libfuse renames such a file to `.fuse_hidden…` (looking the name up first), reaches the
+    file by that name until the last close, then unlinks the name: an unlink with an alias,
+    the alias's file, ENOENT without a request."""
+    calls = []
+
+    def getattr_(path, fh=None, alias=None):
+        calls.append(("getattr", path, fh, alias))
+        raise NotFound(path)
+    fsx = SimpleNamespace(unlink=lambda p, alias=None: calls.append(("unlink", p, alias)),
+                          rename=lambda a, b: calls.append(("rename", a, b)),
+                          getattr=getattr_)
+    a = FuseAdapter(fsx)
+    hid = "/d/.fuse_hidden0000000a00000003"
+    a("rename", "/d/f", hid)
+    a("rename", "/d/f", "/d/.fuse_hidden-not-libfuse")
+    for op in ("getattr", "unlink"):
+        with pytest.raises(fuse.FuseOSError) as e:
+            a(op, hid)
+        assert e.value.errno == errno.ENOENT
+    assert calls == [("unlink", "/d/f", ".fuse_hidden0000000a00000003"),
+                     ("rename", "/d/f", "/d/.fuse_hidden-not-libfuse"),
+                     ("getattr", hid, None, ".fuse_hidden0000000a00000003")]
+    cfg = MountConfig(store=None, fs=FsConfig(), mountpoint="/m", keyfile="k", cache_dir="c",
+                      cache_size=1)
+    assert "hard_remove" not in fuse_mount_options(cfg)
