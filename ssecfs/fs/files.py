@@ -133,6 +133,7 @@ class OpenFiles:
     _files: dict = field(default_factory=dict)          # path -> FileState
     _handles: dict = field(default_factory=dict)        # fh -> FileState
     _writer_fhs: set = field(default_factory=set)       # handles opened for writing
+    _aliases: dict = field(default_factory=dict)        # alias -> orphan (orphans.py)
     _fh: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     # -- the table --------------------------------------------------------------------------
@@ -185,6 +186,25 @@ class OpenFiles:
             return {p[len(pfx):] for p in self._files
                     if p.startswith(pfx) and "/" not in p[len(pfx):]}
 
+    # -- orphans: unlinked while open, out of the table (orphans.py) ------------------------
+    def orphaned(self, st: FileState, path: str, alias: str | None) -> None:
+        """st, at path, is unlinked but still open: out of the table, known by alias (if
+        any) until forget_orphan."""
+        with self.lock:
+            if self._files.get(path) is st:
+                del self._files[path]
+            if alias is not None:
+                self._aliases[alias] = st
+
+    def orphan(self, alias: str) -> FileState | None:
+        with self.lock:
+            return self._aliases.get(alias)
+
+    def forget_orphan(self, st: FileState) -> None:
+        with self.lock:
+            for alias in [a for a, o in self._aliases.items() if o is st]:
+                del self._aliases[alias]
+
     def hold(self, path: str, writer: bool, load) -> FileState:
         """Caller holds the namespace lock. The file's state, with one more open (and writer)
         counted; load(path) makes it when the table has none. A state that an upload just
@@ -218,6 +238,9 @@ class OpenFiles:
         if st is None:
             raise NotFound(f"file handle {fh}")
         return st
+
+    def handle_or_none(self, fh: int) -> FileState | None:
+        return self._handles.get(fh)
 
     def close_handle(self, fh: int) -> tuple[FileState | None, bool]:
         """Forget handle fh: (its state, whether it was opened for writing)."""

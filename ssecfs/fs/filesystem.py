@@ -11,6 +11,7 @@ its state:
   uploader.Uploader    dirty files to the store (write-back, multipart streams), fsync,
                        recovery after a crash
   namespace.Namespace  mkdir, rmdir, unlink, rename; the namespace lock
+  orphans.Orphans      files unlinked while open, usable until their last close
   nodes.Nodes          symlinks, special files
   setattrs.SetAttrs    chmod, chown, utimens
 
@@ -27,7 +28,7 @@ import time
 
 from ..cache import CHUNK, Cache
 from ..config import FsConfig
-from ..errors import IsADirectory, KeyMismatch, TimedOut
+from ..errors import IsADirectory, KeyMismatch, NotFound, TimedOut
 from ..store.contract import LOCKED, PLAINTEXT, Store
 from ..store.deferred import DeferredDeletes
 from ..store.deljournal import DeleteJournal
@@ -37,6 +38,7 @@ from .meta import Attr, Metadata, attr_from_meta
 from .names import NAME_MAX, Names
 from .namespace import Namespace
 from .nodes import Nodes
+from .orphans import Orphans
 from .reader import Reader
 from .setattrs import SetAttrs
 from .uploader import Uploader
@@ -64,13 +66,24 @@ class Filesystem:
         self.uploads = Uploader(self.store, cache, self.files, self.reader, self.attrs, config)
         self.writer = Writer(cache, self.files, self.reader, self.attrs, self.uploads.streams,
                              self.uploads.wb)
+        self.orphans = Orphans(cache, self.files, self.reader, self.uploads.streams)
         self.ns = Namespace(self.store, cache, self.names, self.meta, self.files, self.attrs,
-                            self.uploads, self.writer, config)
+                            self.uploads, self.writer, config, self.orphans)
         self.nodes = Nodes(self.ns)
         self.setattrs = SetAttrs(self.ns)
 
     # -- attributes and listings ------------------------------------------------------------
-    def getattr(self, path: str) -> Attr:
+    def getattr(self, path: str | None, fh: int | None = None, alias: str | None = None) -> Attr:
+        """fh: of the file asked about (if given); alias: the path is the name an unlinked
+        open file is known by (orphans.py), nothing of the bucket."""
+        if alias is not None:
+            st = self.files.orphan(alias)
+            if st is None:
+                raise NotFound(path)
+            return self.orphans.attr(st)
+        st = self.files.handle_or_none(fh) if fh is not None else None
+        if st is not None and (st.deleted or path is None):
+            return self.orphans.attr(st)
         return self.attrs.getattr(path)
 
     def known_kind(self, path: str) -> int:
@@ -182,6 +195,7 @@ class Filesystem:
             self.uploads.persist_and_schedule(st)
         finally:
             with st.lock:
+                self.orphans.release(st)
                 self.uploads.forget_if_done(st)
 
     # -- the namespace ----------------------------------------------------------------------
@@ -191,8 +205,10 @@ class Filesystem:
     def rmdir(self, path: str) -> None:
         self.ns.rmdir(path)
 
-    def unlink(self, path: str) -> None:
-        self.ns.unlink(path)
+    def unlink(self, path: str, alias: str | None = None) -> None:
+        """A file still open stays usable through its handles until its last close, known
+        by alias meanwhile (orphans.py)."""
+        self.ns.unlink(path, alias)
 
     def rename(self, old: str, new: str) -> None:
         self.ns.rename(old, new)

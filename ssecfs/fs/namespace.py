@@ -29,6 +29,7 @@ from .dirindex import INDEX_NAME
 from .files import OpenFiles
 from .meta import Metadata, attr_from_meta, meta_headers, now
 from .names import Names
+from .orphans import Orphans
 from .uploader import Uploader
 from .writer import Writer
 
@@ -49,6 +50,7 @@ class Namespace:
     uploads: Uploader
     writer: Writer
     cfg: object                               # FsConfig
+    orphans: Orphans
     lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _copy_pool: ThreadPoolExecutor = field(init=False, default_factory=lambda: ThreadPoolExecutor(
         max_workers=COPY_WORKERS, thread_name_prefix="copy"))
@@ -153,20 +155,22 @@ class Namespace:
         for st in held:
             self.uploads.wb.unhold(st)
 
-    def unlink(self, path: str) -> None:
+    def unlink(self, path: str, alias: str | None = None) -> None:
+        """A file still open lives on until its last close, known by alias (orphans.py)."""
         self.check_writable()
         held = self._idle_uploads(path)
         try:
-            self._unlink(path)
+            with self.orphans.preparing(self.files.get(path)):
+                self._unlink(path, alias)
         finally:
             self._release_uploads(held)
 
-    def _unlink(self, path: str) -> None:
+    def _unlink(self, path: str, alias: str | None) -> None:
         with self.lock:
             attr = self.attrs.getattr(path)
             if stat.S_ISDIR(attr.mode):
                 raise IsADirectory(path)
-            self.drop_state(path)
+            self.drop_state(path, alias)
             try:
                 self.store.delete(self.names.key_of(path))
             except NotFound:
@@ -174,13 +178,16 @@ class Namespace:
             self.attrs.invalidate(path)
             self.attrs.note_child(path, False)
 
-    def drop_state(self, path: str) -> None:
-        """Caller holds lock. Forget a file's local state for good (unlinked/replaced)."""
+    def drop_state(self, path: str, alias: str | None = None) -> None:
+        """Caller holds lock. Forget a file's local state for good (unlinked/replaced), before
+        its object goes; a file still open is kept as an orphan until its last close."""
         self.cache.discard_key(self.names.key_of(path))      # its clean cached versions too
         st = self.files.get(path)
         if st is None:
             return
         self.uploads.wb.quiesce(st)
+        if self.orphans.keep(st, path, alias):
+            return
         with st.lock:
             st.dropped()
             self.uploads.streams.drop(st, "unlinked", for_good=True)
@@ -195,7 +202,8 @@ class Namespace:
             return
         held = self._idle_uploads(old, new)
         try:
-            self._rename(old, new)
+            with self.orphans.preparing(self.files.get(new)):
+                self._rename(old, new)
         finally:
             self._release_uploads(held)
 

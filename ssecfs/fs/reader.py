@@ -178,12 +178,13 @@ class Reader:
         with self._scanned_lock:
             return (remote.key, remote.etag, start) in self._scanned
 
-    def _fetch(self, st: FileState, start: int, length: int, remote: Remote) -> dict:
-        """Range GET; stores the chunks in the cache (unless _admit says no) and returns
-        {chunk index: bytes}."""
+    def _fetch(self, st: FileState, start: int, length: int, remote: Remote,
+               keep: bool = False) -> dict:
+        """Range GET; stores the chunks in the cache (unless _admit says no, and keep does not
+        insist) and returns {chunk index: bytes}."""
         with st.lock:
             valid = st.remote_valid if st.remote is remote else 0
-            admit = self._admit(st, start, length, remote)
+            admit = keep or self._admit(st, start, length, remote)
         length = min(length, valid - start)
         if length <= 0:
             return {}
@@ -252,6 +253,38 @@ class Reader:
             return b""
         r = st.remote
         return self.store.get_range(r.key, start, length, r.key_fp, r.etag)
+
+    # -- the object is about to be deleted (orphans.py) ----------------------------------------
+    @staticmethod
+    def _missing(st: FileState) -> list[int]:
+        """Caller holds st.lock. The chunks of st that only its remote object holds."""
+        if st.remote is None:
+            return []
+        n = -(-min(st.remote_valid, st.size) // CHUNK)
+        entry = st.entry
+        return [i for i in range(n) if entry is None or not entry.has(i)]
+
+    def make_local(self, st: FileState) -> None:
+        """Fetch into st's cache entry every chunk that only its remote object holds, a read
+        unit each, FETCH_WORKERS at once, without st.lock; a chunk written meanwhile wins (what
+        a truncate voided is left to make_local_locked)."""
+        with st.lock:
+            remote = st.remote
+            units = sorted({i * CHUNK // READ_UNIT * READ_UNIT for i in self._missing(st)})
+        window: list[Future] = []
+        for start in units:
+            if len(window) >= FETCH_WORKERS:
+                window.pop(0).result()
+            window.append(self._pool.submit(self._fetch, st, start, READ_UNIT, remote, True))
+        for fut in window:
+            fut.result()
+
+    def make_local_locked(self, st: FileState) -> None:
+        """Caller holds st.lock: make_local of what is still missing, fetched inline."""
+        for i in self._missing(st):
+            data = self.chunk_locked(st, i)
+            if data:
+                self.files.entry_of(st).write_chunk(i, data, dirty=False)
 
     def for_upload(self, st: FileState, off: int, length: int) -> Segments:
         pieces = []

@@ -36,8 +36,6 @@ class Writer:
                 self.cache.set_dirty(entry, True)
 
     def write(self, st: FileState, data: bytes, offset: int) -> int:
-        if st.deleted:
-            return len(data)
         entry = self.files.entry_of(st)
         self.cache.wait_for_room(len(data), entry, progress=lambda: self.wb.pending() > 0)
         end = offset + len(data)

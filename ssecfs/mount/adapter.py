@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import time
 
 import fuse
@@ -117,6 +118,20 @@ def caller() -> Caller:
     return Caller(uid, gid, groups_of(pid))
 
 
+# Without hard_remove, libfuse keeps a file that is unlinked (or replaced by a rename) while
+# open under a name of its own in the same directory, which it renames the file to instead of
+# unlinking it; the kernel then reaches the open file by that name (fstat, ftruncate, ...)
+# until the last close, after which libfuse unlinks the name. Such names are libfuse's: they
+# never reach the bucket (Filesystem.unlink keeps the open file under it as an alias).
+HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")
+
+
+def hidden(path) -> str | None:
+    """The alias of an open unlinked file that path names (None: path is no such name)."""
+    name = posixpath.basename(path) if path else ""
+    return name if HIDDEN.fullmatch(name) else None
+
+
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -151,7 +166,7 @@ class FuseAdapter(Operations):
 
     # -- attributes ---------------------------------------------------------------------------
     def getattr(self, path, fh=None):
-        return stat_of(self.fs.getattr(path))
+        return stat_of(self.fs.getattr(path, fh, hidden(path)))
 
     def access(self, path, amode):
         self.fs.getattr(path)
@@ -250,11 +265,17 @@ class FuseAdapter(Operations):
         return 0
 
     def unlink(self, path):
+        if hidden(path):             # libfuse's, after the last close: nothing is left of it
+            raise E.NotFound(path)
         self.fs.unlink(path)
         return 0
 
     def rename(self, old, new):
-        self.fs.rename(old, new)
+        alias = hidden(new)
+        if alias:                    # libfuse hides an open file it is told to unlink or replace
+            self.fs.unlink(old, alias)
+        else:
+            self.fs.rename(old, new)
         return 0
 
     def symlink(self, path, target):

@@ -242,8 +242,12 @@ class ParentPipe:
 
 
 def fuse_mount_options(cfg: MountConfig) -> dict:
+    # No hard_remove: with it, libfuse forgets the path of a file unlinked while open, and
+    # answers the kernel's getattr of it (fstat: the kernel sends no file handle) with ENOENT
+    # itself, so tmpfile() and Python's TemporaryFile fail. Without it, libfuse renames the
+    # file to a `.fuse_hidden…` name, which the adapter turns into the unlink it stands for.
     opts = dict(foreground=True, nothreads=False, big_writes=True, max_write=FUSE_MAX_WRITE,
-                max_read=FUSE_MAX_WRITE, default_permissions=True, hard_remove=True,
+                max_read=FUSE_MAX_WRITE, default_permissions=True,
                 auto_cache=True, fsname=f"ssecfs#{cfg.source}", subtype="ssecfs",
                 attr_timeout=cfg.fs.attr_timeout, entry_timeout=cfg.fs.attr_timeout,
                 negative_timeout=0, use_ino=False)
