@@ -95,7 +95,7 @@ def test_new_entries_and_changes_of_owner_carry_the_callers_identity(monkeypatch
                         ("mknod", ("/n", stat.S_IFREG | 0o600, 0, 1001, 1002)),
                         ("create", ("/f", 0o644, 1001, 1002)),
                         ("symlink", ("/l", "f", 1001, 1002)),
-                        ("chown", ("/f", 5, 6, me)), ("chmod", ("/f", 0o600, me))]
+                        ("chown", ("/f", 5, 6, me, None)), ("chmod", ("/f", 0o600, me, None))]
 
 
 def test_supplementary_groups_of_a_caller_and_of_one_gone():
@@ -204,7 +204,7 @@ def test_timestamps_keep_their_nanoseconds_as_far_as_a_double_holds_them(t_ns):
     spacing of doubles near 2**31 s)."""
     fs = Recorder()
     FuseAdapter(fs).utimens("/f", (t_ns, t_ns))
-    (_, (path, atime, mtime)), = fs.calls
+    (_, (path, atime, mtime, _alias)), = fs.calls
     a = fuse_adapter.Attr(stat.S_IFREG | 0o644, 0, mtime, mtime, 0, 0, atime=atime)
     st = fuse_adapter.stat_of(a)
     assert abs(st["st_mtime"] - t_ns) <= 250 and abs(st["st_atime"] - t_ns) <= 250

@@ -191,7 +191,7 @@ def test_nothing_of_an_orphan_is_recovered_after_a_crash(tmp_path, make_fs):
     st2 = MemStore(KeyRing([Key(raw)]))
     fs = make_fs(cache_dir=cache_dir, st=st2)
     assert fs.recover() == 0
-    assert fs.bad_entries == []
+    assert fs.uploads.bad_entries == []
     assert fs.flush_all(timeout=10)
     assert st2.keys() == [] and writes_since(st2, 0) == []
     assert os.listdir(cache_dir / "entries") == []

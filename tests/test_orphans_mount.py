@@ -126,6 +126,13 @@ def test_a_file_replaced_by_rename_stays_usable(proxy, mounter, bucket, key, s3)
         f.seek(0)
         assert f.read() == b"OLD content"
         assert os.fstat(f.fileno()).st_nlink == 0
+        os.fchmod(f.fileno(), 0o600)                     # its attributes are its own
+        os.fchown(f.fileno(), 123, 456)
+        os.utime(f.fileno(), (1_000_000_000, 1_100_000_000))
+        st = os.fstat(f.fileno())
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_atime, st.st_mtime) == \
+            (0o600, 123, 456, 1_000_000_000, 1_100_000_000)
+        assert os.stat(dst).st_uid == 0, "not the new file's"
     with open(dst, "rb") as f:
         assert f.read() == b"replacement"
     m.umount()
@@ -168,3 +175,25 @@ def test_nothing_of_an_orphan_comes_back_after_a_crash(proxy, mounter, bucket, k
     no_hidden_name(proxy, bucket)
     left = os.listdir(os.path.join(m.cache_dir, "entries"))
     assert left == [], left
+
+
+def test_an_orphan_outlives_the_removal_of_its_directory(mounter, bucket, key):
+    """Read and write go on through the handle; fstat asks libfuse by path, which it cannot
+    build once the directory is gone too (docs/SEMANTICS.md)."""
+    m = mounter(bucket, key[0])
+    d = os.path.join(m.path, "d")
+    os.mkdir(d)
+    fd = os.open(os.path.join(d, "t"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"temporary")
+        os.unlink(os.path.join(d, "t"))
+        os.rmdir(d)
+        assert not os.path.exists(d)
+        assert os.pwrite(fd, b"T", 0) == 1
+        drop_page_cache(fd)
+        assert os.pread(fd, 100, 0) == b"Temporary"
+        with pytest.raises(FileNotFoundError):
+            os.fstat(fd)
+    finally:
+        os.close(fd)
+    assert os.listdir(m.path) == []

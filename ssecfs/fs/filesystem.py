@@ -228,14 +228,16 @@ class Filesystem:
     def readlink(self, path: str) -> str:
         return self.nodes.readlink(path)
 
-    def chmod(self, path: str, mode: int, caller=None) -> None:
-        self.setattrs.chmod(path, mode, caller)
+    # alias: path is the name a file unlinked while open is known by (orphans.py)
+    def chmod(self, path: str, mode: int, caller=None, alias: str | None = None) -> None:
+        self.setattrs.chmod(path, mode, caller, alias)
 
-    def chown(self, path: str, uid: int, gid: int, caller=None) -> None:
-        self.setattrs.chown(path, uid, gid, caller)
+    def chown(self, path: str, uid: int, gid: int, caller=None, alias: str | None = None) -> None:
+        self.setattrs.chown(path, uid, gid, caller, alias)
 
-    def utimens(self, path: str, atime: float | None, mtime: float | None) -> None:
-        self.setattrs.utimens(path, atime, mtime)
+    def utimens(self, path: str, atime: float | None, mtime: float | None,
+                alias: str | None = None) -> None:
+        self.setattrs.utimens(path, atime, mtime, alias)
 
     def fsyncdir(self, path: str) -> None:
         """fsync() of a directory: the deletes under it are done when it returns."""

@@ -4,7 +4,9 @@ Ownership and mode follow the POSIX rules for the Caller that asks (the kernel c
 too, the mount uses default_permissions; this keeps the filesystem right on its own). A file
 open or dirty here takes the change in its state and uploads it with its data; any other
 entry is changed on the server: a directory's marker is written anew, an object is copied
-onto itself with the new metadata (CopyObject re-encrypts it under the current key).
+onto itself with the new metadata (CopyObject re-encrypts it under the current key). A file
+unlinked while open (orphans.py: `alias` is the name it is known by) takes the change in its
+state only: nothing of it is uploaded.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
-from ..errors import KeyMismatch, NotPermitted
+from ..errors import KeyMismatch, NotFound, NotPermitted
 from ..store.contract import OPEN
-from .meta import meta_headers, now
+from .meta import Attr, attr_from_meta, meta_headers, now
 
 NO_ID = (-1, 0xFFFFFFFF)  # chown(2): leave the owner (group) as it is
 
@@ -34,9 +36,27 @@ class SetAttrs:
     def __init__(self, ns):
         self.ns = ns                  # namespace.Namespace: its lock and parts
 
-    def _change_meta(self, path: str, **changes) -> None:
+    def _attr(self, path: str, alias: str | None) -> Attr:
+        if alias is None:
+            return self.ns.attrs.getattr(path)
+        st = self._orphan(path, alias)
+        with st.lock:
+            return attr_from_meta(st.meta, st.size, nlink=0)
+
+    def _orphan(self, path: str, alias: str):
+        st = self.ns.files.orphan(alias)
+        if st is None:
+            raise NotFound(path)
+        return st
+
+    def _change_meta(self, path: str, alias: str | None = None, **changes) -> None:
         ns = self.ns
         ns.check_writable()
+        if alias is not None:
+            st = self._orphan(path, alias)
+            with st.lock:
+                st.meta.update(changes)
+            return
         if path == "/":
             raise NotPermitted("/: the owner, group and mode of the mount's root are mount "
                                "options (--uid, --gid, --dir-mode)")
@@ -71,12 +91,13 @@ class SetAttrs:
                 ns.store.copy(key, key, info.size, meta_headers(meta), info.key_fp)
             ns.attrs.invalidate(path)
 
-    def chmod(self, path: str, mode: int, caller: Caller | None = None) -> None:
+    def chmod(self, path: str, mode: int, caller: Caller | None = None,
+              alias: str | None = None) -> None:
         """Only the owner (or root) changes the mode, and sets set-group-ID only with a group
         it belongs to. A change that only clears set-id bits is allowed to anyone: the kernel
         asks for it, on behalf of the writer, when someone else writes to or truncates such a
         file. caller None: no check."""
-        attr = self.ns.attrs.getattr(path)
+        attr = self._attr(path, alias)
         mode &= 0o7777
         old = stat.S_IMODE(attr.mode)
         if caller is not None and caller.uid != 0:
@@ -85,14 +106,15 @@ class SetAttrs:
                     raise NotPermitted(f"chmod {path}: not the owner")
             elif not caller.may_use_group(attr.gid):
                 mode &= ~stat.S_ISGID
-        self._change_meta(path, mode=stat.S_IFMT(attr.mode) | mode, ctime=now())
+        self._change_meta(path, alias, mode=stat.S_IFMT(attr.mode) | mode, ctime=now())
 
-    def chown(self, path: str, uid: int, gid: int, caller: Caller | None = None) -> None:
+    def chown(self, path: str, uid: int, gid: int, caller: Caller | None = None,
+              alias: str | None = None) -> None:
         """POSIX with _POSIX_CHOWN_RESTRICTED, as Linux: only root changes the owner; the
         owner may change the group to one it belongs to. A change of a file's owner or group
         clears its set-user-ID bit, and its set-group-ID bit if group-execute is set (without
         it the bit marks mandatory locking, not a privilege). caller None: no check."""
-        attr = self.ns.attrs.getattr(path)
+        attr = self._attr(path, alias)
         new_uid = None if uid in NO_ID else uid
         new_gid = None if gid in NO_ID else gid
         if caller is not None and caller.uid != 0:
@@ -112,9 +134,10 @@ class SetAttrs:
             if mode & stat.S_IXGRP:
                 mode &= ~stat.S_ISGID
         if (ch["uid"], ch["gid"], mode) != (attr.uid, attr.gid, attr.mode):
-            self._change_meta(path, **ch, mode=mode, ctime=now())
+            self._change_meta(path, alias, **ch, mode=mode, ctime=now())
 
-    def utimens(self, path: str, atime: float | None, mtime: float | None) -> None:
+    def utimens(self, path: str, atime: float | None, mtime: float | None,
+                alias: str | None = None) -> None:
         """None: that time stays. An object without an atime (written by another tool)
         reads it as its mtime: a change of the mtime alone first pins the atime where it
         read."""
@@ -124,9 +147,9 @@ class SetAttrs:
         if mtime is not None:
             ch["mtime"] = mtime
             if atime is None:
-                a = self.ns.attrs.getattr(path)
+                a = self._attr(path, alias)
                 if a.atime is None:
                     atime = a.mtime
         if atime is not None:
             ch["atime"] = atime
-        self._change_meta(path, **ch)
+        self._change_meta(path, alias, **ch)

@@ -141,6 +141,10 @@ class FuseAdapter(Operations):
     # Let libfuse pass UTIME_OMIT/UTIME_NOW through (else `touch -m` and tar's
     # futimens(fd, {UTIME_OMIT, mtime}) are answered "success" without reaching us).
     flag_utime_omit_ok = 1
+    # An open file whose path libfuse cannot build any more (an unlinked file whose directory
+    # is gone too) is still read, written, fstat'ed and closed by its handle: the operations
+    # on a handle need no path here.
+    flag_nullpath_ok = 1
 
     def __init__(self, fs: Filesystem, on_init=None, on_destroy=None):
         self.fs = fs
@@ -175,11 +179,11 @@ class FuseAdapter(Operations):
         return 0
 
     def chmod(self, path, mode):
-        self.fs.chmod(path, mode, caller())
+        self.fs.chmod(path, mode, caller(), hidden(path))
         return 0
 
     def chown(self, path, uid, gid):
-        self.fs.chown(path, uid, gid, caller())
+        self.fs.chown(path, uid, gid, caller(), hidden(path))
         return 0
 
     def utimens(self, path, times=None):
@@ -194,7 +198,7 @@ class FuseAdapter(Operations):
                 return now
             sec, nsec = divmod(ns, 1_000_000_000)   # ns / 1e9 would round ns to a float first
             return sec + nsec / 1e9
-        self.fs.utimens(path, conv(times[0]), conv(times[1]))
+        self.fs.utimens(path, conv(times[0]), conv(times[1]), hidden(path))
         return 0
 
     def statfs(self, path):
