@@ -3,11 +3,9 @@
 read the same through the other (ssecfs keeps them in s3fs-fuse's x-amz-meta-* names).
 
 What s3fs-fuse does not keep: a device's number (x-amz-meta-rdev is ssecfs's own; s3fs shows
-rdev 0 and its mknod stores none). Times: s3fs reads the digits after the point as a count of
-nanoseconds ("1700000000.5" is 5 ns past the second) and ssecfs strips the fraction's
-trailing zeros, so from ssecfs to s3fs only whole seconds are asserted;
-test_s3fs_reads_ssecfs_subsecond_times records the difference. s3fs writes 9 digits, which
-ssecfs reads to the nanosecond.
+rdev 0 and its mknod stores none). Times: both write and read a fraction of nine digits
+(s3fs reads the digits after the point as a count of nanoseconds: "1700000000.5" would be
+5 ns past the second), so they agree on sub-second times both ways.
 """
 
 from __future__ import annotations
@@ -227,11 +225,8 @@ def test_s3fs_reads_what_ssecfs_writes(mounter, s3fs_mounter, bucket, key, s3):
     assert os.lstat(os.path.join(o.path, "chr")).st_rdev == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ssecfs writes times with the fraction's trailing zeros stripped ('1700000000.5'); "
-    "s3fs-fuse parses the digits after the point as nanoseconds (5 ns), and writes 9 digits "
-    "itself ('1700000000.500000000')"))
 def test_s3fs_reads_ssecfs_subsecond_times(mounter, s3fs_mounter, bucket, key, s3):
+    """s3fs-fuse reads the digits after the point as nanoseconds: ssecfs writes all nine."""
     keyfile, raw = key
     m = mounter(bucket, keyfile)
     make_file(m.path, b"x")

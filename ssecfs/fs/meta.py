@@ -40,8 +40,10 @@ def now() -> float:
 
 
 def _fmt_time(t: float) -> str:
-    s = f"{t:.9f}".rstrip("0").rstrip(".")
-    return s or "0"
+    """Seconds, with all nine digits of a fraction: s3fs-fuse reads the digits after the
+    point as nanoseconds (".5" would be 5 ns)."""
+    s = f"{t:.9f}"
+    return s[:-10] if s.endswith(".000000000") else s
 
 
 def meta_headers(meta: dict) -> dict:
