@@ -20,8 +20,8 @@ Compared per operation: the return value (bytes read, readlink target...) or the
 Remount (`ssecfs umount` + mount) and crash (kill -9 + mount on the same cache dir) are done
 with every handle closed: SEMANTICS promises every closed file survives both, and says data
 written but not closed/fsynced may be lost at a crash, so no open handle is carried over.
-Open handles are closed before their file is unlinked or replaced by a rename: SEMANTICS
-documents that an unlinked open file diverges from POSIX.
+Open handles stay open when their file is unlinked or replaced by a rename: such a file
+stays usable through them until the last close, on both sides.
 
 One mount serves the whole run; each example works in a fresh directory of it (removed at
 the end of the example). Scale it up with SSECFS_FUZZ_EXAMPLES / SSECFS_FUZZ_STEPS (and
@@ -309,25 +309,11 @@ class FuzzMachine(RuleBasedStateMachine):
             return None
         return target[len(self.local) + 1:]
 
-    def _resolved(self, rel: str) -> str:
-        """rel with the symlinks of its parent directories resolved (the entry itself not)."""
-        full = os.path.join(self.local, rel)
-        parent = os.path.realpath(os.path.dirname(full))
-        res = os.path.join(parent, os.path.basename(full))
-        return res[len(self.local) + 1:] if res.startswith(self.local + "/") else res
-
     def _close(self, h: Handle) -> None:
         self.handles.remove(h)
         a = outcome(lambda: os.close(h.local_fd))
         b = outcome(lambda: os.close(h.mount_fd))
         assert a == b, f"close of {h!r}: model {a}, mount {b}" + self._context()
-
-    def _close_handles_on(self, rel: str) -> None:
-        """Close handles whose file is the entry rel (about to be unlinked or replaced)."""
-        target = self._resolved(rel)
-        for h in list(self.handles):
-            if self._handle_rel(h) == target:
-                self._close(h)
 
     def _close_all(self) -> None:
         for h in list(self.handles):
@@ -537,9 +523,6 @@ class FuzzMachine(RuleBasedStateMachine):
         src = self.draw_path(pick_)
         dst = self.draw_path(pick_)
         self._step()
-        if os.path.lexists(os.path.join(self.local, dst)) and \
-                self._resolved(src) != self._resolved(dst):
-            self._close_handles_on(dst)
         self.both(f"rename {src} -> {dst}",
                   lambda root: os.rename(os.path.join(root, src), os.path.join(root, dst)))
 
@@ -547,7 +530,6 @@ class FuzzMachine(RuleBasedStateMachine):
     def unlink(self, pick_):
         p = self.draw_path(pick_)
         self._step()
-        self._close_handles_on(p)
         self.both(f"unlink {p}", lambda root: os.unlink(os.path.join(root, p)))
 
     @rule(pick_=st.data(), mode=dir_modes)
