@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from helpers import bucket_etags, sse, wait_until
+from helpers import as_user, bucket_etags, sse, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -197,3 +197,23 @@ def test_an_orphan_outlives_the_removal_of_its_directory(mounter, bucket, key):
     finally:
         os.close(fd)
     assert os.listdir(m.path) == []
+
+
+def test_another_users_temporary_file_through_allow_other(mounter, bucket, key, users):
+    """tmpfile() as an unprivileged user: made, unlinked at once, used, closed."""
+    a, _ = users
+    m = mounter(bucket, key[0], "--allow-other")
+    shared = os.path.join(m.path, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o1777)
+    script = ("import os, tempfile\n"
+              "with tempfile.TemporaryFile(dir='.') as f:\n"
+              "    f.write(b'x' * 3000000); f.flush(); os.fsync(f.fileno())\n"
+              "    st = os.fstat(f.fileno())\n"
+              "    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)\n"
+              "    f.seek(0)\n"
+              "    print(st.st_uid, st.st_nlink, st.st_size, len(f.read()), os.listdir('.'))\n")
+    r = as_user(a, f"python3 -c \"{script}\"", shared)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(None, 4) == [str(a.pw_uid), "0", "3000000", "3000000", "[]\n"]
+    assert os.listdir(shared) == []

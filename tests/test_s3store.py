@@ -423,6 +423,23 @@ def test_copy_without_echo_is_verified_by_head(make_store, k1):
     check_wire(wire, [k1])
 
 
+def test_copies_at_once_without_echo_are_verified_by_heads_at_once(make_store, k1):
+    """copy_as_is_many (a renamed directory): copies whose answers carry no echo (SeaweedFS)
+    are verified by a HEAD each, sent together; a copy the HEAD shows unencrypted fails."""
+    store, wire = make_store(k1)
+    for name in ("a", "b", "c"):
+        store.put(f"m-src/{name}", name.encode(), {})
+    _tamper(wire, "CopyObject", _without(ECHO_MD5))
+    wire.clear()
+    out = store.copy_as_is_many([(f"m-src/{n}", f"m-dst/{n}", 1) for n in ("a", "b", "c")])
+    assert [o.key_fp for o in out] == [k1.fingerprint] * 3
+    assert sorted(wire.ops()) == ["CopyObject"] * 3 + ["HeadObject"] * 3
+    check_wire(wire, [k1])
+    _tamper(wire, "HeadObject", _without(ECHO_MD5))
+    out = store.copy_as_is_many([("m-src/a", "m-dst/x", 1)])
+    assert isinstance(out[0], EncryptionNotApplied)
+
+
 # ------------------------------------------------------------------------- endpoints
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8333", "http://localhost:9000",
                                  "http://[::1]:9000", "http://127.0.0.2", "https://s3.example.com",

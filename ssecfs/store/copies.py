@@ -46,7 +46,10 @@ class Copies:
             h.update(meta_headers(meta, "CopyObject", dst))
         return h
 
-    def _copied(self, a: Answer, dst: str, size: int, metadata: dict, k: Key) -> ObjectInfo:
+    def _copied(self, a: Answer, dst: str, size: int, metadata: dict, k: Key,
+                verify: bool = True) -> ObjectInfo | None:
+        """The copy `a` answers. An answer without the SSE-C echo (SeaweedFS) is verified by a
+        HEAD of the copy; verify False: not here, None is returned for the caller to."""
         result = s3xml.parse_copy_result(a.body)
         if result is None:
             raise StoreError(f"CopyObject {dst!r}: the answer is no CopyObjectResult")
@@ -55,7 +58,7 @@ class Copies:
             self.sse.remember(dst, self.sse.fp(k))
             return ObjectInfo(key=dst, size=size, etag=result["ETag"].strip('"'), mtime=0.0,
                               metadata=dict(metadata), access=OPEN, key_fp=self.sse.fp(k))
-        return self.sse.verify_by_head(dst, k, "CopyObject")
+        return self.sse.verify_by_head(dst, k, "CopyObject") if verify else None
 
     def copy(self, src: str, dst: str, size: int, metadata: dict,
              src_key_fp: str | None, src_etag: str | None = None) -> ObjectInfo:
@@ -89,12 +92,27 @@ class Copies:
                 sent.append((n, k, fut))
             except Exception as e:  # noqa: BLE001 - handed back, as copy_as_is would raise it
                 out[n] = e
+        heads = []
         for n, k, fut in sent:
             src, dst, size = items[n]
             try:
-                out[n] = self._as_is_copied(self.wire.wait(fut), src, dst, size, k)
+                out[n] = self._as_is_copied(self.wire.wait(fut), src, dst, size, k, False)
+                if out[n] is None:        # no echo: a HEAD of each copy, all at once too
+                    heads.append((n, k, self.wire.submit("HeadObject", "HEAD", dst,
+                                                         headers=self.sse.headers(k))))
             except TransportFailure as e:
                 out[n] = self.requests.failure(e, "CopyObject", dst)
+            except Exception as e:  # noqa: BLE001 - handed back
+                out[n] = e
+        for n, k, fut in heads:
+            dst = items[n][1]
+            try:
+                a = self.wire.wait(fut)
+                if not a.ok:
+                    raise self.requests.status_error(a, "HeadObject", dst)
+                out[n] = self.sse.verified(a, dst, k, "CopyObject")
+            except TransportFailure as e:
+                out[n] = self.requests.failure(e, "HeadObject", dst)
             except Exception as e:  # noqa: BLE001 - handed back
                 out[n] = e
         return out
@@ -112,12 +130,13 @@ class Copies:
             raise PermissionDenied(f"{src!r}: key not known")
         return k
 
-    def _as_is_copied(self, a: Answer, src: str, dst: str, size: int, k: Key) -> ObjectInfo:
+    def _as_is_copied(self, a: Answer, src: str, dst: str, size: int, k: Key,
+                      verify: bool = True) -> ObjectInfo | None:
         if a.status in (400, 403) and s3xml.error_code(a.body)[0] not in AUTH_CODES:
             raise PermissionDenied(f"CopyObject {src!r}: not under the current key")
         if not a.ok:
             raise self.requests.status_error(a, "CopyObject", dst)
-        return self._copied(a, dst, size, {}, k)
+        return self._copied(a, dst, size, {}, k, verify)
 
     def _copy_multipart(self, src: str, dst: str, size: int, metadata: dict, sk: Key) -> ObjectInfo:
         ps = max(part_size_for(size), COPY_PART_MIN)

@@ -123,6 +123,11 @@ class SseC:
         """For answers that carry no echo (CopyObject, CompleteMultipartUpload on some
         servers): HEAD with the key; only an echo of our key MD5 proves the encryption."""
         a = self.requests.send("HeadObject", "HEAD", key, headers=self.headers(want))
+        return self.verified(a, key, want, op)
+
+    def verified(self, a: Answer, key: str, want: Key, op: str) -> ObjectInfo:
+        """key's object, after op, from the answer `a` of a HEAD of it with want: only an
+        echo of want's MD5 proves the encryption."""
         if not self.opened_by(a, want):
             log.error("endpoint %s stored %r without SSE-C after %s", self.at, key, op)
             raise EncryptionNotApplied(f"{op} {key!r}: server did not apply SSE-C")
