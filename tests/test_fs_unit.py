@@ -1004,7 +1004,7 @@ def test_fsync_timeout(make_fs, store):
 
 
 # ------------------------------------------------------------------------- crash recovery
-CHILD = r"""
+CHILD_PRELUDE = r"""
 import os, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from memstore import MemStore
@@ -1018,6 +1018,27 @@ cache = Cache(sys.argv[4], {k.fingerprint: Sealer(k.cache_key()) for k in ring.k
               1 << 30, ring.current.fingerprint)
 cache.open()
 fs = Filesystem(MemStore(ring), cache, FsConfig(writeback_delay=3600, defer_deletes=False))
+"""
+
+
+def crash_child(tmp_path, body: str, *args: str) -> tuple[bytes, str]:
+    """Run `body` on a Filesystem over a fresh cache in a child process that ends with
+    os._exit (a crash: nothing closed, nothing uploaded); body prints "written" when done.
+    Extra args are sys.argv[5:]. Returns (the raw key, the cache directory)."""
+    raw = os.urandom(32)
+    keyfile = tmp_path / "k"
+    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, raw)
+    os.close(fd)
+    cache_dir = str(tmp_path / "crash-cache")
+    r = subprocess.run([sys.executable, "-c", CHILD_PRELUDE + body, os.path.join(REPO, "tests"),
+                        REPO, str(keyfile), cache_dir, *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "written" in r.stdout, r.stderr
+    return raw, cache_dir
+
+
+CRASH = r"""
 data = open(sys.argv[5], "rb").read()
 fh = fs.create("/crash.bin", 0o640)
 fs.write(fh, data, 0)
@@ -1031,18 +1052,9 @@ os._exit(0)                                # crash: nothing closed, nothing uplo
 
 
 def test_recover_after_crash_uploads_dirty_file(tmp_path, make_fs, store):
-    raw = os.urandom(32)
-    keyfile = tmp_path / "k"
-    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, raw)
-    os.close(fd)
     data = os.urandom(2 * CHUNK + 777)
     (tmp_path / "data").write_bytes(data)
-    cache_dir = tmp_path / "crash-cache"
-    r = subprocess.run([sys.executable, "-c", CHILD, os.path.join(REPO, "tests"), REPO,
-                        str(keyfile), str(cache_dir), str(tmp_path / "data")],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "written" in r.stdout, r.stderr
+    raw, cache_dir = crash_child(tmp_path, CRASH, str(tmp_path / "data"))
 
     ring = KeyRing([Key(raw)])
     st2 = MemStore(ring)

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import fuse
 import pytest
 
-from helpers import REPO
 from memstore import MemStore
 from ssecfs.cache import CHUNK
 from ssecfs.config import FsConfig, MountConfig
@@ -22,8 +19,8 @@ from ssecfs.errors import NotFound
 from ssecfs.fs.reader import READ_UNIT
 from ssecfs.mount.adapter import FuseAdapter
 from ssecfs.mount.daemon import fuse_mount_options
-from test_fs_unit import (WRITE_OPS, fs, make_fs, read_all, remote_file, ring,  # noqa: F401
-                          scan_min, settle, store, write_file)
+from test_fs_unit import (WRITE_OPS, crash_child, fs, make_fs, read_all, remote_file,  # noqa: F401
+                          ring, scan_min, settle, store, write_file)
 
 SIZE = 2 * READ_UNIT + 3 * CHUNK + 777       # past any prefetch at open, several read units
 
@@ -152,20 +149,7 @@ def test_the_last_close_frees_the_cache_space(fs, store):
     assert (s["cache_used_bytes"], s["cache_dirty_bytes"], s["cache_entries"]) == (0, 0, 0)
 
 
-CHILD = r"""
-import os, sys
-sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from memstore import MemStore
-from ssecfs.cache import Cache
-from ssecfs.config import FsConfig
-from ssecfs.crypto.aead import Sealer
-from ssecfs.fs.filesystem import Filesystem
-from ssecfs.crypto.keys import load_keyring
-ring = load_keyring(sys.argv[3])
-cache = Cache(sys.argv[4], {k.fingerprint: Sealer(k.cache_key()) for k in ring.keys},
-              1 << 30, ring.current.fingerprint)
-cache.open()
-fs = Filesystem(MemStore(ring), cache, FsConfig(writeback_delay=3600, defer_deletes=False))
+CRASH_WITH_ORPHAN = r"""
 fh = fs.create("/gone.bin", 0o640)
 fs.write(fh, os.urandom(3 * 128 * 1024), 0)
 fs.flush(fh)                               # journaled dirty: recovery would upload it
@@ -177,24 +161,16 @@ os._exit(0)                                # crash with the orphan open
 
 
 def test_nothing_of_an_orphan_is_recovered_after_a_crash(tmp_path, make_fs):
-    raw = os.urandom(32)
-    keyfile = tmp_path / "k"
-    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.write(fd, raw)
-    os.close(fd)
-    cache_dir = tmp_path / "crash-cache"
-    r = subprocess.run([sys.executable, "-c", CHILD, os.path.join(REPO, "tests"), REPO,
-                        str(keyfile), str(cache_dir)], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0 and "written" in r.stdout, r.stderr
-    assert os.listdir(cache_dir / "entries")           # its data was there at the crash
+    raw, cache_dir = crash_child(tmp_path, CRASH_WITH_ORPHAN)
+    entries = os.path.join(cache_dir, "entries")
+    assert os.listdir(entries)                          # its data was there at the crash
     st2 = MemStore(KeyRing([Key(raw)]))
     fs = make_fs(cache_dir=cache_dir, st=st2)
     assert fs.recover() == 0
     assert fs.uploads.bad_entries == []
     assert fs.flush_all(timeout=10)
     assert st2.keys() == [] and writes_since(st2, 0) == []
-    assert os.listdir(cache_dir / "entries") == []
+    assert os.listdir(entries) == []
 
 
 # ------------------------------------------------------------------------- the FUSE adapter
