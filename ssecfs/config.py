@@ -36,7 +36,7 @@ class FsConfig:
     read_only: bool = False
     attr_timeout: float = 1.0
     writeback_delay: float = 2.0
-    upload_workers: int = 32
+    upload_workers: int = 8
     fsync_timeout: float = 0.0       # 0: wait until durable, however long
     dir_index: bool = True           # read and write per-directory attribute indexes
     cache_every_read: bool = False   # cache a big file's units the first time they are read

@@ -27,9 +27,9 @@ from .writeback import WriteBack
 
 log = logging.getLogger("ssecfs.fs")
 
-# Many uploads in flight hide the round trip of each (a burst of small files at a distance);
-# those of big files are few at once, as each holds its body (up to 16 MiB) or a window of
-# parts in memory.
+# More upload workers (--upload-workers) hide the round trips of a distant endpoint from a
+# burst of small files; uploads of big files stay few at once whatever their number, as each
+# holds its body (up to 16 MiB) or a window of parts in memory.
 BIG_UPLOAD = 1024 * 1024
 BIG_UPLOADS = 8
 
