@@ -200,19 +200,22 @@ def test_an_orphan_outlives_the_removal_of_its_directory(mounter, bucket, key):
 
 
 def test_another_users_temporary_file_through_allow_other(mounter, bucket, key, users):
-    """tmpfile() as an unprivileged user: made, unlinked at once, used, closed."""
+    """A temporary file of an unprivileged user: made, unlinked at once, used, closed."""
     a, _ = users
     m = mounter(bucket, key[0], "--allow-other")
     shared = os.path.join(m.path, "shared")
     os.mkdir(shared)
     os.chmod(shared, 0o1777)
-    script = ("import os, tempfile\n"
-              "with tempfile.TemporaryFile(dir='.') as f:\n"
-              "    f.write(b'x' * 3000000); f.flush(); os.fsync(f.fileno())\n"
-              "    st = os.fstat(f.fileno())\n"
-              "    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)\n"
-              "    f.seek(0)\n"
-              "    print(st.st_uid, st.st_nlink, st.st_size, len(f.read()), os.listdir('.'))\n")
+    # what tmpfile() does, by a relative path (the user may not search the directories
+    # above the mount point, which TemporaryFile's absolute path would need)
+    script = ("import os\n"
+              "fd = os.open('t', os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)\n"
+              "os.unlink('t')\n"
+              "os.write(fd, b'x' * 3000000); os.fsync(fd)\n"
+              "st = os.fstat(fd)\n"
+              "os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)\n"
+              "n = len(os.pread(fd, 4000000, 0))\n"
+              "print(st.st_uid, st.st_nlink, st.st_size, n, os.listdir('.'))\n")
     r = as_user(a, f"python3 -c \"{script}\"", shared)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split(None, 4) == [str(a.pw_uid), "0", "3000000", "3000000", "[]\n"]
