@@ -7,8 +7,8 @@ and the opens and creates of the Filesystem, so that they see a stable table of 
 A namespace change of a file first holds its uploads and waits for one in flight, without the
 lock (`_idle_uploads`): a stuck upload delays only the operation on its own file.
 
-Ownership: a new file, directory or symlink belongs to the process that makes it (the FUSE
-adapter passes its uid and gid), with the group of a set-group-ID parent.
+Ownership: a new file, directory, symlink or special file belongs to the process that makes
+it (the FUSE adapter passes its uid and gid), with the group of a set-group-ID parent.
 """
 
 from __future__ import annotations
