@@ -240,7 +240,8 @@ class OpenFiles:
         return st
 
     def handle_or_none(self, fh: int) -> FileState | None:
-        return self._handles.get(fh)
+        with self.lock:
+            return self._handles.get(fh)
 
     def close_handle(self, fh: int) -> tuple[FileState | None, bool]:
         """Forget handle fh: (its state, whether it was opened for writing)."""

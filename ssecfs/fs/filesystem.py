@@ -28,7 +28,7 @@ import time
 
 from ..cache import CHUNK, Cache
 from ..config import FsConfig
-from ..errors import IsADirectory, KeyMismatch, NotFound, TimedOut
+from ..errors import IsADirectory, KeyMismatch, TimedOut
 from ..store.contract import LOCKED, PLAINTEXT, Store
 from ..store.deferred import DeferredDeletes
 from ..store.deljournal import DeleteJournal
@@ -77,10 +77,7 @@ class Filesystem:
         """fh: of the file asked about (if given); alias: the path is the name an unlinked
         open file is known by (orphans.py), nothing of the bucket."""
         if alias is not None:
-            st = self.files.orphan(alias)
-            if st is None:
-                raise NotFound(path)
-            return self.orphans.attr(st)
+            return self.orphans.attr(self.orphans.by_alias(path, alias))
         st = self.files.handle_or_none(fh) if fh is not None else None
         if st is not None and (st.deleted or path is None):
             return self.orphans.attr(st)

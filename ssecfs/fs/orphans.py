@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..cache import Cache
+from ..errors import NotFound
 from .files import FileState, OpenFiles
 from .meta import Attr, attr_from_meta
 from .reader import Reader
@@ -99,6 +100,13 @@ class Orphans:
             st.entry = None
         st.hot.clear()
         self.files.forget_orphan(st)
+
+    def by_alias(self, path: str, alias: str) -> FileState:
+        """The orphan known by alias (path: the name it was asked by, for the error)."""
+        st = self.files.orphan(alias)
+        if st is None:
+            raise NotFound(path)
+        return st
 
     def attr(self, st: FileState) -> Attr:
         """An open file's attributes from its own state (an orphan has no link left)."""

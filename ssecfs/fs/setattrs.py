@@ -14,9 +14,9 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
-from ..errors import KeyMismatch, NotFound, NotPermitted
+from ..errors import KeyMismatch, NotPermitted
 from ..store.contract import OPEN
-from .meta import Attr, attr_from_meta, meta_headers, now
+from .meta import Attr, meta_headers, now
 
 NO_ID = (-1, 0xFFFFFFFF)  # chown(2): leave the owner (group) as it is
 
@@ -39,21 +39,13 @@ class SetAttrs:
     def _attr(self, path: str, alias: str | None) -> Attr:
         if alias is None:
             return self.ns.attrs.getattr(path)
-        st = self._orphan(path, alias)
-        with st.lock:
-            return attr_from_meta(st.meta, st.size, nlink=0)
-
-    def _orphan(self, path: str, alias: str):
-        st = self.ns.files.orphan(alias)
-        if st is None:
-            raise NotFound(path)
-        return st
+        return self.ns.orphans.attr(self.ns.orphans.by_alias(path, alias))
 
     def _change_meta(self, path: str, alias: str | None = None, **changes) -> None:
         ns = self.ns
         ns.check_writable()
         if alias is not None:
-            st = self._orphan(path, alias)
+            st = ns.orphans.by_alias(path, alias)
             with st.lock:
                 st.meta.update(changes)
             return
