@@ -17,6 +17,19 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   #
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cache_files(entries_dir: str) -> list[str]:
+    """The files of a cache's entries/ that hold something: data files of entries, not the
+    spares (empty files made ahead of need: ssecfs/cache/spares.py)."""
+    out = []
+    for n in os.listdir(entries_dir):
+        try:
+            if os.path.getsize(os.path.join(entries_dir, n)) > 0:
+                out.append(n)
+        except FileNotFoundError:
+            pass
+    return sorted(out)
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
     """Poll predicate() until it returns a truthy value; fail after the deadline."""
     deadline = time.monotonic() + timeout

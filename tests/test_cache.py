@@ -4,14 +4,17 @@ crash recovery, and the eviction bound."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography.exceptions import UnsupportedAlgorithm
 
-from helpers import marker_blob, scan_dir_for, wait_until
+from helpers import cache_files, marker_blob, scan_dir_for, wait_until
 from ssecfs.cache import Cache, oscalls
 from ssecfs.cache import datafile as datafile_mod, entry as entry_mod, layout as layout_mod
 from ssecfs.crypto import aead as crypto_mod
@@ -19,7 +22,9 @@ from ssecfs.cache.cachedir import SEAL_BATCH
 from ssecfs.errors import EXIT_CACHE
 from ssecfs.cache.layout import (BASE, CHUNK, HEADER, NEVER, RHEADER, RSLOT, SLOT, SLOT_MAGIC,
                                  SUBS_AT, VERSION_TEXT, _cost, read_records)
+from ssecfs.cache import spares as spares_mod
 from ssecfs.cache.pending import Slots
+from ssecfs.cache.spares import Spares
 from ssecfs.crypto.aead import (OVERHEAD, SPLIT_GCM, SPLIT_OCB, SUB, SUB_SEALED, WHOLE_GCM,
                            WHOLE_OCB, Sealer, open_subs, sub_aad)
 from ssecfs.errors import EXIT_CACHE, IntegrityError, NameTooLong, NoSpace, UserError
@@ -659,7 +664,10 @@ def test_cache_dir_created_0700(cache_dir, keys):
         e = c.new_entry()
         e.write_chunk(0, b"x" * 10)
         e.save_state({"dirty": True})
-        assert os.listdir(c.entries_dir) == [e.id + ".data"]      # one file per entry
+        # one file per entry; the others are spares, empty until an entry takes one
+        others = set(os.listdir(c.entries_dir)) - {e.id + ".data"}
+        assert all(os.path.getsize(os.path.join(c.entries_dir, n)) == 0 for n in others)
+        assert all(n.endswith(".data") and len(n) == 37 for n in others)
         assert stat.S_IMODE(os.stat(e.data_path).st_mode) & 0o077 == 0
 
 
@@ -977,7 +985,7 @@ def test_discard_removes_files_and_accounting(cache):
     e.write_chunk(0, os.urandom(100))
     e.save_state({"dirty": True})
     cache.discard(e)
-    wait_until(lambda: os.listdir(cache.entries_dir) == [], 10,   # (removed in the background)
+    wait_until(lambda: cache_files(cache.entries_dir) == [], 10,   # (removed in the background)
                what="the discarded entry's file to be removed")
     s = cache.stats()
     assert s["cache_used_bytes"] == 0 and s["cache_dirty_bytes"] == 0 and s["cache_entries"] == 0
@@ -1006,7 +1014,7 @@ def test_an_empty_entry_leaves_no_file_once_clean(cache_dir, keys):
     e.save_state({"dirty": True, "size": 0})
     assert os.path.exists(e.data_path)
     e.drop_state()
-    assert os.listdir(c.entries_dir) == []
+    assert not os.path.exists(e.data_path) and cache_files(c.entries_dir) == []
     e.write_chunk(0, b"later")
     e.save_state({"dirty": True, "size": 5})
     e.close_fd()
@@ -1158,27 +1166,96 @@ def test_sync_does_not_block_readers_of_the_entry(cache, monkeypatch):
     assert not t.is_alive()
 
 
+def flush_events(cache, monkeypatch) -> list:
+    """The fsync / fdatasync calls this thread makes from now on, in order (those of the
+    cache's background thread, which makes spare files, are not counted)."""
+    events = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+    entries_ino = os.stat(cache.entries_dir).st_ino
+    me = threading.get_ident()
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if threading.get_ident() == me:
+            events.append("fsync dir" if stat.S_ISDIR(st.st_mode) and st.st_ino == entries_ino
+                          else "fsync file")
+        real_fsync(fd)
+
+    def fdatasync(fd):
+        if threading.get_ident() == me:
+            events.append("fdatasync")
+        real_fdatasync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return events
+
+
+def test_an_entry_made_from_a_spare_needs_no_fsync_of_the_directory(cache_dir, keys,
+                                                                     monkeypatch):
+    """Data files are made ahead of need (ssecfs/cache/spares.py), a batch at a time, their
+    names made durable by one fsync of entries/ before any is handed out: an entry made from
+    one flushes only its data file at its first close(). The spares not taken are removed
+    at close(), and by the recovery after a crash (they hold no record)."""
+    c = make_cache(cache_dir, keys)
+    c.new_entry()                                    # makes its own file; starts a batch
+    wait_until(lambda: c.stats()["cache_spares"] > 0, 10, what="spare files")
+    spares = set(os.listdir(c.entries_dir)) - set(cache_files(c.entries_dir))
+    assert len(spares) >= c.stats()["cache_spares"]
+    assert all(stat.S_IMODE(os.stat(os.path.join(c.entries_dir, n)).st_mode) == 0o600
+               for n in spares)
+    events = flush_events(c, monkeypatch)
+    e = c.new_entry()
+    assert e.id + ".data" in spares
+    e.write_chunk(0, b"x" * 100)
+    e.save_state({"dirty": True, "size": 100})
+    assert events == ["fdatasync"]
+    e.close_fd()
+    c.close()
+    assert sorted(os.listdir(c.entries_dir)) == [e.id + ".data"]     # spares removed
+    with open_cache(cache_dir, keys) as c2:
+        (r, state), = c2.recover()[0]
+        assert state["size"] == 100 and r.read_chunk(0) == b"x" * 100
+        r.close_fd()
+
+
+def test_spares_are_handed_out_only_once_their_names_are_durable(tmp_path):
+    """A batch's fsync of the directory comes after its files exist and before any of them
+    is handed out; a batch whose fsync fails is removed, and entries make their own files."""
+    d = str(tmp_path)
+    seen, fail = [], []
+    pool = ThreadPoolExecutor(1)
+
+    def sync_dir():
+        seen.append((spares.count(), len(os.listdir(d))))
+        if fail:
+            raise OSError(errno.EIO, "injected")
+    spares = Spares(d, sync_dir, pool)
+    fail.append(1)
+    assert spares.take() is None                     # none yet: starts a batch
+    wait_until(lambda: seen and not spares_mod_busy(spares), 10, what="the failed batch")
+    assert seen == [(0, spares_mod.BATCH)] and os.listdir(d) == [] and spares.count() == 0
+    fail.clear()
+    assert spares.take() is None
+    wait_until(lambda: spares.count() == spares_mod.BATCH, 10, what="a batch")
+    assert seen[1] == (0, spares_mod.BATCH)
+    eid = spares.take()
+    assert os.path.getsize(os.path.join(d, eid + ".data")) == 0
+    pool.shutdown(wait=True)
+    spares.close()
+    assert os.listdir(d) == [eid + ".data"]          # the one taken stays: its entry's
+
+
+def spares_mod_busy(spares) -> bool:
+    return spares._filling
+
+
 def test_state_record_is_made_durable_with_the_data(cache, monkeypatch):
     """close() makes a file durable with one fdatasync of its data file (chunks and record
     together), and for a new entry one fsync of the entries directory (its name must survive
     a power cut too: an entry without a record is taken for clean and removed). A record
     written after an upload (sync=False) costs no flush at all."""
-    events = []
-    real_fsync, real_fdatasync = os.fsync, os.fdatasync
-    entries_ino = os.stat(cache.entries_dir).st_ino
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        events.append("fsync dir" if stat.S_ISDIR(st.st_mode) and st.st_ino == entries_ino
-                      else "fsync file")
-        real_fsync(fd)
-
-    def fdatasync(fd):
-        events.append("fdatasync")
-        real_fdatasync(fd)
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
-    e = cache.new_entry()
+    events = flush_events(cache, monkeypatch)
+    e = cache.new_entry()                            # no spare yet: it makes its own file
     e.write_chunk(0, b"x" * 100)
     e.save_state({"size": 100})
     assert events == ["fdatasync", "fsync dir"] and not e.pending
@@ -1601,12 +1678,20 @@ def test_a_torn_rewrite_right_after_recovery_still_leaves_the_acknowledged_versi
         assert sorted(r.present) == [0, 1] and r.stale == {}
 
 
+def background_done(c) -> None:
+    """Wait until what the cache's background thread was given so far is done."""
+    done = threading.Event()
+    c.later(done.set)
+    assert done.wait(10)
+
+
 def test_chunks_of_a_file_closed_once_are_confirmed_after_the_flush(cache_dir, keys):
     """A close() writes a second record once its flush completed (not flushed itself),
     which confirms the chunks that flush wrote: a damaged one of them is then an error after
     a crash, not taken for a torn write (whose previous version, here zeros, would be
     uploaded in its place)."""
     c, e = acknowledged_entry(cache_dir, keys, {0: os.urandom(CHUNK), 1: os.urandom(CHUNK)})
+    background_done(c)                  # (the confirmation is written there, after close())
     e.close_fd()
     c.close()
     corrupt(e.data_path, slot_offset(1) + HEADER.size + 100)

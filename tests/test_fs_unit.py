@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import REPO, wait_until
+from helpers import REPO, cache_files, wait_until
 from memstore import MemStore
 from ssecfs.cache import CHUNK, Cache
 from ssecfs.config import FsConfig
@@ -579,7 +579,7 @@ def test_unlink_dirty_file_cancels_upload(make_fs, store):
         fs.getattr("/u")
     assert fs.cache.stats()["cache_entries"] == 0
     # (a discarded entry's file is removed by a low-priority thread)
-    assert wait_until(lambda: os.listdir(fs.cache.entries_dir) == [], timeout=10)
+    assert wait_until(lambda: cache_files(fs.cache.entries_dir) == [], timeout=10)
 
 
 def test_unlink_open_file_before_close(fs, store):
@@ -1471,3 +1471,30 @@ def test_files_opened_by_name_in_order_are_looked_up_ahead_once_listed(make_fs, 
             assert wait_until(lambda: "/named" in fs.attrs.prefetch._runs, timeout=10)
     # its content was fetched with its lookup, before its open
     assert wait_until(lambda: fs.attrs.has_start("/named/f030"), timeout=10)
+
+
+def test_small_files_waiting_for_a_worker_go_out_together(make_fs, store):
+    """While the upload workers are busy, small files closed meanwhile wait; a worker then
+    sends up to 8 of them at once (store.put_many), and each object is its file's content."""
+    fs = make_fs(upload_workers=1)
+    gate, first = threading.Event(), threading.Event()
+
+    def hold_first(key, *a):
+        if not first.is_set():
+            first.set()
+            assert gate.wait(10)
+    store.before["put"] = store.before["upload"] = hold_first
+    blobs = {f"/b{i:02d}": os.urandom(100 + i) for i in range(12)}
+    for path, data in blobs.items():
+        fh = fs.create(path, 0o644)
+        fs.write(fh, data, 0)
+        fs.flush(fh)
+        fs.release(fh)
+        if path == "/b00":
+            assert first.wait(10)                # the only worker is busy with it
+    gate.set()
+    settle(fs)
+    assert {"/" + k: store.data(k) for k in store.keys()} == blobs
+    # one at a time through upload, together through put_many (which calls put for each)
+    assert store.calls["upload"] + store.calls["put"] == 12
+    assert store.calls["put_many"] >= 2 and store.calls["put"] >= 8

@@ -25,6 +25,7 @@ from . import oscalls
 from .entry import CacheEntry
 from .layout import FORMAT, GONE, VERSION_TEXT, read_records
 from .pending import Slots
+from .spares import Spares
 
 log = logging.getLogger("ssecfs.cache")
 
@@ -51,10 +52,12 @@ class Cache:
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None      # entries/, for fsync after a record's rename
         self._sealers = ThreadPoolExecutor(max_workers=SEALER_THREADS, thread_name_prefix="seal")
-        # removes the files of discarded entries (see discard)
+        # removes the files of discarded entries (see discard), makes spare data files
+        # (spares.py), writes confirmation records (journal.py): nothing a writer waits for
         self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap",
                                           initializer=oscalls.low_priority)
         self._pending_slots = Slots(MAX_PENDING)
+        self._spares = Spares(self.entries_dir, self.sync_entries_dir, self._reaper)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def open(self) -> None:
@@ -114,6 +117,13 @@ class Cache:
             return
         os.fsync(fd)
 
+    def later(self, fn, *args) -> None:
+        """Run fn(*args) on the cache's background thread (here, if the cache is closing)."""
+        try:
+            self._reaper.submit(fn, *args)
+        except RuntimeError:
+            fn(*args)
+
     def _submit_seals(self, e: CacheEntry, indexes: list[int]) -> None:
         """Hand chunks of `e` to the sealers, as few jobs as the bound on plaintext waiting
         in memory (MAX_PENDING chunks) allows: one per fetched read unit when there is room,
@@ -144,6 +154,7 @@ class Cache:
     def close(self) -> None:
         self._sealers.shutdown(wait=True)
         self._reaper.shutdown(wait=True)
+        self._spares.close()
         for e in list(self._entries.values()):
             e.close_fd()
         if self._dir_fd is not None:
@@ -206,13 +217,13 @@ class Cache:
         ours = [fp for _, fp, _ in records if fp in self.sealers]
         if not ours:
             raise IntegrityError("sealed under a key that is not in the ring")
-        e = CacheEntry(self, eid, ours[0])
-        e._named = True
+        e = CacheEntry(self, eid, ours[0], named=True)
         return e, e.load_state()
 
     # -- entries ------------------------------------------------------------------------------
     def new_entry(self) -> CacheEntry:
-        e = CacheEntry(self, uuid.uuid4().hex)
+        spare = self._spares.take()
+        e = CacheEntry(self, spare or uuid.uuid4().hex, named=spare is not None)
         with self._lock:
             self._entries[e.id] = e
         return e
@@ -304,10 +315,7 @@ class Cache:
             os.rename(e.data_path, gone)
         except FileNotFoundError:
             return
-        try:
-            self._reaper.submit(oscalls.unlink_quietly, gone)
-        except RuntimeError:         # closing
-            oscalls.unlink_quietly(gone)
+        self.later(oscalls.unlink_quietly, gone)
 
     # -- accounting and eviction --------------------------------------------------------------
     def _account(self, e: CacheEntry, index: int, delta: int, clean: bool) -> None:
@@ -414,7 +422,8 @@ class Cache:
     def stats(self) -> dict:
         with self._lock:
             return {"cache_used_bytes": self._used, "cache_dirty_bytes": self._dirty_bytes,
-                    "cache_max_bytes": self.max_bytes, "cache_entries": len(self._entries)}
+                    "cache_max_bytes": self.max_bytes, "cache_entries": len(self._entries),
+                    "cache_spares": self._spares.count()}
 
 
 def default_cache_size(directory: str) -> int:

@@ -46,9 +46,9 @@ class CacheEntry:
     `present` and `stale` (held(), set_dirty, discard).
     """
 
-    def __init__(self, cache: "Cache", entry_id: str, key_fp: str | None = None):
+    def __init__(self, cache: "Cache", entry_id: str, key_fp: str | None = None, named=False):
         self.cache = cache
-        self._named = False                   # the data file's name is durable (dir fsynced)
+        self._named = named                   # the data file's name is durable (dir fsynced)
         self.key_fp = key_fp or cache.key_fp        # which ring key's cache key seals it
         self.id = entry_id
         self.bid = bytes.fromhex(entry_id)
@@ -447,8 +447,7 @@ class CacheEntry:
             return freed
 
     def _forget_file(self) -> None:
-        """Caller holds io_lock. Remove the data file, record included: a later record
-        starts a new one."""
+        """Caller holds io_lock. Remove the data file and its records (a new record: a new file)."""
         self.file.remove()
         self._named = False
         self.ledger.forget_records()
@@ -473,7 +472,8 @@ class CacheEntry:
         except OSError as e:
             raise oscalls.oserror_to_domain(e) from None
         if sync and dirty:
-            self.journal.confirm(state, seq, trusted)
+            # off close()'s time; skipped if an upload's clean record comes first (journal.py)
+            self.cache.later(self.journal.confirm, state, seq, trusted)
 
     def drop_state(self) -> None:
         """The entry is clean (uploaded): a record that says so replaces the dirty one, without

@@ -4,8 +4,9 @@ entry's two record slots, confirmed after the flush of a close, and read back at
 Record n goes to record slot n % 2, never over the newest record known flushed (a sequence
 number is skipped if need be), so that a write torn by a crash leaves a flushed record
 whole; the valid record with the highest sequence is the entry's state. After the flush of
-a close, the same state is written once more (not flushed) to confirm the chunks that
-flush wrote: a record cannot say so of its own flush, which a power cut may interrupt."""
+a close, the same state is written once more (not flushed, and later, on the cache's
+background thread) to confirm the chunks that flush wrote: a record cannot say so of its own
+flush, which a power cut may interrupt."""
 
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ class Journal:
         for attempt in range(2):
             try:
                 with self.io_lock:
-                    if after is not None and self.ledger.seq != after:
+                    if after is not None and (self.ledger.seq != after
+                                              or not self.file.is_open()):
+                        # a newer record, or the entry closed (discarded: its file must not
+                        # be made again)
                         return -1, None, trusted
                     self.file.fd()
                     self.ledger.writing_record(dirty)   # from the moment it may be on disk
