@@ -194,6 +194,17 @@ class MemStore:
         self._enter("put", key, len(data))
         return self._store(key, bytes(data), metadata)
 
+    def put_many(self, items: list[tuple[str, bytes, dict]]) -> list:
+        """Each through put (its hooks included), errors handed back as S3Store does."""
+        self._enter("put_many", items[0][0] if items else "", len(items))
+        out = []
+        for key, data, metadata in items:
+            try:
+                out.append(self.put(key, data, metadata))
+            except Exception as e:  # noqa: BLE001 - handed back
+                out.append(e)
+        return out
+
     def _store(self, key: str, data: bytes, metadata: dict) -> ObjectInfo:
         k = self.ring.current
         obj = _Obj(data, self._meta(metadata, k), k.fingerprint)

@@ -594,6 +594,34 @@ def test_store_contract_copy_as_is_many(contract, k1):
     assert st.copy_as_is_many([]) == []
 
 
+def test_store_contract_put_many(contract, k1):
+    """put_many, the uploads of a burst of small files: each is stored as put stores it
+    (under the current key, its metadata kept), answers in the order asked."""
+    st = contract[0]
+    blobs = {f"pm/f{i}": os.urandom(i * 100) for i in range(1, 7)}
+    out = st.put_many([(k, v, {"mode": "33188", "n": k[-1]}) for k, v in blobs.items()])
+    assert [(o.key, o.size, o.key_fp) for o in out] == [(k, len(v), k1.fingerprint)
+                                                        for k, v in blobs.items()]
+    for k, v in blobs.items():
+        assert st.get_range(k, 0, len(v), k1.fingerprint) == v
+        assert st.head(k).metadata.get("n") == k[-1]
+    assert st.put_many([]) == []
+
+
+def test_puts_at_once_carry_the_key_and_each_must_be_confirmed(make_store, k1):
+    """put_many sends every PUT with the key; an answer without the SSE-C echo fails that
+    PUT (handed back, not raised), as put would refuse it."""
+    store, wire = make_store(k1)
+    wire.reqs.clear()
+    out = store.put_many([(f"pk/{i}", b"x" * i, {}) for i in range(1, 9)])
+    assert all(o.key_fp == k1.fingerprint for o in out)
+    assert wire.ops().count("PutObject") == 8
+    check_wire(wire, [k1])
+    _tamper(wire, "PutObject", _without(ECHO_MD5))
+    out = store.put_many([("pk/a", b"a", {}), ("pk/b", b"b", {})])
+    assert [type(o) for o in out] == [EncryptionNotApplied] * 2
+
+
 def test_store_contract_delete_tree(contract):
     """delete_tree, the deletes of a moved directory: its files, markers and the directories
     they imply below the root go, none above it, and nothing of the tree is listed after

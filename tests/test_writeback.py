@@ -309,3 +309,71 @@ def test_in_a_burst_repeated_saves_of_one_file_still_coalesce(make_wb, rec):
         time.sleep(0.02)   # the pace of the saves (the test's input), not a wait for a result
     assert wb.wait(lambda: rec.count("doc") == 1, timeout=10)
     assert rec.count("doc") == 1
+
+
+# ------------------------------------------------------------------------------ batches
+class Batcher(Recorder):
+    """upload_many: records each batch; an item named "fail..." fails, the rest succeed."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches: list[list] = []
+
+    def many(self, items):
+        with self.lock:
+            self.batches.append(list(items))
+        return [StoreUnavailable(f"injected failure of {i}") if str(i).startswith("fail")
+                else None for i in items]
+
+
+def test_small_items_waiting_for_a_worker_go_in_batches(rec):
+    """With upload_many, a worker takes the small items ready at once, up to `batch`; a
+    big one goes alone, through upload; a failure in a batch retries that item only."""
+    b = Batcher()
+    gate = threading.Event()
+    b.block["blocker"] = gate
+    wb = WriteBack(b, delay=0, workers=1, upload_many=b.many, batch=4, max_backoff=0.05,
+                   small=lambda i: str(i) != "big" and i != "blocker")
+    try:
+        wb.schedule("blocker")                   # the only worker is busy with it...
+        assert b.started_event("blocker").wait(10)
+        for item in ("s1", "s2", "big", "s3", "s4", "fail1", "s5"):
+            wb.schedule(item)                    # ...while these wait, due at once
+        gate.set()
+        assert wb.wait(lambda: wb.pending() == 0, timeout=10)
+        assert b.count("big") == 1 and wb.upload_errors == 1
+        batched = [i for batch in b.batches for i in batch]
+        # in order: s1 s2 | big (alone) | s3 s4 fail1 s5
+        assert b.batches[:2] == [["s1", "s2"], ["s3", "s4", "fail1", "s5"]]
+        assert "big" not in batched and "blocker" not in batched
+        assert sorted(set(batched)) == ["fail1", "s1", "s2", "s3", "s4", "s5"]
+        assert b.count("fail1") == 1             # retried alone (all else done): upload
+        assert all(batched.count(i) == 1 for i in ("s1", "s2", "s3", "s4", "s5"))
+        assert wb.uploads_done == 8              # blocker, big, s1..s5, fail1
+    finally:
+        wb.stop()
+
+
+def test_a_new_item_wakes_one_idle_worker_not_all(monkeypatch):
+    """A burst of items costs one wake-up of an idle worker per item (plus the chain to
+    the next worker while more are ready), not a wake-up of every worker per item."""
+    woken = []
+    real_wait = threading.Condition.wait
+
+    def counting_wait(self, timeout=None):
+        r = real_wait(self, timeout)
+        if threading.current_thread().name.startswith("upload-"):
+            woken.append(1)
+        return r
+    done = []
+    wb = WriteBack(done.append, delay=30, workers=32)
+    try:
+        monkeypatch.setattr(threading.Condition, "wait", counting_wait)
+        for i in range(50):
+            wb.schedule(i)                       # not due for 30 s: nothing to do yet
+            time.sleep(0.002)                    # (pacing: time for woken workers to run)
+        monkeypatch.undo()
+        assert len(woken) < 50 * 4, len(woken)   # all 32 woken per item: about 1,600
+        assert done == []
+    finally:
+        wb.stop()

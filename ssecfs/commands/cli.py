@@ -91,8 +91,8 @@ def _add_timing_args(m: argparse.ArgumentParser) -> None:
     m.add_argument("--writeback-delay", type=float, default=None,
                    help="seconds to wait after close before uploading (default 2)")
     m.add_argument("--upload-workers", type=int, default=None,
-                   help="parallel uploads (default 8; more hide the round trips of a distant "
-                        "endpoint; of files over 1 MiB at most 8 at once)")
+                   help="upload workers (default 8; each sends up to 8 files of 256 KiB or "
+                        "less at once; of files over 1 MiB at most 8 upload at once)")
     m.add_argument("--attr-timeout", type=float, default=None,
                    help="seconds attributes are cached (default 1)")
     m.add_argument("--fsync-timeout", type=float, default=None,

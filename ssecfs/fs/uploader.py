@@ -32,6 +32,11 @@ log = logging.getLogger("ssecfs.fs")
 # holds its body (up to 16 MiB) or a window of parts in memory.
 BIG_UPLOAD = 1024 * 1024
 BIG_UPLOADS = 8
+# Files up to SMALL go out in batches of up to UPLOAD_BATCH PUTs in flight at once per worker
+# when they wait for a worker (writeback.WriteBack): a burst of small files to a distant
+# endpoint is then not bound by one round trip per file per worker.
+SMALL = 256 * 1024
+UPLOAD_BATCH = 8
 
 
 @dataclass(eq=False, repr=False)
@@ -49,7 +54,8 @@ class Uploader:
         self._big = threading.BoundedSemaphore(big)
         self.streams = Streams(self.store, self.reader, big)
         self.wb = WriteBack(self._upload, delay=self.cfg.writeback_delay,
-                            workers=self.cfg.upload_workers)
+                            workers=self.cfg.upload_workers, upload_many=self._upload_many,
+                            small=self._small, batch=UPLOAD_BATCH)
 
     def persist_and_schedule(self, st: FileState, delay: float | None = None) -> None:
         """Journal st's state with its data (once per generation) and queue its upload
@@ -111,24 +117,10 @@ class Uploader:
     # -- the write-back worker's side -------------------------------------------------------
     def _upload(self, st: FileState) -> None:
         """Called by a write-back worker. Uploads the current generation of st."""
-        with st.lock:
-            if st.deleted or not st.dirty:
-                return
-            if st.writers > 0 and st.urgent_gen <= st.uploaded_gen:
-                # Still open for writing: a close() of another descriptor of it queued this
-                # upload (`dd` and shell redirections close the descriptor they dup'ed onto
-                # stdout before they write; a reader closes). Uploading now would store a
-                # partial object, or complete a multipart stream at a partial size and send
-                # every later part again; the last writer's close (release) queues it again.
-                st.deferred = True
-                log.info("%s: still being written: its upload waits for the last close",
-                         st.path)
-                return
-            gen, key, size = st.generation, st.key, st.size
-            meta = meta_headers(st.meta)
-            remote = st.remote
-            meta_only = (st.data_generation <= st.uploaded_gen and remote is not None
-                         and remote.key == key and remote.size == size)
+        plan = self._plan(st)
+        if plan is None:
+            return
+        gen, key, size, meta, remote, meta_only = plan
         if meta_only:
             info = self.store.copy(key, key, size, meta, remote.key_fp)
         else:
@@ -138,6 +130,60 @@ class Uploader:
                     info = self.store.upload(
                         key, size, lambda off, ln: self.reader.for_upload(st, off, ln), meta)
         self._uploaded(st, key, size, gen, info)
+
+    def _upload_many(self, sts: list[FileState]) -> list:
+        """Called by a write-back worker with small files: one PUT each, all in flight at
+        once (store.put_many); the others as _upload does. [None or the exception] in order."""
+        out: list = [None] * len(sts)
+        puts = []
+        for n, st in enumerate(sts):
+            try:
+                plan = self._plan(st)
+                if plan is None:
+                    continue
+                gen, key, size, meta, _remote, meta_only = plan
+                if meta_only or size > SMALL or st.stream is not None:
+                    self._upload(st)
+                    continue
+                puts.append((n, gen, size, (key, self.reader.for_upload(st, 0, size), meta)))
+            except Exception as e:  # noqa: BLE001 - this one is retried
+                out[n] = e
+        results = self.store.put_many([item for *_, item in puts]) if puts else []
+        for (n, gen, size, (key, _data, _meta)), info in zip(puts, results):
+            try:
+                if isinstance(info, Exception):
+                    raise info
+                self._uploaded(sts[n], key, size, gen, info)
+            except Exception as e:  # noqa: BLE001 - this one is retried
+                out[n] = e
+        return out
+
+    @staticmethod
+    def _small(st: FileState) -> bool:
+        # under the write-back's lock, without st.lock: a hint, checked again in _upload_many
+        return st.size <= SMALL and st.stream is None
+
+    def _plan(self, st: FileState):
+        """What to upload of st now: (generation, key, size, metadata, remote, metadata
+        only), or None: nothing (deleted, clean, or still open for writing)."""
+        with st.lock:
+            if st.deleted or not st.dirty:
+                return None
+            if st.writers > 0 and st.urgent_gen <= st.uploaded_gen:
+                # Still open for writing: a close() of another descriptor of it queued this
+                # upload (`dd` and shell redirections close the descriptor they dup'ed onto
+                # stdout before they write; a reader closes). Uploading now would store a
+                # partial object, or complete a multipart stream at a partial size and send
+                # every later part again; the last writer's close (release) queues it again.
+                st.deferred = True
+                log.info("%s: still being written: its upload waits for the last close",
+                         st.path)
+                return None
+            gen, key, size = st.generation, st.key, st.size
+            remote = st.remote
+            meta_only = (st.data_generation <= st.uploaded_gen and remote is not None
+                         and remote.key == key and remote.size == size)
+            return gen, key, size, meta_headers(st.meta), remote, meta_only
 
     def _uploaded(self, st: FileState, key: str, size: int, gen: int, info) -> None:
         """Generation gen of st is stored as (key, size): info, the store's answer."""

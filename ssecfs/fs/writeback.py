@@ -12,8 +12,17 @@ until a delay has passed since then, an item untouched for `settle` seconds goes
 waiting out the rest of its delay: a burst of new files is then bound by the uploads, not by
 the delay, to its last file.
 
+Batches: given upload_many, a worker takes up to `batch` small items ready at once and
+hands them over together, to be sent all in flight at once without a thread each. A batch
+forms only when items wait for a worker: on a distant endpoint, where each upload waits a
+round trip, the workers are busy and the round trip is paid once per batch instead of once
+per file; close by, uploads end fast and batches stay small.
+
 Lock: _cond guards _due, _heap, _settled, _settle_heap, _in_flight, _attempts, _last_error,
-_stopping.
+_stopping. Idle workers wait on _work (the same lock), woken one at a time: a new item wakes
+one worker, which wakes the next if more are ready. Waking them all for every item (a burst
+of a thousand files, 32 workers) costs more CPU than the uploads. Waiters for durability
+(wait, quiesce, wait_idle) wait on _cond, notified at the end of every upload.
 An item is never uploaded by two workers at once; `quiesce(item)` removes it from the queue
 and waits for an upload in flight to end (callers must not hold a lock `upload` takes).
 """
@@ -36,14 +45,21 @@ log = logging.getLogger("ssecfs.writeback")
 class WriteBack:
     def __init__(self, upload: Callable[[Hashable], None], delay: float = 2.0, workers: int = 4,
                  max_backoff: float = 30.0, max_coalesce: float | None = None,
-                 settle: float = 0.25, burst: int = 16):
+                 settle: float = 0.25, burst: int = 16,
+                 upload_many: Callable[[list], list] | None = None,
+                 small: Callable[[Hashable], bool] = lambda item: False, batch: int = 8):
         self._upload = upload
+        self._upload_many = upload_many       # [item] -> [None or the exception], in order
+        self._small = small                   # called under _cond: must take no lock
+        self.batch = batch
         self.delay = delay
         self.settle = min(settle, delay)
         self.burst = burst
         self.max_coalesce = max_coalesce if max_coalesce is not None else max(4 * delay, delay)
         self.max_backoff = max_backoff
-        self._cond = threading.Condition()
+        lock = threading.RLock()       # a wait() predicate may call pending()
+        self._cond = threading.Condition(lock)
+        self._work = threading.Condition(lock)
         self._heap: list[tuple[float, int, Hashable]] = []
         self._due: dict[Hashable, float] = {}
         self._first: dict[Hashable, float] = {}
@@ -85,7 +101,7 @@ class WriteBack:
         self._settled.pop(item, None)
         self._due[item] = due
         heapq.heappush(self._heap, (due, next(self._seq), item))
-        self._cond.notify_all()
+        self._work.notify()
 
     def quiesce(self, item: Hashable) -> bool:
         """Take item out of the queue and wait until no upload of it is in flight.
@@ -156,47 +172,68 @@ class WriteBack:
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
-            self._cond.notify_all()
+            self._work.notify_all()
         for t in self._threads:
             t.join(timeout=5)
 
     # -- workers ------------------------------------------------------------------------------
-    def _next(self) -> Hashable | None:
+    def _next(self) -> list[Hashable]:
+        """The items a worker uploads next: one, or with upload_many, up to `batch` small
+        ones ready now. [] when stopping."""
         with self._cond:
             while not self._stopping:
                 now = time.monotonic()
-                while self._heap:
-                    due, _, item = self._heap[0]
-                    if self._due.get(item) != due:
-                        heapq.heappop(self._heap)      # stale heap record
-                        continue
-                    if item in self._in_flight or item in self._held:
-                        # stays in _due; re-queued when the upload ends / the hold is released
-                        heapq.heappop(self._heap)
-                        continue
-                    if due > now:
-                        break
-                    heapq.heappop(self._heap)
-                    return self._take(item)
-                settled = self._settled_item(now)
-                if settled is not None:
-                    return self._take(settled)
+                item = self._ready(now, None)
+                if item is not None:
+                    out = [item]
+                    if self._upload_many is not None and self._small(item):
+                        while len(out) < self.batch:
+                            more = self._ready(now, self._small)
+                            if more is None:
+                                break
+                            out.append(more)
+                    return out
                 wait = (self._heap[0][0] - now) if self._heap else 1.0
                 if self._settle_heap and now < self._burst_until:
                     wait = min(wait, self._settle_heap[0][0] - now)
-                self._cond.wait(timeout=max(0.005, min(wait, 1.0)))
-            return None
+                self._work.wait(timeout=max(0.005, min(wait, 1.0)))
+            return []
 
-    def _take(self, item: Hashable) -> Hashable:
+    def _ready(self, now: float, only: Callable[[Hashable], bool] | None) -> Hashable | None:
+        """(Caller holds _cond.) Take the next item due (or, during a burst, settled) now;
+        with `only`, none if that item is not one of those."""
+        while self._heap:
+            due, _, item = self._heap[0]
+            if self._due.get(item) != due:
+                heapq.heappop(self._heap)      # stale heap record
+                continue
+            if item in self._in_flight or item in self._held:
+                # stays in _due; re-queued when the upload ends / the hold is released
+                heapq.heappop(self._heap)
+                continue
+            if due > now:
+                break
+            if only is not None and not only(item):
+                return None
+            heapq.heappop(self._heap)
+            return self._take(item, now)
+        settled = self._settled_item(now, only)
+        return None if settled is None else self._take(settled, now)
+
+    def _take(self, item: Hashable, now: float) -> Hashable:
         del self._due[item]
         self._first.pop(item, None)
         self._settled.pop(item, None)
         self._in_flight.add(item)
+        if (self._heap and self._heap[0][0] <= now) or (
+                now < self._burst_until and self._settle_heap
+                and self._settle_heap[0][0] <= now):
+            self._work.notify()          # more is ready (or a stale record: it goes back)
         return item
 
-    def _settled_item(self, now: float) -> Hashable | None:
-        """During a burst, the item untouched the longest if it has settled (its entry in
-        _due stays: taking it is _take's)."""
+    def _settled_item(self, now: float, only=None) -> Hashable | None:
+        """During a burst, the item untouched the longest if it has settled (and is one of
+        `only`); its entry in _due stays: taking it is _take's."""
         if now >= self._burst_until:
             return None
         h = self._settle_heap
@@ -205,7 +242,7 @@ class WriteBack:
             if self._settled.get(item) != at or item in self._in_flight or item in self._held:
                 heapq.heappop(h)      # stale, or re-queued by the end of an upload or a hold
                 continue
-            if at > now:
+            if at > now or (only is not None and not only(item)):
                 return None
             heapq.heappop(h)
             return item
@@ -213,34 +250,53 @@ class WriteBack:
 
     def _worker(self) -> None:
         while True:
-            item = self._next()
-            if item is None:
+            items = self._next()
+            if not items:
                 return
-            retry_in = None
-            try:
-                self._upload(item)
-                with self._cond:
-                    self._attempts.pop(item, None)
-                    self.uploads_done += 1
-            except Exception as e:  # noqa: BLE001 - every failure is retried; data stays cached
-                with self._cond:
-                    n = self._attempts.get(item, 0) + 1
-                    self._attempts[item] = n
-                    self.upload_errors += 1
-                    self.last_error = f"{type(e).__name__}: {e}"
+            if len(items) == 1:
+                results = [self._attempt(items[0])]
+            else:
+                try:
+                    results = self._upload_many(items)
+                except Exception as e:  # noqa: BLE001 - each is retried
+                    results = [e] * len(items)
+            for item, error in zip(items, results):
+                self._finish(item, error)
+
+    def _attempt(self, item: Hashable) -> Exception | None:
+        try:
+            self._upload(item)
+            return None
+        except Exception as e:  # noqa: BLE001 - every failure is retried; data stays cached
+            return e
+
+    def _finish(self, item: Hashable, error: Exception | None) -> None:
+        """The end of an attempt: count it, re-queue the item if it failed (backoff) or
+        changed meanwhile, and wake the waiters."""
+        retry_in = None
+        with self._cond:
+            if error is None:
+                self._attempts.pop(item, None)
+                self.uploads_done += 1
+            else:
+                n = self._attempts.get(item, 0) + 1
+                self._attempts[item] = n
+                self.upload_errors += 1
+                self.last_error = f"{type(error).__name__}: {error}"
                 retry_in = min(self.max_backoff, 0.2 * 2 ** min(n, 10)) * random.uniform(0.5, 1.0)
-                level = logging.WARNING if isinstance(e, StoreUnavailable) else logging.ERROR
-                log.log(level, "upload of %s failed (attempt %d, retry in %.1fs): %s",
-                        item, n, retry_in, self.last_error,
-                        exc_info=not isinstance(e, (StoreUnavailable,)) and log.isEnabledFor(logging.DEBUG))
-            finally:
-                with self._cond:
-                    self._in_flight.discard(item)
-                    if item in self._due:           # changed again while uploading
-                        due = self._due[item]
-                        if retry_in is not None:
-                            due = max(due, time.monotonic() + retry_in)
-                        self._push(item, due)
-                    elif retry_in is not None:
-                        self._push(item, time.monotonic() + retry_in)
-                    self._cond.notify_all()
+        if error is not None:
+            level = logging.WARNING if isinstance(error, StoreUnavailable) else logging.ERROR
+            log.log(level, "upload of %s failed (attempt %d, retry in %.1fs): %s",
+                    item, n, retry_in, self.last_error,
+                    exc_info=(error if not isinstance(error, StoreUnavailable)
+                              and log.isEnabledFor(logging.DEBUG) else None))
+        with self._cond:
+            self._in_flight.discard(item)
+            if item in self._due:           # changed again while uploading
+                due = self._due[item]
+                if retry_in is not None:
+                    due = max(due, time.monotonic() + retry_in)
+                self._push(item, due)
+            elif retry_in is not None:
+                self._push(item, time.monotonic() + retry_in)
+            self._cond.notify_all()

@@ -156,6 +156,12 @@ class DeferredDeletes:
         self.queue.wait_gone(key)
         return self._written(self._store.put(key, *a, **kw))
 
+    def put_many(self, items: list) -> list:
+        for key, _data, _meta in items:
+            self.queue.wait_gone(key)
+        return [r if isinstance(r, Exception) else self._written(r)
+                for r in self._store.put_many(items)]
+
     def upload(self, key: str, *a, **kw):
         self.queue.wait_gone(key)
         return self._written(self._store.upload(key, *a, **kw))

@@ -201,9 +201,38 @@ class S3Store:
 
     # -- writes -------------------------------------------------------------------------------
     def put(self, key: str, data: Body, metadata: dict) -> ObjectInfo:
+        out = self.put_many([(key, data, metadata)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def put_many(self, items: list[tuple[str, Body, dict]]) -> list:
+        """put of each (key, data, metadata), all the requests in flight at once, without a
+        thread each: in order, the ObjectInfo of each or the error its put would raise."""
         k = self.ring.current
-        h = {**meta_headers(self.sse.meta(metadata, k), "PutObject", key), **self.sse.headers(k)}
-        a = self.requests.send("PutObject", "PUT", key, headers=h, body=data)
+        out: list = [None] * len(items)
+        sent = []
+        for n, (key, data, metadata) in enumerate(items):
+            h = {**meta_headers(self.sse.meta(metadata, k), "PutObject", key),
+                 **self.sse.headers(k)}
+            try:
+                sent.append((n, self.wire.submit("PutObject", "PUT", key, headers=h, body=data)))
+            except TransportFailure as e:
+                out[n] = self.requests.failure(e, "PutObject", key)
+        for n, fut in sent:
+            key, data, metadata = items[n]
+            try:
+                a = self.wire.wait(fut)
+                if not a.ok:
+                    raise self.requests.status_error(a, "PutObject", key)
+                out[n] = self._put_done(a, key, data, metadata, k)
+            except TransportFailure as e:
+                out[n] = self.requests.failure(e, "PutObject", key)
+            except Exception as e:  # noqa: BLE001 - handed back, as put raises it
+                out[n] = e
+        return out
+
+    def _put_done(self, a: Answer, key: str, data: Body, metadata: dict, k: Key) -> ObjectInfo:
         if not (key.endswith("/") and not data and not a.headers.get(ECHO_MD5)):
             # A zero-byte directory marker holds no data; SeaweedFS stores it as a filer
             # directory and does not echo SSE-C for it. Everything else must be confirmed.
