@@ -118,8 +118,12 @@ class Uploader:
     def _upload(self, st: FileState) -> None:
         """Called by a write-back worker. Uploads the current generation of st."""
         plan = self._plan(st)
-        if plan is None:
-            return
+        if plan is not None:
+            self._send(st, plan)
+
+    def _send(self, st: FileState, plan) -> None:
+        """Upload what _plan said of st: its metadata only, or the rest of its stream, or its
+        whole content."""
         gen, key, size, meta, remote, meta_only = plan
         if meta_only:
             info = self.store.copy(key, key, size, meta, remote.key_fp)
@@ -143,7 +147,7 @@ class Uploader:
                     continue
                 gen, key, size, meta, _remote, meta_only = plan
                 if meta_only or size > SMALL or st.stream is not None:
-                    self._upload(st)
+                    self._send(st, plan)
                     continue
                 puts.append((n, gen, size, (key, self.reader.for_upload(st, 0, size), meta)))
             except Exception as e:  # noqa: BLE001 - this one is retried
