@@ -36,7 +36,7 @@ from conftest import _alive, fuse_available, make_keyfile
 from helpers import REPO, sse, wait_until
 from ssecfs.commands import cli
 from ssecfs.mount.daemon import default_log_file
-from ssecfs.errors import UserError
+from ssecfs.errors import EXIT_FAILURE, UserError
 
 UNIT = os.path.join(REPO, "systemd", "ssecfs@.service")
 SSECFS_BIN = "/usr/local/bin/ssecfs"            # what the unit runs and mount.fuse finds
@@ -541,6 +541,96 @@ def test_second_sigterm_during_final_upload_exits_cleanly(seaweed, s3, bucket, k
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 0
     notify.close()
+
+
+def abort_fuse_connection(dev: int) -> None:
+    """Cut a mount's connection to the kernel, as fusectl's `abort` does (fusectl is mounted
+    if it is not: systemd mounts it at boot)."""
+    conn = "/sys/fs/fuse/connections"
+    if not os.path.ismount(conn):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", conn], check=True,
+                       capture_output=True)
+    assert os.major(dev) == 0, f"a FUSE mount has an anonymous device, not {dev:#x}"
+    with open(f"{conn}/{os.minor(dev)}/abort", "w") as f:
+        f.write("1")
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("detached", [True, False], ids=["detached", "attached"])
+def test_connection_cut_under_the_daemon(seaweed, s3, bucket, key, tmp_path, cleanup, detached):
+    """A connection cut (fusectl's abort) under a mount still attached leaves a dead mount:
+    exit 1 and a line that says how to remove it. Cut after a lazy detach, it is an end the
+    user asked for: exit 0. Either way the pending files are uploaded before the exit."""
+    need_fuse()
+    keyfile, raw = key
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    cleanup.mountpoints.append(str(mp))
+    notify = NotifySocket(tmp_path)
+    log = tmp_path / "daemon.log"
+    proc = foreground([bucket, str(mp), "--keyfile", keyfile, "--endpoint-url", seaweed.endpoint,
+                       "--cache-dir", str(tmp_path / "cache"), "--writeback-delay", "30"],
+                      {**os.environ, "NOTIFY_SOCKET": notify.address}, log, cleanup)
+    notify.wait_for("READY", "1", 60, proc, lambda: read(log))
+    files = some_files()
+    write_files(str(mp), files)
+    dev = os.stat(mp).st_dev
+    holder = open(mp / next(iter(files)), "rb")
+    try:
+        if detached:
+            subprocess.run(["umount", "-l", str(mp)], check=True, capture_output=True)
+            assert fs_type_at(str(mp)) is None
+        abort_fuse_connection(dev)
+        rc = proc.wait(timeout=90)
+    finally:
+        try:
+            holder.close()
+        except OSError as e:               # the flush of close() met the cut connection
+            if e.errno != errno.ENOTCONN:
+                raise
+    assert_all_in_bucket(s3, bucket, raw, files)
+    text = read(log)
+    if detached:
+        assert rc == 0, text
+        assert "unmounted" in text, text
+    else:
+        assert rc == EXIT_FAILURE, text
+        assert f"connection of {mp} was cut" in text and "fusermount -u" in text, text
+        assert fs_type_at(str(mp)) == "fuse.ssecfs", "the dead mount is not there any more"
+        assert "unmounted" not in text, text
+    assert "Traceback" not in text, text
+    notify.close()
+
+
+@pytest.mark.parametrize("dev, error, code, says", [
+    (None, RuntimeError(1), EXIT_FAILURE, "FUSE mount of"),        # failed before serving
+    ("gone", RuntimeError(1), 0, "as the kernel closed the detached mount"),
+    ("gone", None, 0, None),                                         # umount: the usual end
+    ("here", RuntimeError(1), EXIT_FAILURE, "was cut"),
+    ("here", None, EXIT_FAILURE, "was cut"),                         # fusectl abort
+], ids=["mount-failed", "detached-loop-error", "unmounted", "cut-loop-error", "cut"])
+def test_how_the_fuse_loop_ended_decides_the_exit_code(monkeypatch, caplog, dev, error, code,
+                                                       says):
+    """The kernel ends a lazily detached mount when its last file closes and aborts the
+    requests still queued; a libfuse thread that had just taken one reads ECONNABORTED and
+    libfuse reports its loop as failed. No real mount loses that race on demand, so the
+    decision is tested here: a loop error after the mount is gone is a normal end."""
+    from types import SimpleNamespace
+    from ssecfs.mount import adapter, daemon
+    said: list[str] = []
+    m = daemon.Mount(SimpleNamespace(mountpoint="/mnt/x"), None, None, None,
+                     SimpleNamespace(say=said.append))
+
+    def loop(ops, mountpoint, **options):
+        m._dev = {None: None, "gone": os.makedev(0, 0xFFFFF), "here": os.stat("/").st_dev}[dev]
+        if error:
+            raise error
+    monkeypatch.setattr(adapter, "SsecfsFUSE", loop)
+    monkeypatch.setattr(daemon, "fuse_mount_options", lambda cfg: {})
+    caplog.set_level("INFO", logger="ssecfs")
+    assert m.serve() == code
+    assert (says in caplog.text) if says else not caplog.text, caplog.text
+    assert bool(said) == (dev is None), "only a mount that never served reports to the parent"
 
 
 # ============================================================================ the unit, emulated

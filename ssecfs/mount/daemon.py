@@ -261,6 +261,14 @@ def fuse_mount_options(cfg: MountConfig) -> dict:
     return opts
 
 
+def attached(dev: int, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether a mount of device dev is still attached (a dead FUSE mount, its connection
+    aborted, still is; one lazily detached and torn down is not)."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open(mountinfo) as f:
+        return any(line.split(None, 3)[2] == want for line in f)
+
+
 class StopFlushing(Exception):
     """A second SIGTERM or SIGINT while the final upload runs: stop waiting for it."""
 
@@ -278,6 +286,7 @@ class Mount:
         self.registry: str | None = None
         self._stop_status = threading.Event()
         self._last_progress = 0.0
+        self._dev: int | None = None      # st_dev of the mount, once it is visible
 
     @classmethod
     def start(cls, cfg: MountConfig, ready: ParentPipe) -> Mount:
@@ -309,17 +318,36 @@ class Mount:
                 "pid": os.getpid(), **self.fs.status()}
 
     def serve(self) -> int:
-        """The FUSE main loop, until unmounted: 0, or EXIT_FAILURE if the FUSE mount failed."""
+        """The FUSE main loop, until unmounted: 0, or EXIT_FAILURE if the FUSE mount failed or
+        its connection was cut under a mount still attached."""
         from .adapter import FuseAdapter, SsecfsFUSE
         try:
             SsecfsFUSE(FuseAdapter(self.fs, on_init=self.on_init, on_destroy=self.on_destroy),
                        self.cfg.mountpoint, **fuse_mount_options(self.cfg))
-            return 0
         except RuntimeError as e:
-            log.error("FUSE mount of %s failed: %s", self.cfg.mountpoint, e)
-            self.ready.say(f"ERROR {EXIT_FAILURE} FUSE mount of {self.cfg.mountpoint} failed "
-                           "(see log)")
+            return self._ended(e)
+        return self._ended(None)
+
+    def _ended(self, error: RuntimeError | None) -> int:
+        """How the loop ended decides the exit code. By now on_destroy has uploaded (or kept
+        in the cache journal) what was pending, whatever the ending."""
+        mp = self.cfg.mountpoint
+        if self._dev is None and error:
+            log.error("FUSE mount of %s failed: %s", mp, error)
+            self.ready.say(f"ERROR {EXIT_FAILURE} FUSE mount of {mp} failed (see log)")
             return EXIT_FAILURE
+        if self._dev is not None and attached(self._dev):
+            # Aborted through fusectl, or the kernel gave up on us: libfuse leaves the mount.
+            log.error("the FUSE connection of %s was cut; its dead mount stays until "
+                      "`fusermount -u %s`", mp, mp)
+            return EXIT_FAILURE
+        if error:
+            # The kernel ends a lazily detached mount when its last file closes and aborts the
+            # requests still queued: a libfuse thread that had just taken one reads
+            # ECONNABORTED, not ENODEV, and libfuse reports its loop as failed.
+            log.warning("FUSE loop ended with an error (%s) as the kernel closed the detached "
+                        "mount %s; nothing was lost", error, mp)
+        return 0
 
     def on_init(self) -> None:
         threading.Thread(target=self._announce, name="ready", daemon=True).start()
@@ -330,6 +358,10 @@ class Mount:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not os.path.ismount(cfg.mountpoint):
             time.sleep(0.01)
+        try:
+            self._dev = os.stat(cfg.mountpoint).st_dev
+        except OSError:
+            pass
         log.info("mounted %s on %s (%d key(s) in ring, current %s; %d file(s) recovered)",
                  cfg.source, cfg.mountpoint, len(ring), ring.current.short_id, self.recovered)
         self.ready.say("READY")
@@ -405,5 +437,6 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
         code = mount.serve()
     finally:
         mount.close()
-    log.info("unmounted %s", cfg.mountpoint)
+    if code == 0:
+        log.info("unmounted %s", cfg.mountpoint)
     return code
