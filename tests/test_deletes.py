@@ -139,6 +139,41 @@ def test_rename_onto_a_name_being_deleted_copies_after_the_delete(dfs, store):
     assert store.data("target") == b"source data" and not store.exists("source")
 
 
+def test_a_directory_made_where_a_file_is_being_deleted_is_written_after_the_delete(dfs,
+                                                                                   store):
+    """SeaweedFS and MinIO refuse `b/` while a file `b` exists (ExistingObjectIsFile): the
+    marker waits for the delete of the file."""
+    fs = dfs()
+    remote_file(store, "b", b"a file")
+    waits_for_the_delete(fs, store, "/b", fs.mkdir, "/b", 0o755)
+    assert store.exists("b/") and not store.exists("b")
+    fs.mkdir("/b/sub", 0o755)
+    assert store.exists("b/sub/")
+
+
+def test_a_file_made_where_a_directory_is_being_deleted_is_written_after_its_keys_go(dfs,
+                                                                                     store):
+    """...and a file `c` while keys under `c/` exist."""
+    fs = dfs()
+    fs.mkdir("/c", 0o755)
+    write_file(fs, "/c/x", b"1")
+    assert fs.flush_all(timeout=10) and store.exists("c/x")
+    n0 = len(store.log)
+    hold = Hold(store)
+    fs.unlink("/c/x")
+    fs.rmdir("/c")
+    write_file(fs, "/c", b"now a file")     # close returns: the upload waits
+    assert hold.started.wait(10)
+    assert not store.exists("c") or store.data("c") != b"now a file"
+    hold.release.set()
+    assert fs.flush_all(timeout=10)
+    assert store.data("c") == b"now a file" and not store.exists("c/x")
+    ops = [(op, k) for op, k in store.log[n0:]
+           if op in ("delete_many", "put", "upload") and k in ("c", "c/", "c/x")]
+    written = ops.index(next(o for o in ops if o[1] == "c"))
+    assert {k for op, k in ops[:written]} == {"c/", "c/x"}, ops
+
+
 def test_fsyncdir_returns_once_the_deletes_under_it_are_done(dfs, store):
     fs = dfs()
     remote_file(store, "s/a", b"1")

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from helpers import fsync_dir, run_ssecfs, wait_until
-from test_writeback_mount import Background, in_bucket, write_file
+from test_writeback_mount import Background, in_bucket, wait_durable, write_file
 
 pytestmark = pytest.mark.mount
 
@@ -83,6 +83,38 @@ def test_deletes_of_a_killed_daemon_are_sent_by_the_next_mount(proxy, mounter, b
     assert sorted(n for n in os.listdir(m.path) if n.startswith("k-")) == ["k-c"]
     fsync_dir(m.path)
     assert keys_under(s3, bucket, "k-") == {"k-c"}
+
+
+def test_a_name_deleted_then_made_again_as_the_other_kind(proxy, mounter, bucket, key, s3):
+    """SeaweedFS refuses a directory marker `b/` while a file `b` exists, and a file `c` while
+    keys under `c/` exist: a name made again waits for the delete of its old self."""
+    m = mounter(bucket, key[0], endpoint=proxy.url)
+    b, c = os.path.join(m.path, "b"), os.path.join(m.path, "c")
+    write_file(b, b"a file")
+    os.mkdir(c)
+    write_file(os.path.join(c, "x"), b"under c")
+    wait_until(lambda: {"b", "c/", "c/x"} <= keys_under(s3, bucket, ""), 60,
+               what="b, c/ and c/x uploaded")
+    held = proxy.hold(op="DeleteObjects", bucket=bucket)
+    os.unlink(b)
+    made = Background(os.mkdir, b)
+    held.wait_held(1, timeout=30)
+    assert not made.done.wait(0.5), "mkdir did not wait for the delete of the file"
+    held.release()
+    made.result(60, "mkdir after the delete")
+
+    held = proxy.hold(op="DeleteObjects", bucket=bucket)
+    os.unlink(os.path.join(c, "x"))
+    os.rmdir(c)
+    write_file(c, b"now a file")            # close returns; its upload waits
+    held.wait_held(1, timeout=30)
+    assert not in_bucket(s3, bucket, "c")
+    held.release()
+    os.mkdir(os.path.join(b, "sub"))
+    wait_durable(s3, bucket, "c", key[1], b"now a file")
+    assert {"b/", "b/sub/", "c"} <= keys_under(s3, bucket, "")
+    assert not keys_under(s3, bucket, "c/") and not in_bucket(s3, bucket, "b")
+    assert "WARNING" not in m.log and "ERROR" not in m.log, m.log
 
 
 def test_umount_waits_for_the_deletes(mounter, bucket, key, s3):

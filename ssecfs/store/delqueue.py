@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from cachetools import LRUCache
@@ -56,6 +56,7 @@ class DeleteQueue:
         self.delay = delay
         self.cv = threading.Condition()
         self._tombs: dict[str, _Tomb] = {}
+        self._under: Counter[str] = Counter()     # "a/" -> pending deletes of keys under it
         self._queue: deque[_Tomb] = deque()
         self._inflight: set[str] = set()
         self._batches = 0
@@ -170,14 +171,34 @@ class DeleteQueue:
 
     def _add(self, t: _Tomb) -> None:
         self._tombs[t.key] = t
+        self._under.update(_dirs_of(t.key))
         self._queue.append(t)
         self._etags.pop(t.key, None)
 
+    def _buried(self, t: _Tomb) -> None:
+        """Caller holds cv: t's delete is done."""
+        del self._tombs[t.key]
+        for d in _dirs_of(t.key):
+            if self._under[d] > 1:
+                self._under[d] -= 1
+            else:
+                del self._under[d]
+
+    def _in_the_way(self, key: str) -> bool:
+        """Caller holds cv: whether a pending delete must go before a write to key. Besides
+        the key itself: servers that keep files and directories in one namespace (SeaweedFS,
+        MinIO) refuse `d/` or `d/x` while a file `d` exists, and a file `d` while keys under
+        `d/` exist."""
+        tombs = self._tombs
+        if key in tombs or any(key[:i] in tombs for i, c in enumerate(key) if c == "/"):
+            return True
+        return not key.endswith("/") and (key + "/" in tombs or self._under[key + "/"] > 0)
+
     def wait_gone(self, key: str) -> None:
-        """Before a write to key: its pending delete goes first."""
+        """Before a write to key: the pending deletes in its way go first."""
         deadline = time.monotonic() + WRITE_WAIT
         with self.cv:
-            while key in self._tombs:
+            while self._in_the_way(key):
                 self._urgent = True
                 self.cv.notify_all()
                 left = deadline - time.monotonic()
@@ -284,7 +305,7 @@ class DeleteQueue:
                 self._recent[t.key] = now
                 self._recent.move_to_end(t.key)
                 if self._tombs.get(t.key) is t:
-                    del self._tombs[t.key]
+                    self._buried(t)
             while self._recent and next(iter(self._recent.values())) < now - RECENT_S:
                 self._recent.popitem(last=False)
             self._batches -= 1
@@ -307,3 +328,9 @@ class DeleteQueue:
                 self._journal.append([{"done": [t.seq for t in batch]}])
         except OSError as e:      # at worst these deletes are checked and sent again later
             log.warning("delete journal not updated: %s", e)
+
+
+def _dirs_of(key: str) -> list[str]:
+    """The directories a key is under: "a/b/c" -> ["a/", "a/b/"] (and "a/b/" -> ["a/"])."""
+    parts = key.rstrip("/").split("/")[:-1]
+    return ["/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1)]
