@@ -505,15 +505,10 @@ def test_foreground_notify_ready_then_sigterm_flushes(seaweed, s3, bucket, tmp_p
     notify.close()
 
 
-@pytest.mark.mount
-def test_second_sigterm_during_final_upload_exits_cleanly(seaweed, s3, bucket, key, tmp_path,
-                                                        cleanup):
-    """systemd sends SIGTERM again when TimeoutStopSec= expires, and after a umount(8) of an
-    fstab mount the daemon's unit is stopped with SIGTERM while it still uploads. That signal
-    must not kill the daemon on the spot: it stops waiting, keeps the rest in the cache journal
-    and exits 0; the next mount uploads what was left. Nothing is lost either way."""
+def ready_in_foreground(seaweed, bucket, keyfile, tmp_path, cleanup):
+    """A daemon in the foreground on tmp_path/mnt, its uploads 30 s away, once READY=1:
+    .proc, .mp, .notify, .log, and .args, .env to start it again."""
     need_fuse()
-    keyfile, raw = key
     mp = tmp_path / "mnt"
     mp.mkdir()
     cleanup.mountpoints.append(str(mp))
@@ -524,6 +519,19 @@ def test_second_sigterm_during_final_upload_exits_cleanly(seaweed, s3, bucket, k
             "--cache-dir", str(tmp_path / "cache"), "--writeback-delay", "30"]
     proc = foreground(args, env, log, cleanup)
     notify.wait_for("READY", "1", 60, proc, lambda: read(log))
+    return argparse.Namespace(proc=proc, mp=mp, notify=notify, log=log, args=args, env=env)
+
+
+@pytest.mark.mount
+def test_second_sigterm_during_final_upload_exits_cleanly(seaweed, s3, bucket, key, tmp_path,
+                                                        cleanup):
+    """systemd sends SIGTERM again when TimeoutStopSec= expires, and after a umount(8) of an
+    fstab mount the daemon's unit is stopped with SIGTERM while it still uploads. That signal
+    must not kill the daemon on the spot: it stops waiting, keeps the rest in the cache journal
+    and exits 0; the next mount uploads what was left. Nothing is lost either way."""
+    raw = key[1]
+    d = ready_in_foreground(seaweed, bucket, key[0], tmp_path, cleanup)
+    proc, mp, notify, log, args, env = d.proc, d.mp, d.notify, d.log, d.args, d.env
     files = {f"big{i}": os.urandom(16 << 20) for i in range(3)}
     write_files(str(mp), files)
 
@@ -561,17 +569,9 @@ def test_connection_cut_under_the_daemon(seaweed, s3, bucket, key, tmp_path, cle
     """A connection cut (fusectl's abort) under a mount still attached leaves a dead mount:
     exit 1 and a line that says how to remove it. Cut after a lazy detach, it is an end the
     user asked for: exit 0. Either way the pending files are uploaded before the exit."""
-    need_fuse()
-    keyfile, raw = key
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    cleanup.mountpoints.append(str(mp))
-    notify = NotifySocket(tmp_path)
-    log = tmp_path / "daemon.log"
-    proc = foreground([bucket, str(mp), "--keyfile", keyfile, "--endpoint-url", seaweed.endpoint,
-                       "--cache-dir", str(tmp_path / "cache"), "--writeback-delay", "30"],
-                      {**os.environ, "NOTIFY_SOCKET": notify.address}, log, cleanup)
-    notify.wait_for("READY", "1", 60, proc, lambda: read(log))
+    raw = key[1]
+    d = ready_in_foreground(seaweed, bucket, key[0], tmp_path, cleanup)
+    proc, mp, notify, log = d.proc, d.mp, d.notify, d.log
     files = some_files()
     write_files(str(mp), files)
     dev = os.stat(mp).st_dev
